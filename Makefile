@@ -1,0 +1,36 @@
+# One venv, created on first use. torch goes in first as torch==2.13.0 (a local CPU build on the
+# project machines); pyproject keeps a wide range so other machines can use their own build.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+OUT ?= out/demo
+
+.PHONY: demo demo-quick test test-slow lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0" || $(PY) -m pip install --quiet "torch>=2.2"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qdistill demo --out $(OUT)
+
+demo-quick: $(STAMP)
+	$(VENV)/bin/qdistill demo --quick --out out/demo-quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+bench: $(STAMP)
+	$(PY) bench/qat_kd_bench.py
+
+clean:
+	rm -rf out .pytest_cache

@@ -1,0 +1,143 @@
+"""The ``qdistill`` command: parses arguments, builds a Recipe, calls the library.
+
+Exit codes: 0 success, 2 bad input (one-line error), 1 internal failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from qdistill.errors import QdistillError
+
+console = Console()
+errors = Console(stderr=True)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from qdistill.demo import ROW_KEYS, run_demo
+
+    rows = run_demo(args.out, quick=args.quick, show_progress=not args.no_progress, echo=console.print)
+    table = Table(title=f"qdistill demo ({'quick' if args.quick else 'full'}) - MNIST subset, 1000 test images")
+    for key in ROW_KEYS:
+        table.add_column(key, justify="left" if key == "run" else "right")
+    for row in rows:
+        table.add_row(*[_cell(row[key]) for key in ROW_KEYS])
+    console.print(table)
+    console.print(f"wrote {Path(args.out) / 'demo.json'}")
+    return 0
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from qdistill.pipeline import run_recipe
+    from qdistill.recipe import Recipe
+
+    recipe = Recipe.from_yaml(args.recipe).with_overrides(args.overrides)
+    result = run_recipe(recipe, args.out, resume=args.resume, show_progress=not args.no_progress)
+    _print_metrics(result.report)
+    console.print(f"wrote {Path(args.out) / 'report.json'}")
+    return 0
+
+
+def _print_metrics(report: dict[str, Any]) -> None:
+    table = Table(title="teacher vs student (validation)")
+    for column in ("model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "params", "size_bytes"):
+        table.add_column(column, justify="right")
+    for name in ("teacher", "student"):
+        if name in report:
+            metrics = report[name]
+            table.add_row(name, *[_cell(metrics.get(key)) for key in
+                                  ("accuracy", "precision_macro", "recall_macro", "f1_macro", "params", "size_bytes")])
+    console.print(table)
+    if "agreement_with_teacher" in report.get("student", {}):
+        console.print(f"agreement with teacher: {report['student']['agreement_with_teacher']:.4f}")
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from qdistill.api import RECIPE_FILE, load
+    from qdistill.evaluate import evaluate
+    from qdistill.pipeline import prepare_data
+    from qdistill.recipe import Recipe
+
+    recipe = Recipe.from_yaml(Path(args.directory) / RECIPE_FILE)
+    student = load(args.directory)
+    data = prepare_data(recipe)
+    metrics = evaluate(student, data.val, data.bundle.num_classes)
+    _print_metrics({"student": metrics})
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from qdistill.export import export_directory, format_export_summary
+
+    section = export_directory(args.directory, args.format)
+    console.print(format_export_summary(section))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (every command's ``--help`` lists its options and defaults)."""
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="qdistill", description=__doc__.splitlines()[0], formatter_class=formatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="worked example on the embedded MNIST subset", formatter_class=formatter)
+    demo.add_argument("--out", default="out/demo", help="output folder (the teacher is cached there)")
+    demo.add_argument("--quick", action="store_true", help="fewer epochs and no ONNX export (about 2 minutes)")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_demo)
+    run = commands.add_parser("run", help="run one recipe", formatter_class=formatter)
+    run.add_argument("recipe", help="YAML recipe file")
+    run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
+    run.add_argument("--out", default="out/run", help="output folder")
+    run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(handler=_run)
+    evaluate = commands.add_parser("eval", help="re-evaluate a saved student", formatter_class=formatter)
+    evaluate.add_argument("directory", help="folder written by `qdistill run`")
+    evaluate.set_defaults(handler=_eval)
+    export = commands.add_parser("export", help="export a saved student (ONNX int8, packed)", formatter_class=formatter)
+    export.add_argument("directory", help="folder written by `qdistill run`")
+    export.add_argument("--format", choices=["onnx", "packed", "all"], default="all", help="what to write")
+    export.set_defaults(handler=_export)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``qdistill`` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except QdistillError as error:
+        if args.debug:
+            traceback.print_exc()
+        errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        errors.print("interrupted: finished files are complete; nothing was left half-written", markup=False)
+        return 130
+    except Exception as error:  # an internal failure: say so, show the traceback only on request
+        if args.debug:
+            traceback.print_exc()
+        errors.print(f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+                     markup=False, highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

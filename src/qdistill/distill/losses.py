@@ -1,0 +1,70 @@
+"""Knowledge-distillation losses as modules whose forward returns the parts of the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdistill.errors import RecipeError
+
+
+@dataclass
+class LossParts:
+    """The total loss and its parts (logged separately in the history)."""
+
+    total: torch.Tensor
+    kd: torch.Tensor
+    task: torch.Tensor
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def items(self) -> dict[str, torch.Tensor]:
+        """Every part by name (``total``, ``kd``, ``task``, ``feature:<student layer>``)."""
+        parts = {"total": self.total, "kd": self.kd, "task": self.task}
+        parts.update({f"feature:{name}": value for name, value in self.features.items()})
+        return parts
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``KL(softmax(z_t/T) || softmax(z_s/T))`` averaged over the batch (no ``T^2`` factor)."""
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)  # (B, C)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)  # (B, C)
+    return F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
+
+
+class KDLoss(nn.Module):
+    """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)``.
+
+    The ``T^2`` factor keeps the soft-target gradients on the scale of the hard-label ones
+    (Hinton et al. 2015). Without labels only the KD term is used (label-free distillation).
+
+    Example:
+        >>> loss = KDLoss(temperature=4.0, alpha=0.9)
+        >>> parts = loss(student_logits, teacher_logits, labels)
+        >>> parts.total.backward(); print(parts.kd.item(), parts.task.item())
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise RecipeError(f"distill.temperature: {temperature!r} is not allowed; it must be > 0")
+        if not 0.0 <= alpha <= 1.0:
+            raise RecipeError(f"distill.alpha: {alpha!r} is not allowed; it must be in [0, 1]")
+        self.temperature, self.alpha = float(temperature), float(alpha)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+                labels: torch.Tensor | None = None) -> LossParts:
+        zero = student_logits.new_zeros(())
+        kd = zero
+        if teacher_logits is not None and self.alpha > 0:
+            kd = soft_kl(student_logits, teacher_logits, self.temperature) * self.temperature**2
+        task = F.cross_entropy(student_logits, labels) if labels is not None else zero
+        if labels is None:
+            total = kd  # label-free: the teacher's outputs are the only target
+        elif teacher_logits is None:
+            total = task
+        else:
+            total = self.alpha * kd + (1.0 - self.alpha) * task
+        return LossParts(total=total, kd=kd, task=task)

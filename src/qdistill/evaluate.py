@@ -1,0 +1,109 @@
+"""Metrics: accuracy, macro and per-class precision/recall/F1, confusion matrix, agreement, size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from torch import nn
+
+from qdistill.errors import DataError
+from qdistill.quant.modules import is_quantized
+
+FLOAT_BITS = 32
+SCALE_BITS = 32  # each quantization scale is stored as float32
+ZERO_POINT_BITS = 32  # activation zero points as int32
+
+
+def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, (list, tuple)):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    return batch, None
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """All logits ``(N, C)`` and labels ``(N,)`` (or None) of ``model`` over ``loader``, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    logits, labels = [], []
+    for batch in loader:
+        inputs, targets = _split_batch(batch)
+        logits.append(model(inputs.to(device)).float().cpu())
+        if targets is not None:
+            labels.append(targets.cpu())
+    model.train(was_training)
+    if not logits:
+        raise DataError("evaluation data: the loader yielded no batches; at least one sample is needed")
+    return torch.cat(logits).numpy(), (torch.cat(labels).numpy() if labels else None)
+
+
+def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
+    """Accuracy, macro P/R/F1, per-class P/R/F1/support and the confusion matrix."""
+    classes = list(range(num_classes))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predictions, labels=classes, average=None, zero_division=0
+    )
+    macro = precision_recall_fscore_support(labels, predictions, labels=classes, average="macro", zero_division=0)
+    return {
+        "accuracy": float(np.mean(predictions == labels)),
+        "precision_macro": float(macro[0]),
+        "recall_macro": float(macro[1]),
+        "f1_macro": float(macro[2]),
+        "per_class": [
+            {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for p, r, f, s in zip(precision, recall, f1, support)
+        ],
+        "confusion_matrix": confusion_matrix(labels, predictions, labels=classes).tolist(),
+    }
+
+
+def count_params(model: nn.Module) -> int:
+    """Weights and biases of the network (quantizer scales and zero points not counted)."""
+    return sum(p.numel() for name, p in model.named_parameters() if not name.endswith("scale"))
+
+
+def theoretical_size_bytes(model: nn.Module) -> int:
+    """Bytes to store the model at its bit widths: quantized weights at their bits plus their
+    scales (and activation scale/zero point), everything else (biases, float layers) at 32 bits."""
+    bits = 0
+    quantized_weights: set[int] = set()
+    for module in model.modules():
+        if is_quantized(module):
+            quantized_weights.add(id(module.weight))
+            bits += module.weight.numel() * module.weight_bits + module.weight_quantizer.scale.numel() * SCALE_BITS
+            if module.input_quantizer is not None:
+                bits += SCALE_BITS + ZERO_POINT_BITS
+    for name, parameter in model.named_parameters():
+        if id(parameter) not in quantized_weights and not name.endswith("quantizer.scale"):
+            bits += parameter.numel() * FLOAT_BITS
+    for name, buffer in model.named_buffers():
+        if "quantizer" not in name and buffer.is_floating_point():
+            bits += buffer.numel() * FLOAT_BITS
+    return (bits + 7) // 8
+
+
+def evaluate(model: nn.Module, loader: Iterable[Any], num_classes: int | None = None,
+             teacher: nn.Module | None = None) -> dict[str, Any]:
+    """Metrics of ``model`` on a labelled ``loader``; with ``teacher``, top-1 agreement too.
+
+    Example:
+        >>> metrics = qd.evaluate(student, val_loader)
+        >>> metrics["accuracy"], metrics["f1_macro"], metrics["size_bytes"]
+    """
+    logits, labels = predict(model, loader)
+    predictions = logits.argmax(axis=1)
+    metrics: dict[str, Any] = {}
+    if labels is not None:
+        classes = num_classes or int(max(labels.max(), logits.shape[1] - 1)) + 1
+        metrics.update(classification_metrics(predictions, labels, classes))
+    metrics["params"] = count_params(model)
+    metrics["size_bytes"] = theoretical_size_bytes(model)
+    if teacher is not None:
+        teacher_logits, _ = predict(teacher, loader)
+        metrics["agreement_with_teacher"] = float(np.mean(teacher_logits.argmax(axis=1) == predictions))
+    return metrics

@@ -1,0 +1,102 @@
+"""Built-in architectures and the name -> factory registry.
+
+``mnist_cnn`` is the method's worked example (conv32-pool-conv64-pool-fc128-fc10);
+``mnist_cnn_small`` is the half-width student; ``mlp`` a plain multilayer perceptron.
+
+Example:
+    >>> from qdistill import models
+    >>> teacher = models.create("mnist_cnn", in_channels=1, num_classes=10, image_size=28)
+    >>> models.register("my_net")(lambda **kw: MyNet(**kw))     # a user model is one line
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from qdistill.errors import ModelError
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator adding a model factory to the registry under ``name``."""
+
+    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def names() -> list[str]:
+    """Registered model names."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model; unknown names and bad arguments are ``ModelError``s."""
+    if name not in _REGISTRY:
+        raise ModelError(f"model.name: {name!r} is not a built-in model; allowed: {', '.join(names())}")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as error:
+        raise ModelError(f"model {name!r}: bad arguments {kwargs} ({error})") from None
+
+
+class ConvNet(nn.Module):
+    """conv-pool-conv-pool-fc-fc classifier, the seed's MNIST CNN at ``width=32``."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, image_size: int = 28, width: int = 32,
+                 hidden: int = 128, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        pooled = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Dropout(dropout), nn.Linear(2 * width * pooled * pooled, hidden), nn.ReLU(),
+            nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):  # (B, C, H, W) -> (B, num_classes)
+        return self.classifier(self.features(x))
+
+
+class MLP(nn.Module):
+    """Flatten, then Linear-ReLU blocks, then a linear head."""
+
+    def __init__(self, in_features: int = 784, num_classes: int = 10, hidden: tuple[int, ...] = (256, 128),
+                 dropout: float = 0.1, **_: Any) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = in_features
+        for size in hidden:
+            layers += [nn.Linear(width, size), nn.ReLU(), nn.Dropout(dropout)]
+            width = size
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):  # (B, ...) -> (B, num_classes)
+        return self.net(x)
+
+
+@register("mnist_cnn")
+def mnist_cnn(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, **kwargs: Any) -> nn.Module:
+    """The method's MNIST CNN: conv32-pool-conv64-pool-fc128-fc10."""
+    return ConvNet(in_channels, num_classes, image_size, width=32, hidden=128, **kwargs)
+
+
+@register("mnist_cnn_small")
+def mnist_cnn_small(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, **kwargs: Any) -> nn.Module:
+    """Half-width student: conv16-pool-conv32-pool-fc64-fc10."""
+    return ConvNet(in_channels, num_classes, image_size, width=16, hidden=64, **kwargs)
+
+
+@register("mlp")
+def mlp(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, **kwargs: Any) -> nn.Module:
+    """Two hidden layers (256, 128) on the flattened input."""
+    return MLP(in_channels * image_size * image_size, num_classes, **kwargs)

@@ -1,0 +1,163 @@
+"""Fake quantization math: integer ranges, the LSQ straight-through op, and its ONNX form.
+
+Forward values come from torch's own ``fake_quantize_per_{tensor,channel}_affine`` kernels, so a
+qdistill quantizer is bit-exact with the reference ops for the same scale and zero point. The
+backward pass is the learned-step-size (LSQ, Esser et al. 2020) gradient: straight-through for the
+input inside the range, zero outside, and for the step size
+``d out / d scale = round(x/s) - x/s`` inside, ``qmin - z`` / ``qmax - z`` at the ends,
+multiplied by the gradient scale ``g = 1 / sqrt(N * qmax)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qdistill.errors import RecipeError
+
+MIN_SCALE = 1e-8  # keeps the step size positive when an optimiser pushes it towards zero
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """The integer grid of a ``bits``-wide quantizer.
+
+    Signed grids are narrow (symmetric, ``[-(2^(b-1)-1), 2^(b-1)-1]``) so that 0 maps to 0 and
+    the int8 runtime never meets -128 in a weight; unsigned grids are ``[0, 2^b - 1]``.
+
+    Example:
+        >>> IntRange(4, signed=True).qmin, IntRange(4, signed=True).qmax
+        (-7, 7)
+    """
+
+    bits: int
+    signed: bool
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise RecipeError(f"bits: {self.bits!r} is not allowed; allowed: an integer from 2 to 8")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin + 1
+
+
+def lsq_grad_factor(elements_per_scale: int, qrange: IntRange) -> float:
+    """LSQ's gradient scale ``1 / sqrt(N * qmax)``, which keeps step updates in proportion."""
+    return 1.0 / math.sqrt(max(elements_per_scale, 1) * max(qrange.qmax, 1))
+
+
+def reference_fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qrange: IntRange, axis: int | None
+) -> torch.Tensor:
+    """Torch's reference fake-quantize op for per-tensor (``axis=None``) or per-channel."""
+    zero_point = zero_point.to(torch.int32)
+    if axis is None:
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()), qrange.qmin, qrange.qmax)
+    return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qrange.qmin, qrange.qmax)
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor, axis: int | None) -> torch.Tensor:
+    if axis is None:
+        return values.reshape(())
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+class LsqFakeQuantize(torch.autograd.Function):
+    """Fake quantization with straight-through input gradients and the LSQ step-size gradient."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qrange: IntRange, axis: int | None, grad_factor: float):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.qrange, ctx.axis, ctx.grad_factor = qrange, axis, grad_factor
+        return reference_fake_quantize(x, scale, zero_point, qrange, axis)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, scale, zero_point = ctx.saved_tensors
+        qrange, axis = ctx.qrange, ctx.axis
+        inv_scale = 1.0 / _broadcast(scale, x, axis)
+        zero = _broadcast(zero_point.to(x.dtype), x, axis)
+        scaled = x * inv_scale  # the same product the forward kernel rounds
+        rounded = torch.round(scaled)
+        below = rounded + zero < qrange.qmin
+        above = rounded + zero > qrange.qmax
+        inside = ~(below | above)
+        grad_x = grad_output * inside
+        grad_scale = None
+        if ctx.needs_input_grad[1]:
+            step_slope = torch.where(below, qrange.qmin - zero, torch.where(above, qrange.qmax - zero, rounded - scaled))
+            per_element = grad_output * step_slope
+            if axis is None:
+                grad_scale = per_element.sum().reshape(scale.shape)
+            else:
+                dims = [dim for dim in range(x.dim()) if dim != axis]
+                grad_scale = per_element.sum(dim=dims).reshape(scale.shape)
+            grad_scale = grad_scale * ctx.grad_factor
+        return grad_x, grad_scale, None, None, None, None
+
+
+class QdqForExport(torch.autograd.Function):
+    """Fake quantization that the TorchScript ONNX exporter writes as QuantizeLinear/DequantizeLinear.
+
+    Grids narrower than int8 keep their width in the file: an integer ``Clip`` on the quantized
+    tensor restricts it to ``[qmin, qmax]``, so ONNX Runtime computes with exactly the low-bit
+    values the student was trained with, inside int8 kernels.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale_values, zero_point_values, qmin, qmax, axis):
+        scale = torch.tensor(scale_values, dtype=x.dtype)
+        zero_point = torch.tensor(zero_point_values, dtype=torch.int32)
+        if axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
+        return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis, qmin, qmax)
+
+    @staticmethod
+    def symbolic(g, x, scale_values, zero_point_values, qmin, qmax, axis):
+        int_dtype = torch.int8 if qmin < 0 else torch.uint8
+        scale = g.op("Constant", value_t=torch.tensor(scale_values, dtype=torch.float32))
+        zero_point = g.op("Constant", value_t=torch.tensor(zero_point_values, dtype=int_dtype))
+        axis_attr = {} if axis is None else {"axis_i": axis}
+        quantized = g.op("QuantizeLinear", x, scale, zero_point, **axis_attr)
+        full = (-128, 127) if int_dtype == torch.int8 else (0, 255)
+        if (qmin, qmax) != full:
+            low = g.op("Constant", value_t=torch.tensor(qmin, dtype=int_dtype))
+            high = g.op("Constant", value_t=torch.tensor(qmax, dtype=int_dtype))
+            quantized = g.op("Clip", quantized, low, high)
+        return g.op("DequantizeLinear", quantized, scale, zero_point, **axis_attr)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    qrange: IntRange,
+    axis: int | None = None,
+    grad_factor: float = 1.0,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` onto ``qrange`` with step ``scale`` (per tensor or along ``axis``).
+
+    Example:
+        >>> w = torch.randn(8, 3, 3, 3)
+        >>> scale = w.abs().amax(dim=(1, 2, 3)) / 7
+        >>> fake_quantize(w, scale, torch.zeros(8, dtype=torch.int32), IntRange(4, True), axis=0)
+    """
+    scale = scale.clamp_min(MIN_SCALE)
+    if torch.onnx.is_in_onnx_export():
+        scale_values = scale.detach().cpu().reshape(-1 if axis is not None else ()).tolist()
+        zero_values = zero_point.detach().cpu().to(torch.int32).reshape(-1 if axis is not None else ()).tolist()
+        return QdqForExport.apply(x, scale_values, zero_values, qrange.qmin, qrange.qmax, axis)
+    return LsqFakeQuantize.apply(x, scale, zero_point, qrange, axis, grad_factor)

@@ -1,0 +1,107 @@
+"""``Quantizer``: a module built from small parts (grid, range init, LSQ step) for one tensor.
+
+A quantizer has three phases: *observing* (calibration: it records statistics and passes values
+through), *initialised* (it fake-quantizes with its scale and zero point), and, inside an ONNX
+export, it writes QuantizeLinear/DequantizeLinear nodes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qdistill.quant.fake_quant import IntRange, fake_quantize, lsq_grad_factor
+from qdistill.quant.ranges import activation_params, weight_scale
+
+SAMPLE_SIZE = 1 << 16  # activation values kept for MSE/percentile calibration
+
+
+class Quantizer(nn.Module):
+    """Fake quantizer for weights (symmetric, per channel) or activations (asymmetric, per tensor).
+
+    Example:
+        >>> weight_q = Quantizer(bits=4, signed=True, channels=16)        # per-channel weights
+        >>> act_q = Quantizer(bits=4, signed=False)                       # per-tensor activations
+        >>> act_q.observe(); _ = act_q(torch.rand(8, 16)); act_q.finish_calibration()
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        signed: bool,
+        channels: int | None = None,
+        init: str = "mse",
+        percentile: float = 99.99,
+        learn_scale: bool = True,
+    ) -> None:
+        super().__init__()
+        self.qrange = IntRange(bits, signed)
+        self.axis = 0 if channels is not None else None
+        self.init_method = init
+        self.percentile = percentile
+        shape = (channels,) if channels is not None else ()
+        self.scale = nn.Parameter(torch.ones(shape), requires_grad=learn_scale)
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int32))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._observing = False
+        self._low: torch.Tensor | None = None
+        self._high: torch.Tensor | None = None
+        self._samples: list[torch.Tensor] = []
+
+    @property
+    def bits(self) -> int:
+        return self.qrange.bits
+
+    def extra_repr(self) -> str:
+        kind = "per_channel" if self.axis is not None else "per_tensor"
+        return f"bits={self.bits}, signed={self.qrange.signed}, {kind}, init={self.init_method}"
+
+    def observe(self) -> None:
+        """Start calibration: record statistics and pass values through unchanged."""
+        self._observing = True
+        self._low = self._high = None
+        self._samples = []
+
+    def init_from_weight(self, weight: torch.Tensor) -> None:
+        """Set the step size(s) from a weight tensor (symmetric, zero point 0)."""
+        with torch.no_grad():
+            scale = weight_scale(weight, self.qrange, self.init_method, self.axis is not None, self.percentile)
+            self.scale.copy_(scale.to(self.scale))
+            self.zero_point.zero_()
+            self.initialized.fill_(True)
+
+    def finish_calibration(self) -> None:
+        """End calibration: set scale and zero point from what was observed."""
+        self._observing = False
+        if self._low is None:
+            return  # never reached during calibration; left uninitialised and reported by prepare
+        sample = torch.cat(self._samples)
+        with torch.no_grad():
+            scale, zero_point = activation_params(
+                sample, self._low, self._high, self.qrange, self.init_method, self.percentile
+            )
+            self.scale.copy_(scale.to(self.scale))
+            self.zero_point.copy_(zero_point)
+            self.initialized.fill_(True)
+        self._samples = []
+
+    def _record(self, x: torch.Tensor) -> None:
+        values = x.detach().float().reshape(-1)
+        low, high = values.min(), values.max()
+        self._low = low if self._low is None else torch.minimum(self._low, low)
+        self._high = high if self._high is None else torch.maximum(self._high, high)
+        if values.numel() > SAMPLE_SIZE // 4:
+            generator = torch.Generator(device=values.device).manual_seed(len(self._samples))
+            index = torch.randint(values.numel(), (SAMPLE_SIZE // 4,), generator=generator, device=values.device)
+            values = values[index]
+        self._samples.append(values.cpu())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._observing:
+            self._record(x)
+            return x
+        if not bool(self.initialized):
+            return x
+        per_scale = x.numel() // self.scale.numel() if self.axis is not None else x[0].numel()
+        grad_factor = lsq_grad_factor(per_scale, self.qrange)
+        return fake_quantize(x, self.scale, self.zero_point, self.qrange, self.axis, grad_factor)

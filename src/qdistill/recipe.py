@@ -1,0 +1,242 @@
+"""The Recipe: validated settings for every pipeline stage, YAML in and out.
+
+One section per stage (model, student, data, quant, distill, train, teacher_train, export). A
+recipe is validated when it is built: unknown keys, wrong types and out-of-range values raise
+``RecipeError`` naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from qdistill.errors import RecipeError
+
+class _Section(BaseModel):
+    """Strict base: unknown keys and silent type coercion (e.g. "4" for 4) are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_assignment=True)
+
+
+class ModelSpec(_Section):
+    """Which network: a built-in ``name`` or a ``module:function`` ``factory``, plus weights."""
+
+    name: str | None = None
+    factory: str | None = None
+    checkpoint: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.name is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'name' (a built-in model) or 'factory' (module:function)")
+        return self
+
+
+class DataSpec(_Section):
+    """Which data: a built-in ``name``, an ``npz`` file (arrays x, y) or a ``factory``."""
+
+    name: Literal["mnist5k", "digits"] | None = None
+    npz: str | None = None
+    factory: str | None = None
+    batch_size: int = Field(64, ge=1, le=65536)
+    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: int = Field(0, ge=0)
+    normalize: Literal["none", "unit", "standard"] = "unit"
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        given = [key for key in ("name", "npz", "factory") if getattr(self, key) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of 'name' (mnist5k | digits), 'npz' (path) or 'factory' (module:function)")
+        return self
+
+
+class LayerOverride(_Section):
+    """Bit widths for the layers whose names match a glob in ``quant.overrides``."""
+
+    weight_bits: int | None = Field(None, ge=2, le=8)
+    act_bits: int | None = Field(None, ge=2, le=8)
+
+
+class QuantSpec(_Section):
+    """Quantization settings: bit widths, granularity, range initialisation, per-layer overrides."""
+
+    weight_bits: int = Field(4, ge=2, le=8)
+    act_bits: int = Field(4, ge=2, le=8)
+    granularity: Literal["per_channel", "per_tensor"] = "per_channel"
+    first_last_bits: int | None = Field(8, ge=2, le=8)
+    init: Literal["minmax", "mse", "percentile"] = "mse"
+    percentile: float = Field(99.99, gt=50.0, le=100.0)
+    calibration_batches: int = Field(8, ge=1, le=10000)
+    learn_scale: bool = True
+    overrides: dict[str, LayerOverride] = Field(default_factory=dict)
+
+
+class FeatureHint(_Section):
+    """One feature-distillation pair: MSE between a student and a teacher layer's outputs."""
+
+    student: str
+    teacher: str
+    weight: float = Field(1.0, ge=0.0)
+
+
+class DistillSpec(_Section):
+    """KD loss: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``."""
+
+    temperature: float = Field(4.0, gt=0.0, le=100.0)
+    alpha: float = Field(0.9, ge=0.0, le=1.0)
+    features: list[FeatureHint] = Field(default_factory=list)
+
+
+class TrainSpec(_Section):
+    """Optimiser, learning-rate schedule, stopping and checkpoint settings of one training run."""
+
+    epochs: int = Field(5, ge=1, le=100000)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(5.0e-4, gt=0.0, le=10.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    schedule: Literal["constant", "cosine", "step", "exponential", "linear"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    step_size: int = Field(1, ge=1)
+    gamma: float = Field(0.5, gt=0.0, le=1.0)
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainSpec:
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        return self
+
+
+class ExportSpec(_Section):
+    """Which deployment files ``run`` writes after training."""
+
+    onnx: bool = True
+    packed: bool = True
+
+
+def _default_teacher_train() -> TrainSpec:
+    return TrainSpec(epochs=10, lr=1.0e-3, schedule="constant")
+
+
+class Recipe(_Section):
+    """All settings of one qdistill job, validated when built.
+
+    Example:
+        >>> recipe = Recipe(quant={"weight_bits": 4, "act_bits": 4})
+        >>> recipe = Recipe.from_yaml("recipes/mnist_w4a4.yaml")
+        >>> recipe.with_overrides(["train.epochs=2"]).train.epochs
+        2
+    """
+
+    model: ModelSpec = Field(default_factory=lambda: ModelSpec(name="mnist_cnn"))
+    student: ModelSpec | None = None
+    data: DataSpec = Field(default_factory=lambda: DataSpec(name="mnist5k"))
+    quant: QuantSpec = Field(default_factory=QuantSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    teacher_train: TrainSpec = Field(default_factory=_default_teacher_train)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as error:
+            raise RecipeError(_describe(error)) from None
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Recipe:
+        """Build from a plain mapping (e.g. parsed YAML); a non-mapping is a ``RecipeError``."""
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe: expected a mapping of sections, got {type(data).__name__}")
+        return cls(**data)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        """Read and validate a YAML recipe file."""
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist; give the path of a YAML recipe")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            reason = str(error).splitlines()[0]
+            raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {reason}") from None
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe as plain data (every default filled in)."""
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML text that ``from_yaml`` reads back to an equal recipe."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def with_overrides(self, assignments: list[str]) -> Recipe:
+        """A copy with ``section.key=value`` assignments applied (values parsed as YAML)."""
+        data = self.to_dict()
+        for assignment in assignments:
+            key, separator, raw_value = assignment.partition("=")
+            if not separator or not key:
+                raise RecipeError(f"override {assignment!r}: expected key.sub=value, e.g. train.epochs=3")
+            _set_path(data, key.split("."), yaml.safe_load(raw_value), assignment)
+        return Recipe.from_dict(data)
+
+
+def _set_path(data: dict, keys: list[str], value: Any, assignment: str) -> None:
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        if node.get(key) is None:
+            node[key] = {}
+        node = node[key]
+        if not isinstance(node, dict):
+            where = ".".join(keys[: depth + 1])
+            raise RecipeError(f"override {assignment!r}: {where} is not a section")
+    node[keys[-1]] = value
+
+
+
+def _describe(error: ValidationError) -> str:
+    """One line naming the field, the value and what is allowed, from pydantic's first error."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "recipe"
+    kind = first["type"]
+    value = first.get("input")
+    if kind == "extra_forbidden":
+        section = ".".join(str(part) for part in first["loc"][:-1])
+        allowed = _allowed_keys(section)
+        return f"recipe: unknown key {where!r}; allowed keys{' in ' + section if section else ''}: {allowed}"
+    message = first["msg"]
+    message = message.removeprefix("Value error, ")
+    return f"recipe field {where}: {value!r} is not allowed ({message})"
+
+
+def _allowed_keys(section: str) -> str:
+    model: type[BaseModel] = Recipe
+    for part in section.split(".") if section else []:
+        field = model.model_fields.get(part)
+        inner = _model_of(field.annotation) if field else None
+        if inner is None:
+            return "(see the design's recipe format)"
+        model = inner
+    return ", ".join(model.model_fields)
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for argument in getattr(annotation, "__args__", ()):
+        found = _model_of(argument)
+        if found is not None:
+            return found
+    return None

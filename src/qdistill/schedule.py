@@ -1,0 +1,49 @@
+"""Optimisers and learning-rate schedules (step-wise, with optional linear warm-up)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from qdistill.recipe import TrainSpec
+
+
+def make_optimizer(module: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """SGD (momentum), Adam or AdamW; biases, norms and quantizer scales get no weight decay."""
+    decay, no_decay = [], []
+    for name, parameter in module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        (no_decay if parameter.dim() <= 1 or name.endswith("scale") else decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=spec.lr)
+    return torch.optim.AdamW(groups, lr=spec.lr)
+
+
+def lr_factor(step: int, steps_per_epoch: int, spec: TrainSpec) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based)."""
+    warmup_steps = spec.warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    total = max(spec.epochs * steps_per_epoch - warmup_steps, 1)
+    progress = min((step - warmup_steps) / total, 1.0)
+    epoch = (step - warmup_steps) / steps_per_epoch
+    if spec.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if spec.schedule == "linear":
+        return 1.0 - progress
+    if spec.schedule == "exponential":
+        return spec.gamma**epoch
+    if spec.schedule == "step":
+        return spec.gamma ** (int(epoch) // spec.step_size)
+    return 1.0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, steps_per_epoch: int, spec: TrainSpec):
+    """A ``LambdaLR`` stepped once per batch (its state is just the step count: resumable)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, steps_per_epoch, spec))

@@ -1,0 +1,200 @@
+"""The training loop: optimiser, schedule, early stop at a target, checkpoints, progress.
+
+``fit`` trains any module whose forward ``(x, labels)`` returns ``LossParts`` (a ``Distiller``
+or a ``Supervised`` wrapper). With a checkpoint folder it saves everything at each epoch end and
+every ``checkpoint_every_steps`` steps, and continues from there bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from qdistill.checkpoint import Progress, find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from qdistill.distill.losses import LossParts
+from qdistill.errors import NonFiniteError
+from qdistill.recipe import TrainSpec
+from qdistill.schedule import make_optimizer, make_scheduler
+
+
+class Supervised(nn.Module):
+    """Plain cross-entropy training of ``model`` (used for the teacher and the no-KD baseline)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.student = model
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> LossParts:
+        task = F.cross_entropy(self.student(x), labels)
+        return LossParts(total=task, kd=task.new_zeros(()), task=task)
+
+
+@dataclass
+class CheckpointPlan:
+    """Where and how often to checkpoint, and the recipe fingerprint that must match on resume."""
+
+    directory: Path
+    fingerprint: str
+    every_steps: int | None = None
+    resume: bool = False
+
+
+def fingerprint(*parts: str) -> str:
+    """A short hash identifying the settings a run was started with."""
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, (list, tuple)):
+        return batch[0].to(device), batch[1].to(device) if len(batch) > 1 else None
+    return batch.to(device), None
+
+
+def _check_finite(parts: LossParts, progress: Progress) -> None:
+    for name, value in parts.items().items():
+        if not torch.isfinite(value):
+            raise NonFiniteError(
+                f"training stopped at step {progress.global_step} (epoch {progress.epoch + 1}): loss part {name!r} "
+                f"became {value.item()}; the weights of the last good step were kept (lower train.lr or check the data)"
+            )
+
+
+def _check_scales(module: nn.Module, progress: Progress) -> str | None:
+    for name, parameter in module.named_parameters():
+        if name.endswith("quantizer.scale") and not torch.isfinite(parameter).all():
+            return name
+    return None
+
+
+class _Loop:
+    """State of one ``fit`` call, split into readable steps."""
+
+    def __init__(self, module, loader, spec, phase, validate, plan):
+        self.module, self.loader, self.spec, self.validate, self.plan = module, loader, spec, validate, plan
+        self.device = next(module.parameters()).device
+        self.steps_per_epoch = len(loader)
+        self.optimizer = make_optimizer(module, spec)
+        self.scheduler = make_scheduler(self.optimizer, self.steps_per_epoch, spec)
+        self.progress = Progress(phase)
+        self.sums: dict[str, float] = {}
+        self.last_good = None
+
+    def training_state(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "sums": dict(self.sums)}
+
+    def save(self) -> None:
+        self.last_good = {key: value.detach().clone() for key, value in self.module.state_dict().items()}
+        if self.plan is not None:
+            save_checkpoint(self.plan.directory, self.module.state_dict(), self.training_state(), self.progress,
+                            self.plan.fingerprint)
+
+    def restore(self) -> bool:
+        """Continue from the plan's checkpoint when it belongs to this phase; False when there is none."""
+        if find_checkpoint(self.plan.directory) is None:
+            return False
+        model_state, training_state, progress = load_checkpoint(self.plan.directory, self.plan.fingerprint)
+        if progress.phase != self.progress.phase:
+            return False
+        self.module.load_state_dict(model_state)
+        self.optimizer.load_state_dict(training_state["optimizer"])
+        self.scheduler.load_state_dict(training_state["scheduler"])
+        self.sums = dict(training_state["sums"])
+        set_rng_state(training_state["rng"])
+        self.progress = progress
+        return True
+
+    def step(self, batch: Any) -> None:
+        x, labels = _to_device(batch, self.device)
+        parts = self.module(x, labels)
+        _check_finite(parts, self.progress)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        bad_scale = _check_scales(self.module, self.progress)
+        if bad_scale is not None:
+            self.module.load_state_dict(self.last_good)
+            raise NonFiniteError(
+                f"training stopped at step {self.progress.global_step} (epoch {self.progress.epoch + 1}): quantizer "
+                f"scale {bad_scale!r} became non-finite; the weights of the last checkpoint were restored"
+            )
+        for name, value in parts.items().items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.item()
+        self.sums["batches"] = self.sums.get("batches", 0.0) + 1
+        self.progress.step_in_epoch += 1
+        self.progress.global_step += 1
+
+    def end_epoch(self, seconds: float) -> dict[str, Any]:
+        batches = max(self.sums.get("batches", 1.0), 1.0)
+        record = {"epoch": self.progress.epoch + 1, "loss": self.sums.get("total", 0.0) / batches,
+                  "kd_loss": self.sums.get("kd", 0.0) / batches, "task_loss": self.sums.get("task", 0.0) / batches}
+        for name, total in self.sums.items():
+            if name.startswith("feature:"):
+                record[f"{name}_loss"] = total / batches
+        record["val_accuracy"] = self.validate() if self.validate else None
+        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["seconds"] = round(seconds, 3)
+        self.progress.history.append(record)
+        self.progress.epoch += 1
+        self.progress.step_in_epoch = 0
+        self.sums = {}
+        return record
+
+
+def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
+        validate: Callable[[], float | None] | None = None, plan: CheckpointPlan | None = None,
+        show_progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train ``module`` (forward ``(x, labels) -> LossParts``) and return the history per epoch.
+
+    Example:
+        >>> history = fit(Distiller(teacher, student, KDLoss()), train_loader, TrainSpec(epochs=3),
+        ...               validate=lambda: evaluate(student, val_loader)["accuracy"])
+    """
+    torch.manual_seed(spec.seed)
+    loop = _Loop(module, loader, spec, phase, validate, plan)
+    if plan is not None and plan.resume:
+        loop.restore()
+    loop.last_good = {key: value.detach().clone() for key, value in module.state_dict().items()}
+    sampler = getattr(loader, "sampler", None)
+    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+             TextColumn("{task.fields[loss]}"), transient=True, disable=not show_progress) as bar:
+        while not loop.progress.finished and loop.progress.epoch < spec.epochs:
+            _run_epoch(loop, loader, sampler, bar, on_epoch)
+    return loop.progress.history
+
+
+def _run_epoch(loop: _Loop, loader, sampler, bar: Bar, on_epoch) -> None:
+    progress, spec = loop.progress, loop.spec
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(progress.epoch)
+    task = bar.add_task(f"{progress.phase} epoch {progress.epoch + 1}/{spec.epochs}", total=loop.steps_per_epoch, loss="")
+    loop.module.train()
+    started, skip = time.perf_counter(), progress.step_in_epoch
+    for index, batch in enumerate(loader):
+        if index < skip:
+            continue  # done before the checkpoint this run resumed from
+        loop.step(batch)
+        bar.update(task, completed=progress.step_in_epoch, loss=f"loss {loop.sums['total'] / loop.sums['batches']:.4f}")
+        if loop.plan and loop.plan.every_steps and progress.global_step % loop.plan.every_steps == 0:
+            if progress.step_in_epoch < loop.steps_per_epoch:
+                loop.save()
+    record = loop.end_epoch(time.perf_counter() - started)
+    bar.remove_task(task)
+    target = spec.target_accuracy
+    if target is not None and record["val_accuracy"] is not None and record["val_accuracy"] >= target:
+        progress.finished = True
+    if progress.epoch >= spec.epochs:
+        progress.finished = True
+    loop.save()
+    if on_epoch:
+        on_epoch(record)
