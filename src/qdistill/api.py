@@ -14,6 +14,7 @@ from torch import nn
 
 from qdistill import models
 from qdistill.distill import Distiller, KDLoss, freeze
+from qdistill.distill.teacher import CachedTeacherLoader
 from qdistill.errors import DataError, FileFormatError, ModelError
 from qdistill.evaluate import evaluate, predict
 from qdistill.factory import call_factory
@@ -119,6 +120,8 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     labelled = check_loader(train, "train data", num_classes)
     val_labelled = check_loader(val, "validation data", num_classes)
     torch.manual_seed(recipe.train.seed)
+    if hasattr(getattr(train, "sampler", None), "set_epoch"):
+        train.sampler.set_epoch(0)  # calibrate on the same batches whatever ran on this loader before
     quantized = prepare(float_student, recipe.quant, calibration_data=train)
     _check_outputs(frozen_teacher, quantized, example)
     alpha = recipe.distill.alpha if labelled else 1.0  # label-free: the teacher is the only target
@@ -128,7 +131,8 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     def validate() -> float | None:
         return evaluate(quantized, val, num_classes)["accuracy"] if val_labelled else None
 
-    history = fit(distiller, train, recipe.train, phase="student", validate=validate, plan=checkpoint,
+    cached = None if recipe.distill.features or alpha == 0 else CachedTeacherLoader.wrap(train, frozen_teacher)
+    history = fit(distiller, cached if cached is not None else train, recipe.train, phase="student", validate=validate, plan=checkpoint,
                   show_progress=show_progress)
     distiller.remove_hooks()
     report = make_report(recipe, frozen_teacher, quantized, val, num_classes, history, label_free=not labelled)

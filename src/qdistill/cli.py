@@ -120,7 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qdistill`` command; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    overrides = [extra for extra in extras if "=" in extra and not extra.startswith("-")]
+    if extras and (args.command != "run" or len(overrides) != len(extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if args.command == "run":
+        args.overrides = args.overrides + overrides  # overrides may also come after --out
     try:
         return args.handler(args)
     except QdistillError as error:

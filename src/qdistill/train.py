@@ -53,10 +53,11 @@ def fingerprint(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, (list, tuple)):
-        return batch[0].to(device), batch[1].to(device) if len(batch) > 1 else None
-    return batch.to(device), None
+def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor | None, ...]:
+    """``(x, labels, teacher_logits)`` on ``device``; missing parts are None."""
+    parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+    parts += [None] * (3 - len(parts))
+    return tuple(None if part is None else part.to(device) for part in parts[:3])
 
 
 def _check_finite(parts: LossParts, progress: Progress) -> None:
@@ -114,8 +115,8 @@ class _Loop:
         return True
 
     def step(self, batch: Any) -> None:
-        x, labels = _to_device(batch, self.device)
-        parts = self.module(x, labels)
+        x, labels, teacher_logits = _to_device(batch, self.device)
+        parts = self.module(x, labels) if teacher_logits is None else self.module(x, labels, teacher_logits)
         _check_finite(parts, self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()

@@ -1,0 +1,385 @@
+"""Rewrite a TorchScript QDQ export into the form ONNX Runtime's CPU provider runs with int8 kernels.
+
+The exporter writes each quantized layer as ``Q -> [Clip] -> DQ -> Conv/Gemm`` on its input, with
+the quantizer *inside* the layer, i.e. after the previous layer's ReLU, MaxPool and Flatten.
+ONNX Runtime fuses ``DQ -> Conv -> Q`` into ``QLinearConv`` only when the Q sits directly on the
+Conv output, and its own Q propagation stops at Flatten, so a layer followed by
+``ReLU -> MaxPool -> Flatten`` would run in float. This module moves the Q up to the producing
+layer and runs the ops in between on integers, which is exact, not an approximation:
+
+- ``Q`` is monotone, so ``Q(maxpool(y)) == maxpool(Q(y))``; Flatten/Reshape only move values.
+- ``Q(relu(y)) == max(Q(y), zero_point)`` and ``Q(clip(y, a, b)) == clamp(Q(y), Q(a), Q(b))``,
+  so ReLU (and ReLU6-style Clip) fold into the integer Clip that already holds the low-bit grid.
+- That integer Clip goes *after* MaxPool/Flatten (clamping commutes with both): it touches a
+  quarter of the values, and it sits between Q and DQ, where it does not block fusion.
+
+Layers whose output feeds no quantizer (the classifier head, a conv before a residual Add) get an
+explicit integer form: ``Gemm`` without its bias (ONNX Runtime's ``QGemm`` with float output) plus a
+float ``Add``, and ``ConvInteger -> Cast -> Mul(s_x * s_w) -> Add(bias)`` for convolutions.
+Weights are int8 initializers ``<layer>.weight_quantized`` holding exactly the trained integers.
+
+Example:
+    >>> model = onnx.load("raw_export.onnx")
+    >>> layers = rewrite_for_int8(model)       # {layer name: LayerInfo}
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+LAYER_MARKER = "qdistill_layer"  # attribute our weight DequantizeLinear carries through the exporter
+MOVABLE_OPS = {"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity"}
+INTEGER_OPS = {
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
+    "DynamicQuantizeMatMul", "QLinearAdd", "NhwcQLinearConv",
+}
+
+
+@dataclass
+class LayerInfo:
+    """Where one quantized layer lives in the rewritten graph.
+
+    Example:
+        >>> LayerInfo("features.0", "Conv", "features.0.weight_quantized", "/features/features.0/Conv_output_0")
+    """
+
+    name: str
+    op: str
+    weight: str
+    output: str
+    form: str = "float"
+    act_input: str | None = None  # the integer tensor the layer's input DequantizeLinear reads
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Index:
+    """Producer and consumer maps of a graph (rebuilt after each structural change)."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in graph.node:
+            for name in node.output:
+                self.producer[name] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+        self.outputs = {value.name for value in graph.output}
+
+
+def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {tensor.name: tensor for tensor in graph.initializer}
+
+
+def _array(graph: onnx.GraphProto, name: str) -> np.ndarray:
+    return numpy_helper.to_array(_initializers(graph)[name])
+
+
+def _set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.name == name:
+            del graph.initializer[index]
+            break
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    return name
+
+
+def _attribute(node: onnx.NodeProto, name: str, default=None):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def _constants_to_initializers(graph: onnx.GraphProto) -> None:
+    """Constant nodes become named initializers, which the rewrite and ORT both read directly."""
+    for node in list(graph.node):
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensor = numpy_helper.to_array(node.attribute[0].t)
+            _set_initializer(graph, node.output[0], tensor)
+            graph.node.remove(node)
+
+
+def _bypass(graph: onnx.GraphProto, node: onnx.NodeProto, replacement: str) -> None:
+    """Remove a single-input node, pointing its consumers at ``replacement``."""
+    for other in graph.node:
+        for position, name in enumerate(other.input):
+            if name == node.output[0]:
+                other.input[position] = replacement
+    graph.node.remove(node)
+
+
+def _collect_layers(graph: onnx.GraphProto) -> dict[str, LayerInfo]:
+    layers: dict[str, LayerInfo] = {}
+    for node in list(graph.node):
+        marker = next((a for a in node.attribute if a.name == LAYER_MARKER), None)
+        if node.op_type != "DequantizeLinear" or marker is None:
+            continue
+        name = marker.s.decode()
+        node.attribute.remove(marker)
+        layers[name] = _name_weight(graph, node, name)
+    return layers
+
+
+def _name_weight(graph: onnx.GraphProto, dequantize: onnx.NodeProto, name: str) -> LayerInfo:
+    """Give the weight's initializers the layer's name, folding a Transpose (MatMul form of Linear)."""
+    ints, scale, zero_point = (_array(graph, value) for value in dequantize.input)
+    axis = _attribute(dequantize, "axis", 1) if scale.ndim else None
+    users = _Index(graph).consumers[dequantize.output[0]]
+    if len(users) == 1 and users[0].op_type == "Transpose":
+        perm = list(_attribute(users[0], "perm", range(ints.ndim)[::-1]))
+        ints = ints.transpose(perm)
+        axis = perm.index(axis) if axis is not None else None
+        _bypass(graph, users[0], dequantize.output[0])
+        users = _Index(graph).consumers[dequantize.output[0]]
+    inputs = [f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"]
+    for value_name, array in zip(inputs, (ints, scale, zero_point)):
+        _set_initializer(graph, value_name, array)
+    dequantize.input[:] = inputs
+    dequantize.name = f"{name}.weight_dequantize"
+    del dequantize.attribute[:]
+    if axis is not None:
+        dequantize.attribute.append(helper.make_attribute("axis", axis))
+    layer_node = users[0] if len(users) == 1 else None
+    op = layer_node.op_type if layer_node is not None else "shared"
+    output = layer_node.output[0] if layer_node is not None else dequantize.output[0]
+    if layer_node is not None:
+        layer_node.name = name
+    return LayerInfo(name, op, inputs[0], output)
+
+
+def _activation_nodes(graph: onnx.GraphProto, info: LayerInfo):
+    """The ``(Q, Clip or None, DQ)`` nodes on a Conv/Gemm/MatMul layer's data input, or None."""
+    index = _Index(graph)
+    layer_node = index.producer.get(info.output)
+    if layer_node is None or info.op not in ("Conv", "Gemm", "MatMul"):
+        return None
+    dequantize = index.producer.get(layer_node.input[0])
+    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+        return None
+    upstream = index.producer.get(dequantize.input[0])
+    clip = upstream if upstream is not None and upstream.op_type == "Clip" else None
+    quantize = index.producer.get(clip.input[0]) if clip is not None else upstream
+    if quantize is None or quantize.op_type != "QuantizeLinear":
+        return None
+    return quantize, clip, dequantize
+
+
+def _grid_bounds(graph: onnx.GraphProto, clip: onnx.NodeProto | None, dtype: np.dtype) -> tuple[int, int]:
+    if clip is not None:
+        return int(_array(graph, clip.input[1])), int(_array(graph, clip.input[2]))
+    limits = np.iinfo(dtype)
+    return int(limits.min), int(limits.max)
+
+
+def _name_activation(graph: onnx.GraphProto, info: LayerInfo, nodes) -> tuple[int, int, np.dtype]:
+    """Per-layer names for the input quantizer's constants; returns the grid bounds and dtype."""
+    quantize, clip, dequantize = nodes
+    scale, zero_point = _array(graph, quantize.input[1]), _array(graph, quantize.input[2])
+    low, high = _grid_bounds(graph, clip, zero_point.dtype)
+    _set_initializer(graph, f"{info.name}.input_scale", scale)
+    _set_initializer(graph, f"{info.name}.input_zero_point", zero_point)
+    for node in (quantize, dequantize):
+        node.input[1:3] = [f"{info.name}.input_scale", f"{info.name}.input_zero_point"]
+    quantize.name, dequantize.name = f"{info.name}.input_quantize", f"{info.name}.input_dequantize"
+    if clip is not None:
+        _bypass(graph, clip, quantize.output[0])  # re-added after the moved ops by _move_quantize_up
+    return low, high, zero_point.dtype
+
+
+def _quantize_value(value: float, scale: float, zero_point: int, dtype: np.dtype) -> int:
+    """QuantizeLinear of one float (round half to even, saturate), as ONNX Runtime computes it."""
+    limits = np.iinfo(dtype)
+    code = np.rint(np.float32(value) / np.float32(scale)) + zero_point
+    return int(np.clip(code, limits.min, limits.max))
+
+
+def _movable_chain(graph: onnx.GraphProto, start: str) -> list[onnx.NodeProto]:
+    """Ops between a producer and ``start`` that commute with quantization, nearest first."""
+    index = _Index(graph)
+    chain: list[onnx.NodeProto] = []
+    tensor = start
+    while True:
+        node = index.producer.get(tensor)
+        users = [user for user in index.consumers[tensor] if user.op_type != "Shape"]
+        if node is None or node.op_type not in MOVABLE_OPS or len(users) != 1 or tensor in index.outputs:
+            return chain
+        if node.op_type == "Clip" and not all(name in _initializers(graph) for name in node.input[1:3]):
+            return chain
+        if node.op_type == "MaxPool" and len(node.output) > 1 and index.consumers[node.output[1]]:
+            return chain
+        chain.append(node)
+        tensor = node.input[0]
+
+
+def _move_quantize_up(graph: onnx.GraphProto, info: LayerInfo) -> None:
+    """Put the input Q right after the producing op and run the ops in between on integers."""
+    nodes = _activation_nodes(graph, info)
+    if nodes is None:
+        return
+    quantize, _, dequantize = nodes
+    low, high, dtype = _name_activation(graph, info, nodes)
+    scale = float(_array(graph, quantize.input[1]))
+    zero_point = int(_array(graph, quantize.input[2]))
+    chain = _movable_chain(graph, quantize.input[0])
+    integer = quantize.output[0]
+    if chain:
+        quantize.input[0] = chain[-1].input[0]
+    for node in reversed(chain):  # farthest first, so the integer ops keep the original order
+        if node.op_type == "Relu":
+            low = max(low, zero_point)
+        elif node.op_type == "Clip":
+            bounds = [float(_array(graph, name)) for name in node.input[1:3]]
+            low = max(low, _quantize_value(bounds[0], scale, zero_point, dtype))
+            high = min(high, _quantize_value(bounds[1], scale, zero_point, dtype))
+        else:
+            integer = _integer_copy(graph, node, integer, _Index(graph))
+        graph.node.remove(node)
+    limits = np.iinfo(dtype)
+    if (low, high) != (limits.min, limits.max):
+        bound_names = [f"{info.name}.input_qmin", f"{info.name}.input_qmax"]
+        _set_initializer(graph, bound_names[0], np.array(low, dtype=dtype))
+        _set_initializer(graph, bound_names[1], np.array(high, dtype=dtype))
+        clipped = f"{info.name}.input_clipped"
+        graph.node.append(helper.make_node("Clip", [integer, *bound_names], [clipped], name=f"{info.name}.input_clip"))
+        integer = clipped
+    dequantize.input[0] = integer
+    info.act_input = integer
+
+
+def _integer_copy(graph: onnx.GraphProto, node: onnx.NodeProto, integer_input: str, index: _Index) -> str:
+    """The same op on the integer tensor; Shape ops that read the float output read this one."""
+    output = f"{node.output[0]}_quantized"
+    copy = helper.make_node(node.op_type, [integer_input, *node.input[1:]], [output], name=f"{node.name}_quantized")
+    copy.attribute.extend(node.attribute)
+    graph.node.append(copy)
+    for user in index.consumers[node.output[0]]:
+        if user.op_type == "Shape":
+            user.input[0] = output
+    return output
+
+
+def _integer_output_form(graph: onnx.GraphProto, info: LayerInfo) -> None:
+    """Choose how ORT runs the layer in integers: fused with the next Q, or an explicit integer op."""
+    index = _Index(graph)
+    node = index.producer.get(info.output)
+    if node is None or info.op not in ("Conv", "Gemm") or info.act_input is None:
+        info.form = "lookup" if info.op == "Gather" else "float"
+        return
+    users = index.consumers[info.output]
+    if len(users) == 1 and users[0].op_type == "QuantizeLinear" and info.output not in index.outputs:
+        info.form = "fused with the next layer's QuantizeLinear"
+        return
+    if info.op == "Gemm":
+        _split_gemm_bias(graph, node, info)
+    else:
+        _conv_integer(graph, node, info)
+
+
+def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo) -> None:
+    # ORT fuses DQ -> Gemm without a Q into QGemm (float output) only when the bias is absent or
+    # int32; a float Add keeps the bias exactly as the student adds it.
+    info.form = "QGemm with float output + bias Add"
+    if len(node.input) < 3 or not node.input[2]:
+        return
+    if _attribute(node, "alpha", 1.0) != 1.0 or _attribute(node, "beta", 1.0) != 1.0:
+        return
+    bias = node.input[2]
+    del node.input[2]
+    product = f"{info.name}.product"
+    output = node.output[0]
+    node.output[0] = product
+    graph.node.append(helper.make_node("Add", [product, bias], [output], name=f"{info.name}.bias_add"))
+
+
+def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo) -> None:
+    # QLinearConv needs a quantized output; without one ORT would run DQ -> Conv in float, so the
+    # layer becomes ConvInteger (int32 accumulator) and a float rescale by s_x * s_w per channel.
+    info.form = "ConvInteger + float rescale"
+    dequantize = _Index(graph).producer[node.input[0]]
+    input_scale, input_zero = dequantize.input[1], dequantize.input[2]
+    weight_scale = _array(graph, f"{info.name}.weight_scale").astype(np.float32)
+    multiplier = (np.float32(_array(graph, input_scale)) * weight_scale).astype(np.float32)
+    spatial = _array(graph, info.weight).ndim - 2
+    if multiplier.ndim:
+        multiplier = multiplier.reshape([1, -1] + [1] * spatial)
+    names = {key: f"{info.name}.{key}" for key in ("accumulator", "accumulator_float", "rescaled", "multiplier")}
+    _set_initializer(graph, names["multiplier"], multiplier)
+    output = node.output[0]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    integer_conv = helper.make_node("ConvInteger", [dequantize.input[0], info.weight, input_zero],
+                                    [names["accumulator"]], name=f"{info.name}.conv_integer")
+    integer_conv.attribute.extend(node.attribute)
+    new_nodes = [integer_conv,
+                 helper.make_node("Cast", [names["accumulator"]], [names["accumulator_float"]], to=onnx.TensorProto.FLOAT),
+                 helper.make_node("Mul", [names["accumulator_float"], names["multiplier"]],
+                                  [names["rescaled"] if bias else output], name=f"{info.name}.rescale")]
+    if bias:
+        bias_name = f"{info.name}.bias_channels"
+        _set_initializer(graph, bias_name, _array(graph, bias).reshape([1, -1] + [1] * spatial))
+        new_nodes.append(helper.make_node("Add", [names["rescaled"], bias_name], [output], name=f"{info.name}.bias_add"))
+    graph.node.remove(node)
+    graph.node.extend(new_nodes)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes and initializers that no graph output depends on."""
+    index = _Index(graph)
+    needed = {value.name for value in graph.output}
+    keep: list[onnx.NodeProto] = []
+    pending = list(needed)
+    seen_nodes: set[int] = set()
+    while pending:
+        node = index.producer.get(pending.pop())
+        if node is None or id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        keep.append(node)
+        for name in node.input:
+            if name and name not in needed:
+                needed.add(name)
+                pending.append(name)
+    for node in [node for node in graph.node if id(node) not in seen_nodes]:
+        graph.node.remove(node)
+    for tensor in [tensor for tensor in graph.initializer if tensor.name not in needed]:
+        graph.initializer.remove(tensor)
+
+
+def toposort(graph: onnx.GraphProto) -> None:
+    """Order nodes so each runs after its inputs exist (added nodes were appended at the end)."""
+    available = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
+    remaining = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while remaining:
+        ready = [node for node in remaining if all(name in available for name in node.input)]
+        if not ready:
+            raise ValueError(f"graph has a cycle or a missing input near node {remaining[0].name!r}")
+        for node in ready:
+            ordered.append(node)
+            available.update(node.output)
+        remaining = [node for node in remaining if all(node is not other for other in ready)]
+    copies = [onnx.NodeProto.FromString(node.SerializeToString()) for node in ordered]
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
+def rewrite_for_int8(model: onnx.ModelProto) -> dict[str, LayerInfo]:
+    """Rewrite ``model`` in place (see the module docstring); returns the layers in graph order."""
+    graph = model.graph
+    _constants_to_initializers(graph)
+    layers = _collect_layers(graph)
+    for info in layers.values():
+        _move_quantize_up(graph, info)
+    for info in layers.values():
+        _integer_output_form(graph, info)
+    _prune(graph)
+    toposort(graph)
+    position = {node.name: order for order, node in enumerate(graph.node)}
+    return dict(sorted(layers.items(), key=lambda item: position.get(item[0], len(position))))

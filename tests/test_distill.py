@@ -1,0 +1,78 @@
+"""End-to-end ``distill`` on scikit-learn's digits, save/load, determinism, teacher untouched."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+import qdistill as qd
+from qdistill.recipe import Recipe
+
+REPORT_KEYS = {"qdistill_version", "recipe", "teacher", "student", "per_class", "history", "environment"}
+MODEL_KEYS = {"accuracy", "precision_macro", "recall_macro", "f1_macro", "params", "size_bytes"}
+STUDENT_KEYS = MODEL_KEYS | {"weight_bits", "act_bits", "agreement_with_teacher", "per_layer", "unquantized_layers"}
+HISTORY_KEYS = {"epoch", "loss", "kd_loss", "task_loss", "val_accuracy", "lr", "seconds"}
+
+
+def _recipe(**train):
+    return Recipe(data={"name": "digits"}, quant={"weight_bits": 4, "act_bits": 4},
+                  train={"epochs": 2, "lr": 1e-3, **train})
+
+
+def test_distill_end_to_end_far_above_chance(digits, digits_teacher, tmp_path):
+    bundle, train, val = digits
+    before = copy.deepcopy(digits_teacher.state_dict())
+    result = qd.distill(digits_teacher, train, val, _recipe(), show_progress=False, model_kwargs=bundle.model_kwargs())
+    report = result.report
+    assert REPORT_KEYS <= set(report)
+    assert MODEL_KEYS <= set(report["teacher"]) and STUDENT_KEYS <= set(report["student"])
+    assert all(HISTORY_KEYS <= set(row) for row in report["history"]) and len(report["history"]) == 2
+    assert report["student"]["accuracy"] > 0.85  # chance is 0.10
+    assert report["student"]["size_bytes"] < report["teacher"]["size_bytes"] / 4
+    assert set(report["student"]["per_layer"]) == {"features.0", "features.3", "classifier.2", "classifier.5"}
+    assert report["student"]["per_layer"]["features.3"] == {"weight_bits": 4, "act_bits": 4}
+    assert report["student"]["per_layer"]["features.0"] == {"weight_bits": 8, "act_bits": 8}  # first layer
+    assert len(report["per_class"]["student"]) == 10
+    for name, tensor in digits_teacher.state_dict().items():  # the teacher is never modified
+        assert torch.equal(tensor, before[name]), name
+    assert all(p.requires_grad for p in digits_teacher.parameters())
+
+    result.save(tmp_path)
+    assert {"student.safetensors", "report.json", "recipe.yaml"} <= {p.name for p in tmp_path.iterdir()}
+    loaded = qd.load(tmp_path)
+    x = bundle.val_x[:64]
+    torch.testing.assert_close(loaded(x), result.student.eval()(x), atol=0, rtol=0)
+    assert qd.evaluate(loaded, val)["accuracy"] == report["student"]["accuracy"]
+
+
+def test_same_seed_same_student(digits, digits_teacher):
+    _, train, val = digits
+    runs = [qd.distill(digits_teacher, train, val, _recipe(epochs=1), show_progress=False) for _ in range(2)]
+    for name, tensor in runs[0].student.state_dict().items():
+        assert torch.equal(tensor, runs[1].student.state_dict()[name]), name
+
+
+def test_early_stop_at_target(digits, digits_teacher):
+    _, train, val = digits
+    result = qd.distill(digits_teacher, train, val, _recipe(epochs=6, target_accuracy=0.5), show_progress=False)
+    assert len(result.report["history"]) == 1  # 50% is reached after the first epoch
+
+
+def test_label_free_distillation(digits, digits_teacher):
+    bundle, _, val = digits
+    from qdistill.data import make_loader
+
+    unlabelled = make_loader(bundle.train_x, None, 32, 0, shuffle=True)
+    result = qd.distill(digits_teacher, unlabelled, val, _recipe(epochs=1), show_progress=False)
+    assert result.report["label_free"] is True
+    assert result.report["history"][0]["task_loss"] == 0.0
+    assert result.report["student"]["accuracy"] > 0.8
+
+
+def test_schedules_and_optimizers_train(digits, digits_teacher):
+    _, train, val = digits
+    for optimizer, schedule in (("sgd", "step"), ("adamw", "exponential"), ("adam", "linear")):
+        recipe = _recipe(epochs=2, optimizer=optimizer, schedule=schedule, warmup_epochs=1, lr=5e-3 if optimizer == "sgd" else 1e-3)
+        history = qd.distill(digits_teacher, train, val, recipe, show_progress=False).report["history"]
+        assert history[0]["lr"] > 0 and history[-1]["val_accuracy"] > 0.5, (optimizer, schedule)
