@@ -162,7 +162,10 @@ def _from_factory(spec: DataSpec) -> DataBundle:
 def make_loader(x: torch.Tensor, y: torch.Tensor | None, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
     """A DataLoader over in-memory tensors with an ``EpochSampler`` (deterministic, resumable)."""
     tensors = (x,) if y is None else (x, y)
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, sampler=EpochSampler(len(x), seed, shuffle))
+    # its own generator: DataLoader draws a seed at every iteration, which must not move the global
+    # RNG (dropout's), or a resumed run would see different dropout masks
+    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, sampler=EpochSampler(len(x), seed, shuffle),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def make_loaders(bundle: DataBundle, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader]:

@@ -45,7 +45,10 @@ def _checkpoint_plan(recipe: Recipe, out: Path, resume: bool, spec_every: int | 
 def obtain_teacher(recipe: Recipe, data: Prepared, out: Path, resume: bool, show_progress: bool,
                    reuse_cached: bool = False) -> tuple[nn.Module, list[dict[str, Any]] | None]:
     """The recipe's teacher: loaded from its checkpoint, reused from ``out``, or trained here."""
+    torch.manual_seed(recipe.teacher_train.seed)  # the same initial weights in every run of this recipe
     teacher = build_model(recipe.model, data.model_kwargs)
+    check_classes(teacher, data)  # before any training: the data must fit the model
+    check_quant_layers(recipe, data, teacher)
     cached = out / TEACHER_FILE
     if recipe.model.checkpoint:
         return teacher, None
@@ -62,12 +65,22 @@ def obtain_teacher(recipe: Recipe, data: Prepared, out: Path, resume: bool, show
     return teacher, history
 
 
+def check_quant_layers(recipe: Recipe, data: Prepared, teacher: nn.Module) -> None:
+    """Per-layer overrides must match layers of the model that will be quantized (before training)."""
+    from qdistill.quant.prepare import layer_bits, quantizable_layers
+
+    model = build_student(recipe, data) or teacher
+    layer_bits([name for name, _ in quantizable_layers(model)], recipe.quant)
+
+
 def check_classes(teacher: nn.Module, data: Prepared) -> None:
     """The data's classes must be exactly the teacher's outputs."""
     example = data.bundle.train_x[:2]
+    was_training = teacher.training
     with torch.no_grad():
         try:
             outputs = teacher.eval()(example)
+            teacher.train(was_training)
         except RuntimeError as error:
             raise DataError(f"data: inputs of shape {tuple(example.shape[1:])} do not fit the model ({str(error).splitlines()[0]})") from None
     if outputs.dim() != 2:
@@ -81,6 +94,7 @@ def build_student(recipe: Recipe, data: Prepared) -> nn.Module | None:
     """The float student architecture when the recipe names one (None: a copy of the teacher)."""
     if recipe.student is None:
         return None
+    torch.manual_seed(recipe.train.seed)
     return build_model(recipe.student, data.model_kwargs, "student")
 
 
