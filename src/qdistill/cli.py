@@ -54,8 +54,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(report: dict[str, Any]) -> None:
-    table = Table(title="teacher vs student (validation)")
-    for column in ("model", "accuracy", "precision_macro", "recall_macro", "f1_macro", "params", "size_bytes"):
+    table = Table(title="teacher vs student (validation; macro averages; size at the model's bit widths)")
+    for column in ("model", "accuracy", "precision", "recall", "f1", "params", "size bytes"):
         table.add_column(column, justify="right")
     for name in ("teacher", "student"):
         if name in report:

