@@ -80,7 +80,8 @@ class _Exploding(nn.Module):
 
     def forward(self, x):
         out = self.inner(x)
-        if self.training:
+        # count real training steps only (not torch.fx tracing, calibration or evaluation)
+        if self.training and torch.is_grad_enabled() and isinstance(x, torch.Tensor):
             self.calls += 1
             if self.calls >= 3:
                 return out * float("nan")
@@ -94,3 +95,22 @@ def test_nan_loss_stops_with_clear_error_and_keeps_weights(digits, digits_teache
     with pytest.raises(NonFiniteError, match=r"step 2 \(epoch 1\): loss part 'total' became nan") as raised:
         qd.distill(digits_teacher, train, val, RECIPE, student=student, show_progress=False)
     assert "last good step were kept" in str(raised.value)
+
+
+def test_nan_keeps_last_good_checkpoint_newest(digits, digits_teacher, tmp_path):
+    import json
+
+    from qdistill.train import CheckpointPlan
+
+    _, train, val = digits
+    student = _Exploding(models.create("mnist_cnn", in_channels=1, num_classes=10, image_size=8))
+    student.inner.load_state_dict(digits_teacher.state_dict())
+    plan = CheckpointPlan(tmp_path / "checkpoint", "fingerprint", every_steps=1)
+    with pytest.raises(NonFiniteError, match="step 2"):
+        qd.distill(digits_teacher, train, val, RECIPE, student=student, checkpoint=plan, show_progress=False)
+    meta = json.loads((tmp_path / "checkpoint" / "meta.json").read_text())
+    assert meta["global_step"] == 2  # the two good steps; the NaN step wrote nothing
+    from qdistill.io import load_weights
+
+    assert all(torch.isfinite(t).all() for t in load_weights(tmp_path / "checkpoint" / "model.safetensors").values()
+               if t.is_floating_point())
