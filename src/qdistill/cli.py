@@ -89,6 +89,26 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search(args: argparse.Namespace) -> int:
+    from qdistill.recipe import Recipe
+    from qdistill.search import candidate_name, run_search
+
+    recipe = Recipe.from_yaml(args.recipe).with_overrides(args.overrides)
+    section = run_search(recipe, args.out, show_progress=not args.no_progress, echo=console.print)
+    table = Table(title=f"search: target accuracy {section['target_accuracy']:.4f} "
+                        f"(teacher {section['teacher_accuracy']:.4f})")
+    for column in ("candidate", "accuracy", "size bytes", "epochs", "seconds", "meets target"):
+        table.add_column(column, justify="right")
+    for row in section["candidates"]:
+        table.add_row(candidate_name(row["weight_bits"], row["act_bits"]), f"{row['accuracy']:.4f}",
+                      str(row["size_bytes"]), str(row["epochs"]), str(row["seconds"]), "yes" if row["met_target"] else "no")
+    console.print(table)
+    chosen = section["chosen"]
+    verdict = "smallest student that meets the target" if section["target_met"] else "no candidate met the target; most accurate kept"
+    console.print(f"chosen {candidate_name(chosen['weight_bits'], chosen['act_bits'])}: {verdict}; wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every command's ``--help`` lists its options and defaults)."""
     formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -107,6 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(handler=_run)
+    search = commands.add_parser("search", help="find the fewest bits that meet an accuracy target",
+                                 formatter_class=formatter)
+    search.add_argument("recipe", help="YAML recipe file (its search section sets the ladder and the target)")
+    search.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. search.max_accuracy_drop=1.0")
+    search.add_argument("--out", default="out/search", help="output folder")
+    search.add_argument("--no-progress", action="store_true", help="no progress bars")
+    search.set_defaults(handler=_search)
     evaluate = commands.add_parser("eval", help="re-evaluate a saved student", formatter_class=formatter)
     evaluate.add_argument("directory", help="folder written by `qdistill run`")
     evaluate.set_defaults(handler=_eval)
@@ -122,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     overrides = [extra for extra in extras if "=" in extra and not extra.startswith("-")]
-    if extras and (args.command != "run" or len(overrides) != len(extras)):
+    if extras and (args.command not in ("run", "search") or len(overrides) != len(extras)):
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
-    if args.command == "run":
+    if args.command in ("run", "search"):
         args.overrides = args.overrides + overrides  # overrides may also come after --out
     try:
         return args.handler(args)

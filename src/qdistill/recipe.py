@@ -123,6 +123,26 @@ class ExportSpec(_Section):
     packed: bool = True
 
 
+class SearchSpec(_Section):
+    """``qdistill search``: bit widths to try, smallest first, and the accuracy to reach.
+
+    The target is ``target_accuracy`` when given, else the teacher's accuracy minus
+    ``max_accuracy_drop`` percentage points.
+    """
+
+    candidates: list[list[int]] = Field(default_factory=lambda: [[2, 2], [3, 3], [4, 4], [4, 8], [8, 8]],
+                                        min_length=1)
+    max_accuracy_drop: float = Field(0.5, ge=0.0, le=100.0)
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _bits_in_range(self) -> SearchSpec:
+        for candidate in self.candidates:
+            if len(candidate) != 2 or not all(2 <= bits <= 8 for bits in candidate):
+                raise ValueError(f"candidate {candidate} must be [weight_bits, act_bits], each from 2 to 8")
+        return self
+
+
 def _default_teacher_train() -> TrainSpec:
     return TrainSpec(epochs=10, lr=1.0e-3, schedule="constant")
 
@@ -145,6 +165,7 @@ class Recipe(_Section):
     train: TrainSpec = Field(default_factory=TrainSpec)
     teacher_train: TrainSpec = Field(default_factory=_default_teacher_train)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -10,14 +10,41 @@ from torch import nn
 from qdistill.recipe import TrainSpec
 
 
+SCALE_RELATIVE_LR = 10.0  # Adam moves a step size by about lr * this fraction of itself per step
+
+
+def _is_step_size(name: str) -> bool:
+    return name.endswith("quantizer.scale")
+
+
+def _step_size_groups(module: nn.Module, spec: TrainSpec) -> list[dict]:
+    """One group per learned step size, its learning rate in proportion to the step itself.
+
+    Adam's update is about ``lr`` whatever the gradient's size, so one shared ``lr`` moves an
+    8-bit weight step of 0.003 by most of itself every step (and the student collapses), while
+    barely moving a 2-bit activation step of 0.5. Scaling ``lr`` by the step size makes every
+    quantizer move by the same relative amount. SGD keeps one ``lr``: LSQ's gradient scale
+    already balances it.
+    """
+    groups = []
+    for name, parameter in module.named_parameters():
+        if parameter.requires_grad and _is_step_size(name):
+            magnitude = float(parameter.detach().abs().mean()) or 1e-8
+            groups.append({"params": [parameter], "weight_decay": 0.0, "lr": spec.lr * SCALE_RELATIVE_LR * magnitude})
+    return groups
+
+
 def make_optimizer(module: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
-    """SGD (momentum), Adam or AdamW; biases, norms and quantizer scales get no weight decay."""
+    """SGD (momentum), Adam or AdamW; biases, norms and quantizer step sizes get no weight decay."""
+    adaptive = spec.optimizer in ("adam", "adamw")
     decay, no_decay = [], []
     for name, parameter in module.named_parameters():
-        if not parameter.requires_grad:
+        if not parameter.requires_grad or (adaptive and _is_step_size(name)):
             continue
-        (no_decay if parameter.dim() <= 1 or name.endswith("scale") else decay).append(parameter)
+        (no_decay if parameter.dim() <= 1 or _is_step_size(name) else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if adaptive:
+        groups += _step_size_groups(module, spec)
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
     if spec.optimizer == "adam":
