@@ -31,6 +31,11 @@ class Prepared:
     model_kwargs: dict[str, Any]
 
 
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU (data stays on the CPU; batches move per step)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def prepare_data(recipe: Recipe) -> Prepared:
     """Load the recipe's data and build deterministic loaders."""
     bundle = load_data(recipe.data)
@@ -46,7 +51,7 @@ def obtain_teacher(recipe: Recipe, data: Prepared, out: Path, resume: bool, show
                    reuse_cached: bool = False) -> tuple[nn.Module, list[dict[str, Any]] | None]:
     """The recipe's teacher: loaded from its checkpoint, reused from ``out``, or trained here."""
     torch.manual_seed(recipe.teacher_train.seed)  # the same initial weights in every run of this recipe
-    teacher = build_model(recipe.model, data.model_kwargs)
+    teacher = build_model(recipe.model, data.model_kwargs).to(default_device())
     check_classes(teacher, data)  # before any training: the data must fit the model
     check_quant_layers(recipe, data, teacher)
     cached = out / TEACHER_FILE
@@ -75,7 +80,7 @@ def check_quant_layers(recipe: Recipe, data: Prepared, teacher: nn.Module) -> No
 
 def check_classes(teacher: nn.Module, data: Prepared) -> None:
     """The data's classes must be exactly the teacher's outputs."""
-    example = data.bundle.train_x[:2]
+    example = data.bundle.train_x[:2].to(next(teacher.parameters()).device)
     was_training = teacher.training
     with torch.no_grad():
         try:
@@ -126,8 +131,9 @@ def write_html_report(result: Result, data: Prepared, out: Path) -> Path:
     from qdistill.io import atomic_write_text
 
     images = data.bundle.val_x[:10]
+    device = next(result.student.parameters()).device
     with torch.no_grad():
-        predicted = result.student.eval()(images).argmax(dim=1).tolist()
+        predicted = result.student.eval()(images.to(device)).argmax(dim=1).tolist()
     labels = data.bundle.val_y[:10].tolist() if data.bundle.val_y is not None else [None] * len(predicted)
     samples = {"images": images.numpy(), "predicted": predicted, "labels": labels}
     return atomic_write_text(out / "report.html", render(result.report, samples))
