@@ -109,6 +109,16 @@ def _search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipe_command(commands, name: str, help_text: str, default_out: str, handler) -> argparse.ArgumentParser:
+    command = commands.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    command.add_argument("recipe", help="YAML recipe file")
+    command.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
+    command.add_argument("--out", default=default_out, help="output folder")
+    command.add_argument("--no-progress", action="store_true", help="no progress bars")
+    command.set_defaults(handler=handler)
+    return command
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (every command's ``--help`` lists its options and defaults)."""
     formatter = argparse.ArgumentDefaultsHelpFormatter
@@ -120,20 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer epochs and no ONNX export (about 2 minutes)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
-    run = commands.add_parser("run", help="run one recipe", formatter_class=formatter)
-    run.add_argument("recipe", help="YAML recipe file")
-    run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
-    run.add_argument("--out", default="out/run", help="output folder")
+    run = _recipe_command(commands, "run", "run one recipe", "out/run", _run)
     run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    run.set_defaults(handler=_run)
-    search = commands.add_parser("search", help="find the fewest bits that meet an accuracy target",
-                                 formatter_class=formatter)
-    search.add_argument("recipe", help="YAML recipe file (its search section sets the ladder and the target)")
-    search.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. search.max_accuracy_drop=1.0")
-    search.add_argument("--out", default="out/search", help="output folder")
-    search.add_argument("--no-progress", action="store_true", help="no progress bars")
-    search.set_defaults(handler=_search)
+    _recipe_command(commands, "search", "find the fewest bits that meet the recipe's search target", "out/search",
+                    _search)
     evaluate = commands.add_parser("eval", help="re-evaluate a saved student", formatter_class=formatter)
     evaluate.add_argument("directory", help="folder written by `qdistill run`")
     evaluate.set_defaults(handler=_eval)
