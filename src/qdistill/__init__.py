@@ -17,6 +17,7 @@ from qdistill.errors import (
     CheckpointError, DataError, ExportError, FileFormatError, ModelError, NonFiniteError, QdistillError, RecipeError,
 )
 from qdistill.evaluate import evaluate
+from qdistill.export import export_onnx, load_packed, save_packed
 from qdistill.recipe import Recipe
 
 
@@ -37,5 +38,6 @@ distill = _DistillEntry()
 
 __all__ = [
     "CheckpointError", "DataError", "ExportError", "FileFormatError", "ModelError", "NonFiniteError", "QdistillError",
-    "RecipeError", "Recipe", "Result", "distill", "evaluate", "load", "quant",
+    "RecipeError", "Recipe", "Result", "distill", "evaluate", "export_onnx", "load", "load_packed", "quant",
+    "save_packed",
 ]

@@ -100,3 +100,6 @@ def mnist_cnn_small(in_channels: int = 1, num_classes: int = 10, image_size: int
 def mlp(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, **kwargs: Any) -> nn.Module:
     """Two hidden layers (256, 128) on the flattened input."""
     return MLP(in_channels * image_size * image_size, num_classes, **kwargs)
+
+
+from qdistill import testing  # noqa: E402,F401  (registers tiny_resnet, tiny_mobilenetv2, tiny_transformer, tiny_mlp)

@@ -13,10 +13,12 @@ layer and runs the ops in between on integers, which is exact, not an approximat
 - That integer Clip goes *after* MaxPool/Flatten (clamping commutes with both): it touches a
   quarter of the values, and it sits between Q and DQ, where it does not block fusion.
 
-Layers whose output feeds no quantizer (the classifier head, a conv before a residual Add) get an
-explicit integer form: ``Gemm`` without its bias (ONNX Runtime's ``QGemm`` with float output) plus a
-float ``Add``, and ``ConvInteger -> Cast -> Mul(s_x * s_w) -> Add(bias)`` for convolutions.
-Weights are int8 initializers ``<layer>.weight_quantized`` holding exactly the trained integers.
+Layers whose output feeds no quantizer (the classifier head, a final conv) get an explicit integer
+form: ``Gemm`` without its bias (ONNX Runtime's ``QGemm`` with float output) plus a float ``Add``,
+and ``ConvInteger -> Cast -> Mul(s_x * s_w) -> Add(bias)`` for convolutions (exact, but ORT's
+ConvInteger is several times slower than QLinearConv, so it is only the fallback).
+Weights are int8 initializers ``<layer>.weight_quantized``: the trained integers times the
+layer's ``weight_int_multiplier`` (see ``qdistill.export.onnx.weight_multiplier``).
 
 Example:
     >>> model = onnx.load("raw_export.onnx")
@@ -87,7 +89,7 @@ def _set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> st
         if tensor.name == name:
             del graph.initializer[index]
             break
-    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    graph.initializer.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d scalars 0-d
     return name
 
 
@@ -140,7 +142,7 @@ def _name_weight(graph: onnx.GraphProto, dequantize: onnx.NodeProto, name: str) 
         _bypass(graph, users[0], dequantize.output[0])
         users = _Index(graph).consumers[dequantize.output[0]]
     inputs = [f"{name}.weight_quantized", f"{name}.weight_scale", f"{name}.weight_zero_point"]
-    for value_name, array in zip(inputs, (ints, scale, zero_point)):
+    for value_name, array in zip(inputs, (ints, scale, zero_point), strict=True):
         _set_initializer(graph, value_name, array)
     dequantize.input[:] = inputs
     dequantize.name = f"{name}.weight_dequantize"
@@ -155,43 +157,59 @@ def _name_weight(graph: onnx.GraphProto, dequantize: onnx.NodeProto, name: str) 
     return LayerInfo(name, op, inputs[0], output)
 
 
-def _activation_nodes(graph: onnx.GraphProto, info: LayerInfo):
-    """The ``(Q, Clip or None, DQ)`` nodes on a Conv/Gemm/MatMul layer's data input, or None."""
+def _layer_input_dequantize(graph: onnx.GraphProto, info: LayerInfo) -> onnx.NodeProto | None:
+    """The DequantizeLinear on a Conv/Gemm/MatMul layer's data input, or None."""
     index = _Index(graph)
     layer_node = index.producer.get(info.output)
     if layer_node is None or info.op not in ("Conv", "Gemm", "MatMul"):
         return None
     dequantize = index.producer.get(layer_node.input[0])
-    if dequantize is None or dequantize.op_type != "DequantizeLinear":
+    return dequantize if dequantize is not None and dequantize.op_type == "DequantizeLinear" else None
+
+
+def _activation_quantizes(graph: onnx.GraphProto) -> list[str]:
+    """Output names of the QuantizeLinear nodes on activations (not on constants)."""
+    constants = set(_initializers(graph))
+    return [node.output[0] for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in constants]
+
+
+def _group(graph: onnx.GraphProto, quantized: str):
+    """``(Q, Clip or None, [DQ, ...])`` of one activation quantizer, or None for other patterns."""
+    index = _Index(graph)
+    quantize = index.producer[quantized]
+    users = index.consumers[quantized]
+    clip = users[0] if len(users) == 1 and users[0].op_type == "Clip" else None
+    if clip is not None:
+        users = index.consumers[clip.output[0]]
+    if not users or any(user.op_type != "DequantizeLinear" for user in users) or quantized in index.outputs:
         return None
-    upstream = index.producer.get(dequantize.input[0])
-    clip = upstream if upstream is not None and upstream.op_type == "Clip" else None
-    quantize = index.producer.get(clip.input[0]) if clip is not None else upstream
-    if quantize is None or quantize.op_type != "QuantizeLinear":
-        return None
-    return quantize, clip, dequantize
+    return quantize, clip, users
 
 
 def _grid_bounds(graph: onnx.GraphProto, clip: onnx.NodeProto | None, dtype: np.dtype) -> tuple[int, int]:
     if clip is not None:
-        return int(_array(graph, clip.input[1])), int(_array(graph, clip.input[2]))
+        return int(_array(graph, clip.input[1]).reshape(())), int(_array(graph, clip.input[2]).reshape(()))
     limits = np.iinfo(dtype)
     return int(limits.min), int(limits.max)
 
 
-def _name_activation(graph: onnx.GraphProto, info: LayerInfo, nodes) -> tuple[int, int, np.dtype]:
-    """Per-layer names for the input quantizer's constants; returns the grid bounds and dtype."""
-    quantize, clip, dequantize = nodes
-    scale, zero_point = _array(graph, quantize.input[1]), _array(graph, quantize.input[2])
+def _name_activation(graph: onnx.GraphProto, prefix: str, group) -> tuple[float, int, int, int, np.dtype]:
+    """Names under ``prefix`` for the quantizer's constants; returns scale, zero point, bounds, dtype."""
+    quantize, clip, dequantizes = group
+    # per-tensor parameters as true scalars (the exporter writes some as 1-element vectors)
+    scale = _array(graph, quantize.input[1]).reshape(())
+    zero_point = _array(graph, quantize.input[2]).reshape(())
     low, high = _grid_bounds(graph, clip, zero_point.dtype)
-    _set_initializer(graph, f"{info.name}.input_scale", scale)
-    _set_initializer(graph, f"{info.name}.input_zero_point", zero_point)
-    for node in (quantize, dequantize):
-        node.input[1:3] = [f"{info.name}.input_scale", f"{info.name}.input_zero_point"]
-    quantize.name, dequantize.name = f"{info.name}.input_quantize", f"{info.name}.input_dequantize"
+    _set_initializer(graph, f"{prefix}_scale", scale)
+    _set_initializer(graph, f"{prefix}_zero_point", zero_point)
+    for node in (quantize, *dequantizes):
+        node.input[1:3] = [f"{prefix}_scale", f"{prefix}_zero_point"]
+    quantize.name = f"{prefix}_quantize"
+    for position, node in enumerate(dequantizes):
+        node.name = f"{prefix}_dequantize" + (f"_{position}" if position else "")
     if clip is not None:
         _bypass(graph, clip, quantize.output[0])  # re-added after the moved ops by _move_quantize_up
-    return low, high, zero_point.dtype
+    return float(scale), int(zero_point), low, high, zero_point.dtype
 
 
 def _quantize_value(value: float, scale: float, zero_point: int, dtype: np.dtype) -> int:
@@ -219,15 +237,13 @@ def _movable_chain(graph: onnx.GraphProto, start: str) -> list[onnx.NodeProto]:
         tensor = node.input[0]
 
 
-def _move_quantize_up(graph: onnx.GraphProto, info: LayerInfo) -> None:
-    """Put the input Q right after the producing op and run the ops in between on integers."""
-    nodes = _activation_nodes(graph, info)
-    if nodes is None:
+def _move_quantize_up(graph: onnx.GraphProto, quantized: str, prefix: str) -> None:
+    """Put a Q right after the op producing its input and run the ops in between on integers."""
+    group = _group(graph, quantized)
+    if group is None:
         return
-    quantize, _, dequantize = nodes
-    low, high, dtype = _name_activation(graph, info, nodes)
-    scale = float(_array(graph, quantize.input[1]))
-    zero_point = int(_array(graph, quantize.input[2]))
+    quantize, _, dequantizes = group
+    scale, zero_point, low, high, dtype = _name_activation(graph, prefix, group)
     chain = _movable_chain(graph, quantize.input[0])
     integer = quantize.output[0]
     if chain:
@@ -236,33 +252,58 @@ def _move_quantize_up(graph: onnx.GraphProto, info: LayerInfo) -> None:
         if node.op_type == "Relu":
             low = max(low, zero_point)
         elif node.op_type == "Clip":
-            bounds = [float(_array(graph, name)) for name in node.input[1:3]]
+            bounds = [float(_array(graph, name).reshape(())) for name in node.input[1:3]]
             low = max(low, _quantize_value(bounds[0], scale, zero_point, dtype))
             high = min(high, _quantize_value(bounds[1], scale, zero_point, dtype))
+        if node.op_type in ("Relu", "Clip"):
+            _repoint_shapes(graph, node.output[0], integer)  # absorbed: nothing to copy
         else:
-            integer = _integer_copy(graph, node, integer, _Index(graph))
+            integer = _integer_copy(graph, node, integer)
         graph.node.remove(node)
     limits = np.iinfo(dtype)
     if (low, high) != (limits.min, limits.max):
-        bound_names = [f"{info.name}.input_qmin", f"{info.name}.input_qmax"]
+        bound_names = [f"{prefix}_qmin", f"{prefix}_qmax"]
         _set_initializer(graph, bound_names[0], np.array(low, dtype=dtype))
         _set_initializer(graph, bound_names[1], np.array(high, dtype=dtype))
-        clipped = f"{info.name}.input_clipped"
-        graph.node.append(helper.make_node("Clip", [integer, *bound_names], [clipped], name=f"{info.name}.input_clip"))
-        integer = clipped
-    dequantize.input[0] = integer
-    info.act_input = integer
+        graph.node.append(helper.make_node("Clip", [integer, *bound_names], [f"{prefix}_clipped"], name=f"{prefix}_clip"))
+        integer = f"{prefix}_clipped"
+    for node in dequantizes:
+        node.input[0] = integer
 
 
-def _integer_copy(graph: onnx.GraphProto, node: onnx.NodeProto, integer_input: str, index: _Index) -> str:
-    """The same op on the integer tensor; Shape ops that read the float output read this one."""
+def _move_all_quantizes(graph: onnx.GraphProto, layers: dict[str, LayerInfo]) -> None:
+    """Every activation Q moves up; a layer's input quantizer is named ``<layer>.input``."""
+    prefixes: dict[str, str] = {}
+    for info in layers.values():
+        dequantize = _layer_input_dequantize(graph, info)
+        producer = _Index(graph).producer.get(dequantize.input[0]) if dequantize is not None else None
+        if producer is not None and producer.op_type == "Clip":
+            producer = _Index(graph).producer.get(producer.input[0])
+        if producer is not None and producer.op_type == "QuantizeLinear":
+            prefixes.setdefault(producer.output[0], f"{info.name}.input")
+    for quantized in _activation_quantizes(graph):
+        node = _Index(graph).producer[quantized]
+        fallback = node.name.strip("/").replace("/", ".").removesuffix(".QuantizeLinear") or quantized
+        _move_quantize_up(graph, quantized, prefixes.get(quantized, fallback))
+    for info in layers.values():
+        dequantize = _layer_input_dequantize(graph, info)
+        info.act_input = dequantize.input[0] if dequantize is not None else None
+
+
+def _repoint_shapes(graph: onnx.GraphProto, float_tensor: str, integer_tensor: str) -> None:
+    """Shape ops (``x.view(x.size(0), -1)``) read the integer twin, which has the same shape."""
+    for user in _Index(graph).consumers[float_tensor]:
+        if user.op_type == "Shape":
+            user.input[0] = integer_tensor
+
+
+def _integer_copy(graph: onnx.GraphProto, node: onnx.NodeProto, integer_input: str) -> str:
+    """The same op (MaxPool, Flatten, Reshape, Identity) on the integer tensor."""
     output = f"{node.output[0]}_quantized"
     copy = helper.make_node(node.op_type, [integer_input, *node.input[1:]], [output], name=f"{node.name}_quantized")
     copy.attribute.extend(node.attribute)
     graph.node.append(copy)
-    for user in index.consumers[node.output[0]]:
-        if user.op_type == "Shape":
-            user.input[0] = output
+    _repoint_shapes(graph, node.output[0], output)
     return output
 
 
@@ -276,11 +317,48 @@ def _integer_output_form(graph: onnx.GraphProto, info: LayerInfo) -> None:
     users = index.consumers[info.output]
     if len(users) == 1 and users[0].op_type == "QuantizeLinear" and info.output not in index.outputs:
         info.form = "fused with the next layer's QuantizeLinear"
+        if info.op == "Conv":
+            _quantize_conv_bias(graph, node, users[0], info)
         return
     if info.op == "Gemm":
         _split_gemm_bias(graph, node, info)
     else:
         _conv_integer(graph, node, info)
+
+
+def _quantize_conv_bias(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onnx.NodeProto,
+                        info: LayerInfo) -> None:
+    """Give QLinearConv an int32 bias chosen so an all-zero input window rounds as in PyTorch.
+
+    ORT adds the bias as an integer in units of ``s_x * s_w`` and requantizes ``acc * M`` with
+    ``M = s_x * s_w / s_y``; PyTorch rounds ``bias * (1 / s_y)`` where the input is zero (image
+    background, zero padding). Plain rounding of the bias can land on the other side of a .5 tie
+    there, which flips one channel's code over the whole background. Of the integers next to
+    ``bias / (s_x * s_w)`` the first that gives PyTorch's code is kept (error still < 1.5 units).
+    """
+    if len(node.input) < 3 or node.input[2] not in _initializers(graph):
+        return
+    dequantize = _Index(graph).producer[node.input[0]]
+    input_scale = np.float32(_array(graph, dequantize.input[1]).reshape(()))
+    output_scale = np.float32(_array(graph, quantize.input[1]).reshape(()))
+    bias = _array(graph, node.input[2]).astype(np.float32)
+    grid = (input_scale * _array(graph, f"{info.name}.weight_scale").astype(np.float32)) * np.ones_like(bias)
+    multiplier = (grid / output_scale).astype(np.float32)  # ORT: X_scale * W_scale[c] / Y_scale
+    expected = np.rint(bias * (np.float32(1.0) / output_scale))  # torch: nearbyint(y * (1 / scale))
+    nearest = np.rint(bias.astype(np.float64) / grid.astype(np.float64)).astype(np.int64)
+    chosen = nearest.copy()
+    for channel in range(len(bias)):
+        for step in (0, -1, 1):
+            candidate = nearest[channel] + step
+            if np.rint(np.float32(candidate) * multiplier[channel]) == expected[channel]:
+                chosen[channel] = candidate
+                break
+    names = [f"{info.name}.bias_quantized", f"{info.name}.bias_scale", f"{info.name}.bias_zero_point"]
+    for name, array in zip(names, (chosen.astype(np.int32), grid, np.zeros(len(bias), np.int32)), strict=True):
+        _set_initializer(graph, name, array)
+    output = f"{info.name}.bias_dequantized"
+    graph.node.append(helper.make_node("DequantizeLinear", names, [output], name=f"{info.name}.bias_dequantize", axis=0))
+    node.input[2] = output
 
 
 def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo) -> None:
@@ -353,7 +431,11 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def toposort(graph: onnx.GraphProto) -> None:
-    """Order nodes so each runs after its inputs exist (added nodes were appended at the end)."""
+    """Order nodes so each runs after its inputs exist (added nodes were appended at the end).
+
+    Example:
+        >>> toposort(model.graph); onnx.checker.check_model(model)
+    """
     available = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
     remaining = list(graph.node)
     ordered: list[onnx.NodeProto] = []
@@ -371,15 +453,20 @@ def toposort(graph: onnx.GraphProto) -> None:
 
 
 def rewrite_for_int8(model: onnx.ModelProto) -> dict[str, LayerInfo]:
-    """Rewrite ``model`` in place (see the module docstring); returns the layers in graph order."""
+    """Rewrite ``model`` in place (see the module docstring); returns the layers in graph order.
+
+    Example:
+        >>> layers = rewrite_for_int8(model)
+        >>> layers["features.0"].form
+        "fused with the next layer's QuantizeLinear"
+    """
     graph = model.graph
     _constants_to_initializers(graph)
     layers = _collect_layers(graph)
-    for info in layers.values():
-        _move_quantize_up(graph, info)
+    _move_all_quantizes(graph, layers)
     for info in layers.values():
         _integer_output_form(graph, info)
     _prune(graph)
     toposort(graph)
-    position = {node.name: order for order, node in enumerate(graph.node)}
-    return dict(sorted(layers.items(), key=lambda item: position.get(item[0], len(position))))
+    position = {output: order for order, node in enumerate(graph.node) for output in node.output}
+    return dict(sorted(layers.items(), key=lambda item: position.get(item[1].output, len(position))))

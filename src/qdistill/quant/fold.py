@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from qdistill.quant.graph import call_counts, module_graphs, trace_model
+
 FOLDABLE = (nn.Conv1d, nn.Conv2d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
 
@@ -35,17 +37,26 @@ def fold_into(layer: nn.Module, norm: nn.Module) -> None:
             layer.bias.copy_(new_bias)
 
 
-def _single_user_pairs(graph_module: fx.GraphModule) -> list[tuple[str, str]]:
-    modules = dict(graph_module.named_modules())
+def graph_pairs(graph: fx.Graph, namespace: nn.Module, prefix: str = "") -> list[tuple[str, str]]:
+    """``(layer, norm)`` names where the norm's input is a conv/linear output that nothing else reads.
+
+    Both modules must be called once only: folding changes the layer at every place it is called.
+
+    Example:
+        >>> graph_pairs(trace_model(model).graph, model)[:1]
+        [('stem.0', 'stem.1')]
+    """
+    calls = call_counts(graph)
     pairs = []
-    for node in graph_module.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules.get(node.target), NORMS):
+    for node in graph.nodes:
+        norm = namespace.get_submodule(node.target) if node.op == "call_module" else None
+        if not isinstance(norm, NORMS) or norm.running_var is None:
+            continue  # a BatchNorm without running statistics normalises per batch even in eval mode
+        producer = node.args[0] if node.args else None
+        if not isinstance(producer, fx.Node) or producer.op != "call_module" or len(producer.users) != 1:
             continue
-        producer = node.args[0]
-        if not isinstance(producer, fx.Node) or producer.op != "call_module":
-            continue
-        if isinstance(modules.get(producer.target), FOLDABLE) and len(producer.users) == 1:
-            pairs.append((producer.target, node.target))
+        if isinstance(namespace.get_submodule(producer.target), FOLDABLE) and calls[producer.target] == calls[node.target] == 1:
+            pairs.append((prefix + producer.target, prefix + node.target))
     return pairs
 
 
@@ -55,7 +66,7 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if not isinstance(parent, nn.Sequential):
             continue
         children = list(parent.named_children())
-        for (name_a, a), (name_b, b) in zip(children, children[1:]):
+        for (name_a, a), (name_b, b) in zip(children, children[1:], strict=False):
             if isinstance(a, FOLDABLE) and isinstance(b, NORMS):
                 prefix = f"{parent_name}." if parent_name else ""
                 pairs.append((prefix + name_a, prefix + name_b))
@@ -63,19 +74,33 @@ def _sequential_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def find_foldable_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | None]:
-    """``(layer, norm)`` module-name pairs, by fx tracing, else by nn.Sequential adjacency.
+    """``(layer, norm)`` module-name pairs from the model graph, else from each module's own graph.
 
-    Returns the pairs and, when tracing failed, the reason (for the report).
+    Returns the pairs and, when the whole model could not be traced, the reason (for the report).
+    Without a model graph, pairs come from the forward of every custom module that traces on its
+    own and from ``nn.Sequential`` order.
+
+    Example:
+        >>> find_foldable_pairs(tiny_resnet())[0][:2]
+        [('stem.0', 'stem.1'), ('layer1.0.conv1', 'layer1.0.bn1')]
     """
-    try:
-        return _single_user_pairs(fx.symbolic_trace(model)), None
-    except Exception as error:  # fx raises many types for untraceable Python
-        reason = f"torch.fx could not trace the model ({type(error).__name__}: {str(error).splitlines()[0][:160]})"
-        return _sequential_pairs(model), reason
+    trace = trace_model(model)
+    if trace.graph is not None:
+        return graph_pairs(trace.graph, model), None
+    pairs = _sequential_pairs(model)
+    graphs, _ = module_graphs(model, trace)
+    for name, module, graph, _ in graphs:
+        pairs += graph_pairs(graph, module, f"{name}." if name else "")
+    return list(dict.fromkeys(pairs)), trace.failure
 
 
 def fold_batchnorms(model: nn.Module) -> list[str]:
-    """Fold every foldable BatchNorm of ``model`` in place (replaced by Identity); names folded."""
+    """Fold every foldable BatchNorm of ``model`` in place (replaced by Identity); names folded.
+
+    Example:
+        >>> fold_batchnorms(model.eval())
+        ['layer1.0.bn1', 'layer1.0.bn2']
+    """
     pairs, _ = find_foldable_pairs(model)
     modules = dict(model.named_modules())
     for layer_name, norm_name in pairs:

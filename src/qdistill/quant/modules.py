@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qdistill.errors import ModelError
 from qdistill.quant.quantizer import Quantizer
 
 
@@ -105,3 +106,219 @@ QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
 def is_quantized(module: nn.Module) -> bool:
     """True for the layers ``prepare`` puts in place."""
     return isinstance(module, QuantLayerMixin)
+
+
+class ActivationQuantizer(Quantizer):
+    """Per-tensor activation quantizer that every consumer of one tensor can share.
+
+    ONNX Runtime fuses a producer (conv, add, ...) into an integer kernel only when its output
+    feeds exactly one ``QuantizeLinear``. ``prepare`` therefore gives all consumers of a tensor
+    (a residual's conv and its add, the q/k/v projections) one shared instance, and within one
+    forward pass a repeated call on the same, unmodified tensor returns the first call's result:
+    the same values, one autograd node, and one Q/DQ pair in the exported graph.
+
+    Example:
+        >>> shared = ActivationQuantizer(bits=8)
+        >>> shared.observe(); _ = shared(torch.rand(4, 8)); shared.finish_calibration()
+        >>> x = torch.rand(4, 8)
+        >>> shared(x) is shared(x)
+        True
+    """
+
+    def __init__(self, bits: int, init: str = "mse", percentile: float = 99.99, learn_scale: bool = True) -> None:
+        super().__init__(bits, signed=False, init=init, percentile=percentile, learn_scale=learn_scale)
+        self._memo: tuple | None = None
+
+    def _memo_key(self, x: torch.Tensor) -> tuple:
+        # any change of input (in place), state, step size or autograd/tracing mode invalidates the memo
+        return (x._version, self._observing, self.initialized._version, self.scale._version,
+                torch.is_grad_enabled(), torch.jit.is_tracing(), torch.onnx.is_in_onnx_export())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = self._memo_key(x)
+        if self._memo is not None and self._memo[0] is x and self._memo[1] == key:
+            return self._memo[2]
+        output = super().forward(x)
+        self._memo = (x, key, output)
+        return output
+
+    def clear_memo(self) -> None:
+        """Drop the remembered tensors (``prepare`` does this after every forward of the model)."""
+        self._memo = None
+
+    def observe(self) -> None:
+        self.clear_memo()
+        super().observe()
+
+    def __getstate__(self) -> dict:
+        # deepcopy/pickle must not carry tensors of a past forward (non-leaf tensors cannot be copied)
+        state = self.__dict__.copy()
+        state["_memo"] = None
+        return state
+
+
+def clear_memos(model: nn.Module, *_: object) -> None:
+    """Forget every shared quantizer's last tensors (used as a forward hook, hence ``*_``).
+
+    Example:
+        >>> student.register_forward_hook(clear_memos)      # prepare does this
+    """
+    for module in model.modules():
+        if isinstance(module, ActivationQuantizer):
+            module.clear_memo()
+
+
+class InputQuantizedMixin:
+    """A float op whose input (and, for pools, nothing else) is fake-quantized.
+
+    Used for ops that run on integers in ONNX Runtime without weights (average pools) and for
+    LayerNorm, which stays float but whose quantized input lets the residual Add before it fuse.
+
+    Example:
+        >>> pool = QuantAdaptiveAvgPool2d.from_float(nn.AdaptiveAvgPool2d(1), ActivationQuantizer(8))
+        >>> pool(torch.rand(2, 4, 8, 8)).shape, pool.act_bits
+        (torch.Size([2, 4, 1, 1]), 8)
+    """
+
+    input_quantizer: Quantizer
+
+    @property
+    def act_bits(self) -> int:
+        return self.input_quantizer.bits
+
+    def input_slots(self) -> list[str]:
+        """Attribute names of the quantizer of each positional input."""
+        return ["input_quantizer"]
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, input_quantizer: Quantizer):
+        """A copy of ``layer`` (sharing its parameters) with ``input_quantizer`` on its input."""
+        quantized = cls.__new__(cls)
+        quantized.__dict__ = dict(layer.__dict__)
+        quantized._parameters = dict(layer._parameters)
+        quantized._buffers = dict(layer._buffers)
+        quantized._modules = dict(layer._modules)
+        quantized.input_quantizer = input_quantizer
+        return quantized
+
+
+class QuantAvgPool2d(InputQuantizedMixin, nn.AvgPool2d):
+    """``nn.AvgPool2d`` on a fake-quantized input (ONNX Runtime: ``QLinearAveragePool``).
+
+    Example:
+        >>> QuantAvgPool2d.from_float(nn.AvgPool2d(2), ActivationQuantizer(8))(torch.rand(1, 3, 4, 4)).shape
+        torch.Size([1, 3, 2, 2])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        return super().forward(self.input_quantizer(x))
+
+
+class QuantAdaptiveAvgPool2d(InputQuantizedMixin, nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` on a fake-quantized input (``QLinearGlobalAveragePool`` at size 1).
+
+    Example:
+        >>> QuantAdaptiveAvgPool2d.from_float(nn.AdaptiveAvgPool2d(1), ActivationQuantizer(4)).act_bits
+        4
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        return super().forward(self.input_quantizer(x))
+
+
+class QuantLayerNorm(InputQuantizedMixin, nn.LayerNorm):
+    """``nn.LayerNorm`` computed in float on a fake-quantized input.
+
+    The statistics stay float (they are per sample); quantizing the input means the residual
+    stream it reads is one integer tensor, shared with the next residual Add.
+
+    Example:
+        >>> norm = QuantLayerNorm.from_float(nn.LayerNorm(16), ActivationQuantizer(8))
+        >>> norm(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.input_quantizer(x))
+
+
+class QuantAdd(nn.Module):
+    """``a + b`` of two fake-quantized tensors: a residual addition (ONNX Runtime: ``QLinearAdd``).
+
+    ``prepare`` puts one where a model's forward adds two tensors (``out + identity``).
+
+    Example:
+        >>> add = QuantAdd([ActivationQuantizer(8), ActivationQuantizer(8)])
+        >>> add(torch.rand(2, 4), torch.rand(2, 4)).shape
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, input_quantizers: list[Quantizer]) -> None:
+        super().__init__()
+        if len(input_quantizers) != 2:
+            raise ModelError(f"input_quantizers: {len(input_quantizers)} given; allowed: exactly 2 (QuantAdd adds two tensors)")
+        self.input0_quantizer, self.input1_quantizer = input_quantizers
+
+    @property
+    def act_bits(self) -> int:
+        return max(self.input0_quantizer.bits, self.input1_quantizer.bits)
+
+    def input_slots(self) -> list[str]:
+        """Attribute names of the quantizer of each positional input."""
+        return ["input0_quantizer", "input1_quantizer"]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.input0_quantizer(a) + self.input1_quantizer(b)
+
+
+class QuantCat(nn.Module):
+    """``torch.cat`` of fake-quantized tensors along ``dim`` (ONNX Runtime: ``QLinearConcat``).
+
+    Example:
+        >>> cat = QuantCat([ActivationQuantizer(8), ActivationQuantizer(8)], dim=1)
+        >>> cat(torch.rand(2, 3), torch.rand(2, 5)).shape
+        torch.Size([2, 8])
+    """
+
+    def __init__(self, input_quantizers: list[Quantizer], dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.count = len(input_quantizers)
+        for index, quantizer in enumerate(input_quantizers):
+            setattr(self, f"input{index}_quantizer", quantizer)
+
+    def extra_repr(self) -> str:
+        return f"inputs={self.count}, dim={self.dim}"
+
+    @property
+    def act_bits(self) -> int:
+        return max(getattr(self, slot).bits for slot in self.input_slots())
+
+    def input_slots(self) -> list[str]:
+        """Attribute names of the quantizer of each positional input."""
+        return [f"input{index}_quantizer" for index in range(self.count)]
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self, slot)(t) for slot, t in zip(self.input_slots(), tensors, strict=True)], dim=self.dim)
+
+
+INPUT_QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
+    nn.AvgPool2d: QuantAvgPool2d,
+    nn.AdaptiveAvgPool2d: QuantAdaptiveAvgPool2d,
+    nn.LayerNorm: QuantLayerNorm,
+}
+QUANTIZED_OPS = (QuantAdd, QuantCat, QuantAvgPool2d, QuantAdaptiveAvgPool2d)
+
+
+def input_slots(module: nn.Module) -> list[str | None]:
+    """Per positional input of ``module``, the attribute holding its quantizer (None: not quantized).
+
+    Example:
+        >>> input_slots(QuantAdd([ActivationQuantizer(8), ActivationQuantizer(8)]))
+        ['input0_quantizer', 'input1_quantizer']
+    """
+    if isinstance(module, QuantLayerMixin):
+        return ["input_quantizer" if module.input_quantizer is not None else None]
+    if isinstance(module, (InputQuantizedMixin, QuantAdd, QuantCat)):
+        return module.input_slots()
+    return []

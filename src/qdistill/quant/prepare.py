@@ -1,8 +1,19 @@
 """``prepare(model, spec)``: copy a float model into a fake-quantized student.
 
-Conv1d, Conv2d (grouped and depthwise too), Linear and Embedding are replaced by their quantized
-versions; BatchNorm after a conv/linear is folded first. Anything with parameters that is not
-handled stays float and is listed, with the reason, in ``student.qdistill_unquantized``.
+The steps, each in its own module:
+
+1. ``nn.MultiheadAttention`` becomes ``DecomposedMultiheadAttention`` (``attention.py``): the same
+   function with plain Linear projections, which the next steps quantize.
+2. BatchNorm after a conv/linear layer is folded into it (``fold.py``), found on the fx graph, so
+   the weights the student trains are the weights that are exported.
+3. Conv1d, Conv2d (grouped and depthwise too), Linear and Embedding become quantized layers.
+4. AvgPool2d, AdaptiveAvgPool2d and LayerNorm get a quantized input, and additions and
+   concatenations of tensors in custom forwards become ``QuantAdd``/``QuantCat`` (``rewrite.py``).
+5. The consumers of one tensor share one activation quantizer (``sharing.py``).
+
+torch.fx traces the whole model where it can; where it cannot, each custom module is traced on
+its own. Anything not handled stays float and is listed, with the reason, in
+``student.qdistill_unquantized`` (report.json ``student.unquantized_layers``).
 """
 
 from __future__ import annotations
@@ -10,18 +21,33 @@ from __future__ import annotations
 import copy
 import fnmatch
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
 from qdistill.errors import ModelError
-from qdistill.quant.fold import fold_batchnorms, find_foldable_pairs
-from qdistill.quant.modules import QUANTIZED_CLASS, is_quantized
+from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention
+from qdistill.quant.fold import fold_batchnorms
+from qdistill.quant.graph import module_graphs, torch_module_notes, trace_model
+from qdistill.quant.modules import (
+    INPUT_QUANTIZED_CLASS,
+    QUANTIZED_CLASS,
+    QUANTIZED_OPS,
+    ActivationQuantizer,
+    QuantLayerNorm,
+    clear_memos,
+    input_slots,
+    is_quantized,
+)
 from qdistill.quant.quantizer import Quantizer
+from qdistill.quant.rewrite import rewrite_functional_ops
+from qdistill.quant.sharing import share_quantizers
 from qdistill.recipe import QuantSpec
 
 FLOAT_BY_DESIGN = {
+    QuantLayerNorm: "LayerNorm computes in float (per-sample statistics); only its input is quantized",
     nn.LayerNorm: "LayerNorm stays float (its statistics are per sample)",
     nn.GroupNorm: "GroupNorm stays float (its statistics are per sample)",
     nn.BatchNorm1d: "BatchNorm not preceded by a conv/linear layer it could fold into",
@@ -29,6 +55,7 @@ FLOAT_BY_DESIGN = {
     nn.MultiheadAttention: "nn.MultiheadAttention calls its weights directly; its projections stay float",
     nn.PReLU: "PReLU slope stays float",
 }
+NOT_REPORTED = (Quantizer, DecomposedMultiheadAttention, *QUANTIZED_OPS)
 
 
 def _as_spec(spec: QuantSpec | dict | None) -> QuantSpec:
@@ -55,20 +82,36 @@ def _is_plain_linear(module: nn.Module) -> bool:
     return type(module).__name__ != "NonDynamicallyQuantizableLinear" and not is_quantized(module)
 
 
-def layer_bits(names: list[str], spec: QuantSpec) -> dict[str, tuple[int, int]]:
-    """``{name: (weight_bits, act_bits)}``: defaults, then first/last layer, then glob overrides."""
+def layer_bits(names: list[str], spec: QuantSpec, strict: bool = True) -> dict[str, tuple[int, int]]:
+    """``{name: (weight_bits, act_bits)}``: defaults, then first/last layer, then glob overrides.
+
+    ``strict``: a pattern that matches none of ``names`` is a ``ModelError`` (``prepare`` checks
+    patterns itself, against the quantized ops as well).
+
+    Example:
+        >>> layer_bits(["conv", "mid", "head"], QuantSpec(weight_bits=4, act_bits=4))["mid"]
+        (4, 4)
+    """
     bits = {name: (spec.weight_bits, spec.act_bits) for name in names}
     if spec.first_last_bits is not None and names:
         for edge in {names[0], names[-1]}:
             bits[edge] = (spec.first_last_bits, spec.first_last_bits)
     for pattern, override in spec.overrides.items():
         matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise ModelError(f"quant.overrides: pattern {pattern!r} matches no quantizable layer; layers: {', '.join(names)}")
+        if not matched and strict:
+            _unmatched(pattern, names)
         for name in matched:
             weight_bits, act_bits = bits[name]
             bits[name] = (override.weight_bits or weight_bits, override.act_bits or act_bits)
     return bits
+
+
+def _unmatched(pattern: str, names: list[str]) -> None:
+    raise ModelError(f"quant.overrides: pattern {pattern!r} matches no quantizable layer; layers: {', '.join(names)}")
+
+
+def _activation_quantizer(spec: QuantSpec, bits: int) -> ActivationQuantizer:
+    return ActivationQuantizer(bits, init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale)
 
 
 def _make_layer(layer: nn.Module, weight_bits: int, act_bits: int, spec: QuantSpec) -> nn.Module:
@@ -77,29 +120,77 @@ def _make_layer(layer: nn.Module, weight_bits: int, act_bits: int, spec: QuantSp
         weight_bits, signed=True, channels=layer.weight.shape[0] if per_channel else None,
         init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale,
     )
-    input_quantizer = None
-    if not isinstance(layer, nn.Embedding):
-        input_quantizer = Quantizer(
-            act_bits, signed=False, init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale
-        )
+    # an embedding's input is indices: nothing to quantize
+    input_quantizer = None if isinstance(layer, nn.Embedding) else _activation_quantizer(spec, act_bits)
     quantized = QUANTIZED_CLASS[type(layer) if type(layer) in QUANTIZED_CLASS else nn.Linear]
     student_layer = quantized.from_float(layer, weight_quantizer, input_quantizer)
     student_layer.weight_quantizer.init_from_weight(layer.weight)
     return student_layer
 
 
-def _unquantized(model: nn.Module, trace_failure: str | None) -> dict[str, str]:
+def _quantize_layers(student: nn.Module, spec: QuantSpec) -> list[str]:
+    layers = quantizable_layers(student)
+    if not layers:
+        raise ModelError("model: no Conv1d/Conv2d/Linear/Embedding layer to quantize; qdistill needs at least one")
+    bits = layer_bits([name for name, _ in layers], spec, strict=False)
+    for name, layer in layers:
+        _set_submodule(student, name, _make_layer(layer, *bits[name], spec))
+    return [name for name, _ in layers]
+
+
+def _quantize_float_ops(student: nn.Module, spec: QuantSpec) -> list[str]:
+    """Average pools and LayerNorm get a quantized input (their computation is unchanged)."""
+    names = []
+    for name, module in list(student.named_modules()):
+        quantized = INPUT_QUANTIZED_CLASS.get(type(module))
+        if quantized is not None and name:
+            _set_submodule(student, name, quantized.from_float(module, _activation_quantizer(spec, spec.act_bits)))
+            names.append(name)
+    return names
+
+
+def _override_ops(student: nn.Module, op_names: list[str], layer_names: list[str], spec: QuantSpec) -> None:
+    """Apply ``quant.overrides`` act_bits to the quantized ops; check every pattern matched something."""
+    for pattern, override in spec.overrides.items():
+        matched = [name for name in op_names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched and not any(fnmatch.fnmatchcase(name, pattern) for name in layer_names):
+            _unmatched(pattern, layer_names + op_names)
+        for name in matched if override.act_bits else []:
+            module = student.get_submodule(name)
+            for slot in input_slots(module):
+                setattr(module, slot, _activation_quantizer(spec, override.act_bits))
+
+
+def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str]) -> dict[str, str]:
+    """Steps 4 and 5 of ``prepare``; returns ``{name: reason}`` for what could not be handled."""
+    make = partial(_activation_quantizer, spec)
+    op_names = _quantize_float_ops(student, spec)
+    trace = trace_model(student)
+    added, notes = rewrite_functional_ops(student, trace, lambda: make(spec.act_bits))
+    _override_ops(student, op_names + added, layer_names, spec)
+    retrace = trace_model(student) if trace.graph is not None else trace  # it now shows the new ops
+    if retrace.graph is not None:
+        share_quantizers(retrace.graph, student, make)
+    else:
+        notes["<graph>"] = (f"{retrace.failure}; BatchNorm folding, quantized additions and shared quantizers "
+                            "were applied within each module that traces on its own")
+        graphs, _ = module_graphs(student, trace)
+        for _, module, graph, _ in graphs:
+            share_quantizers(graph, module, make)
+    return {**torch_module_notes(student), **notes}
+
+
+def _unquantized(model: nn.Module) -> dict[str, str]:
     reasons: dict[str, str] = {}
     quantized_names = {name for name, module in model.named_modules() if is_quantized(module)}
     for name, module in model.named_modules():
         if is_quantized(module) or any(name.startswith(q + ".") for q in quantized_names) or not name:
             continue
-        if type(module) in FLOAT_BY_DESIGN:
-            reasons[name] = FLOAT_BY_DESIGN[type(module)]
-        elif any(True for _ in module.parameters(recurse=False)):
+        reason = next((text for kind, text in FLOAT_BY_DESIGN.items() if isinstance(module, kind)), None)
+        if reason is not None:
+            reasons[name] = reason
+        elif not isinstance(module, NOT_REPORTED) and any(True for _ in module.parameters(recurse=False)):
             reasons[name] = f"{type(module).__name__} is not a layer qdistill quantizes (Conv1d/Conv2d/Linear/Embedding)"
-    if trace_failure:
-        reasons["<graph>"] = trace_failure + "; BatchNorm folded by module order only"
     return reasons
 
 
@@ -111,31 +202,56 @@ def prepare(
     Example:
         >>> student = prepare(teacher, {"weight_bits": 4, "act_bits": 4}, calibration_data=train_loader)
         >>> student.qdistill_unquantized     # {layer name: reason it stayed float}
+        >>> layer_table(student)["layer1.0.add"]
+        {'weight_bits': None, 'act_bits': 4}
     """
     spec = _as_spec(spec)
     student = copy.deepcopy(model).eval()
-    _, trace_failure = find_foldable_pairs(student)
+    kept_attention = decompose_attention(student)
     folded = fold_batchnorms(student)
-    layers = quantizable_layers(student)
-    if not layers:
-        raise ModelError("model: no Conv1d/Conv2d/Linear/Embedding layer to quantize; qdistill needs at least one")
-    bits = layer_bits([name for name, _ in layers], spec)
-    for name, layer in layers:
-        _set_submodule(student, name, _make_layer(layer, *bits[name], spec))
-    student.qdistill_unquantized = _unquantized(student, trace_failure)
+    layer_names = _quantize_layers(student, spec)
+    notes = _quantize_graph(student, spec, layer_names)
+    _to_model_device(student)
+    student.qdistill_unquantized = {**_unquantized(student), **kept_attention, **notes}
     student.qdistill_folded = folded
+    # shared quantizers remember their last tensors only within one forward pass
+    student.register_forward_pre_hook(clear_memos)
+    student.register_forward_hook(clear_memos)
     if calibration_data is not None:
         calibrate(student, calibration_data, spec.calibration_batches)
     return student
 
 
+def _to_model_device(student: nn.Module) -> None:
+    # the quantizers of the graph steps are made on the CPU; a model may already be on a GPU
+    device = next(student.parameters()).device
+    for quantizer in activation_quantizers(student):
+        quantizer.to(device)
+
+
+def activation_quantizers(student: nn.Module) -> list[Quantizer]:
+    """Every quantizer of ``student`` that is not a weight quantizer (each shared one once).
+
+    Example:
+        >>> len(activation_quantizers(prepare(models.create("tiny_resnet"))))
+        14
+    """
+    weight_quantizers = {id(module.weight_quantizer) for module in student.modules() if is_quantized(module)}
+    return [module for module in student.modules() if isinstance(module, Quantizer) and id(module) not in weight_quantizers]
+
+
 def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> int:
-    """Initialise activation ranges from up to ``max_batches`` batches; returns batches used."""
-    activation_quantizers = [m.input_quantizer for m in student.modules() if is_quantized(m) and m.input_quantizer]
+    """Initialise activation ranges from up to ``max_batches`` batches; returns batches used.
+
+    Example:
+        >>> calibrate(student, train_loader, max_batches=8)
+        8
+    """
+    quantizers = activation_quantizers(student)
     device = next(student.parameters()).device
     was_training = student.training
     student.eval()
-    for quantizer in activation_quantizers:
+    for quantizer in quantizers:
         quantizer.observe()
     used = 0
     with torch.no_grad():
@@ -145,19 +261,28 @@ def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> i
             inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
             student(inputs.to(device))
             used += 1
-    for quantizer in activation_quantizers:
+    for quantizer in quantizers:
         quantizer.finish_calibration()
     student.train(was_training)
     return used
 
 
 def layer_table(student: nn.Module) -> dict[str, dict[str, int | None]]:
-    """``{layer name: {weight_bits, act_bits}}`` for every quantized layer (report.json per_layer)."""
-    return {
-        name: {"weight_bits": module.weight_bits, "act_bits": module.act_bits}
-        for name, module in student.named_modules()
-        if is_quantized(module)
-    }
+    """``{name: {weight_bits, act_bits}}`` for every quantized layer and op (report.json per_layer).
+
+    Ops without weights (``QuantAdd``, ``QuantCat``, average pools) have ``weight_bits: None``.
+
+    Example:
+        >>> layer_table(student)["features.0"]
+        {'weight_bits': 8, 'act_bits': 8}
+    """
+    table: dict[str, dict[str, int | None]] = {}
+    for name, module in student.named_modules():
+        if is_quantized(module):
+            table[name] = {"weight_bits": module.weight_bits, "act_bits": module.act_bits}
+        elif isinstance(module, QUANTIZED_OPS):
+            table[name] = {"weight_bits": None, "act_bits": module.act_bits}
+    return table
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

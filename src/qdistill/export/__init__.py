@@ -1,0 +1,192 @@
+"""Deployment: int8 ONNX export with a parity gate, packed low-bit files, latency.
+
+``export_all`` writes what a recipe's ``export`` section asks for and returns report.json's
+``export`` section; ``export_directory`` does the same for a saved run (``qdistill export DIR``).
+
+Example:
+    >>> section = export_all(result.student, "out/", train_x[:1], val_loader, recipe.export)
+    >>> print(format_export_summary(section))
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qdistill.errors import FileFormatError, RecipeError
+from qdistill.export.latency import BUDGET_SECONDS, measure_latency
+from qdistill.export.onnx import (
+    check_integer_kernels,
+    diagnose_layers,
+    export_float_onnx,
+    export_onnx,
+    verify_onnx,
+)
+from qdistill.export.packed import fp32_safetensors_bytes, load_packed, pack_bits, save_packed, unpack_bits
+from qdistill.io import atomic_write_json
+from qdistill.quant.modules import is_quantized
+from qdistill.quant.quantizer import Quantizer
+from qdistill.recipe import ExportSpec
+
+ONNX_FILE = "model.onnx"
+PACKED_FILE = "student.qpack.safetensors"
+FORMATS = ("onnx", "packed", "all")
+
+
+def float_copy(student: nn.Module) -> nn.Module:
+    """The student in float: quantized layers swapped for float layers (``to_float``), and every
+    other quantizer (on adds, pools, ...) switched to pass-through.
+
+    Example:
+        >>> fp32 = float_copy(student)     # same architecture, plain Conv2d/Linear
+    """
+    model = copy.deepcopy(student).cpu().eval()
+    for name, module in list(model.named_modules()):
+        if is_quantized(module):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.to_float())
+    for module in model.modules():
+        if isinstance(module, Quantizer):
+            module.initialized.fill_(False)  # an uninitialised quantizer passes its input through
+    return model
+
+
+def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: Iterable[Any],
+                  float_model: nn.Module, budget_s: float) -> dict[str, Any]:
+    info = export_onnx(student, out_dir / ONNX_FILE, example, verify_on=val_loader)
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = export_float_onnx(float_model, Path(folder) / "fp32.onnx", example)
+        sample = example[0] if isinstance(example, (list, tuple)) else example
+        latency = measure_latency({"int8": info["path"], "fp32": fp32["path"]}, float_model, sample, budget_s=budget_s)
+    section = {key: info[key] for key in ("path", "file_bytes") if key in info}
+    for key in ("accuracy", "agreement_with_student", "max_abs_logit_diff"):
+        if key in info:
+            section[key] = info[key]
+    all_threads = latency["all"]
+    section["latency_us_per_sample"] = all_threads["int8"]
+    section["fp32_latency_us_per_sample"] = all_threads["fp32"]
+    section["torch_fp32_latency_us_per_sample"] = all_threads["torch_fp32"]
+    section["latency_threads"] = {"1": latency["1"], "all": latency["all"], "all_threads": latency["all_threads"]}
+    section["fp32_file_bytes"] = fp32["file_bytes"]
+    for key in ("student_accuracy", "samples", "integer_ops", "opset"):
+        if key in info:
+            section[key] = info[key]
+    return section
+
+
+def export_all(student: nn.Module, out_dir: str | Path, example_input: Any, val_loader: Iterable[Any],
+               export_spec: ExportSpec, float_model: nn.Module | None = None,
+               latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
+    """Write ``model.onnx`` and/or ``student.qpack.safetensors``; returns report.json's ``export`` section.
+
+    ``float_model`` is the fp32 baseline for latency and file size (default: the student's own
+    float copy, same architecture). Keys ``onnx``/``packed`` follow ``export_spec``; ``{}`` if neither.
+
+    Example:
+        >>> export_all(result.student, "out/", train_x[:1], val_loader, ExportSpec(onnx=True, packed=True))
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    baseline = float_model if float_model is not None else float_copy(student)
+    section: dict[str, Any] = {}
+    if export_spec.onnx:
+        section["onnx"] = _onnx_section(student, out_dir, example_input, val_loader, baseline, latency_budget_s)
+    if export_spec.packed:
+        packed = save_packed(student, out_dir / PACKED_FILE)
+        section["packed"] = {**packed, "fp32_file_bytes": fp32_safetensors_bytes(baseline)}
+    return section
+
+
+def export_directory(directory: str | Path, fmt: str = "all", latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
+    """Export a saved run (``qdistill run``/``Result.save``) and merge the section into its report.json.
+
+    Example:
+        >>> section = export_directory("out/", "onnx")
+    """
+    from qdistill.api import REPORT_FILE, load
+    from qdistill.pipeline import prepare_data
+    from qdistill.recipe import Recipe
+
+    if fmt not in FORMATS:
+        raise RecipeError(f"--format: {fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
+    directory = Path(directory)
+    recipe = Recipe.from_yaml(directory / "recipe.yaml")
+    student = load(directory)
+    data = prepare_data(recipe)
+    spec = ExportSpec(onnx=fmt in ("onnx", "all"), packed=fmt in ("packed", "all"))
+    section = export_all(student, directory, data.bundle.train_x[:1], data.val, spec, latency_budget_s=latency_budget_s)
+    report_path = directory / REPORT_FILE
+    report: dict[str, Any] = {}
+    if report_path.is_file():
+        try:
+            report = json.loads(report_path.read_text())
+        except json.JSONDecodeError:
+            raise FileFormatError(f"report file {str(report_path)!r} is not valid JSON; fix or delete it") from None
+    report["export"] = {**report.get("export", {}), **section}
+    atomic_write_json(report_path, report)
+    return section
+
+
+def _latency_cells(table: dict[str, dict[str, float]]) -> str:
+    labels = {"int8": "int8", "fp32": "fp32", "torch_fp32": "torch"}
+    return "  ".join(f"{labels[name]} {table[name]['batch1']:.1f}/{table[name]['batch64']:.1f}"
+                     for name in labels if name in table)
+
+
+def _onnx_lines(onnx_section: dict[str, Any]) -> list[str]:
+    # short lines: the CLI's console wraps at 80 columns when not on a terminal
+    size = f"  size      {onnx_section['file_bytes']:,} bytes"
+    if "fp32_file_bytes" in onnx_section:
+        size += f" (fp32 ONNX {onnx_section['fp32_file_bytes']:,})"
+    lines = [f"ONNX int8   {onnx_section['path']}", size]
+    if "agreement_with_student" in onnx_section:
+        accuracy = onnx_section.get("accuracy")
+        lines.append("  parity    " + (f"accuracy {accuracy:.2%}, " if accuracy is not None else "")
+                     + f"agreement {onnx_section['agreement_with_student']:.2%}, "
+                     f"max |logit diff| {onnx_section['max_abs_logit_diff']:.3g}")
+    kernels = onnx_section.get("integer_ops", {})
+    if kernels:
+        counts = {op: list(kernels.values()).count(op) for op in dict.fromkeys(kernels.values())}
+        lines.append(f"  kernels   {len(kernels)} layers: " + ", ".join(f"{n} {op}" for op, n in counts.items()))
+    threads = onnx_section.get("latency_threads", {})
+    if threads:
+        lines.append("  µs/sample at batch 1/64 (ONNX Runtime int8, fp32; PyTorch eager fp32):")
+    for key, label in (("1", "1 thread"), ("all", f"{threads.get('all_threads', 'all')} threads")):
+        if threads.get(key):
+            lines.append(f"    {label:<10} {_latency_cells(threads[key])}")
+    return lines
+
+
+def format_export_summary(section: dict[str, Any]) -> str:
+    """Human-readable lines for report.json's ``export`` section (sizes, parity, latencies).
+
+    Example:
+        >>> print(format_export_summary(report["export"]))
+        ONNX int8   out/model.onnx
+          size      431,575 bytes (fp32 ONNX 1,688,671)
+        ...
+    """
+    lines: list[str] = []
+    if "onnx" in section:
+        lines += _onnx_lines(section["onnx"])
+    if "packed" in section:
+        packed = section["packed"]
+        ratio = packed["fp32_file_bytes"] / packed["file_bytes"] if packed.get("file_bytes") else float("nan")
+        lines += [f"packed      {packed['path']}",
+                  f"  size      {packed['file_bytes']:,} bytes ({ratio:.1f}x smaller than fp32 safetensors "
+                  f"{packed['fp32_file_bytes']:,})"]
+    return "\n".join(lines) if lines else "nothing exported (export.onnx and export.packed are both false)"
+
+
+__all__ = [
+    "ONNX_FILE", "PACKED_FILE", "check_integer_kernels", "diagnose_layers", "export_all", "export_directory",
+    "export_float_onnx", "export_onnx", "float_copy", "format_export_summary", "load_packed", "pack_bits",
+    "save_packed", "unpack_bits", "verify_onnx",
+]

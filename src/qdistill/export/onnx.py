@@ -1,0 +1,408 @@
+"""ONNX export with int8 kernels checked and a parity gate against the PyTorch student.
+
+``export_onnx`` writes a QDQ model (opset 13, dynamic batch) through the TorchScript exporter:
+
+1. A copy of the student whose weight quantizers write ``DequantizeLinear`` over an int8
+   initializer holding the trained integers (times ``weight_multiplier``; no float weights in
+   the file); the input quantizers write ``QuantizeLinear -> [integer Clip] -> DequantizeLinear``
+   (``QdqForExport``), the Clip keeping grids narrower than 8 bits exact inside int8 tensors.
+2. ``qdq_graph.rewrite_for_int8`` moves each Q up to the layer that produces its input, so ONNX
+   Runtime fuses ``QLinearConv``/``QGemm``, gives conv biases an int32 form that rounds like
+   PyTorch on zero input, and gives output layers an explicit integer form.
+3. ONNX Runtime optimises the file (``ORT_ENABLE_EXTENDED``, saved with
+   ``optimized_model_filepath``); every quantized layer's int8 weight must feed an integer kernel
+   (QLinearConv, QGemm, ConvInteger, MatMulInteger, ...) or ``ExportError`` names the layer.
+4. Parity gate on the validation loader: top-1 agreement with the student >= 99.9% and accuracy
+   within 0.1 pp; on failure each layer's output is compared with the student's (truncated
+   graphs vs forward hooks) and the error names the first layer that diverges.
+
+The file appears at ``path`` only when every check passed.
+
+Example:
+    >>> info = export_onnx(student, "out/model.onnx", example_input, verify_on=val_loader)
+    >>> info["agreement_with_student"], info["integer_ops"]
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from torch import nn
+
+from qdistill.errors import ExportError
+from qdistill.evaluate import predict
+from qdistill.export.latency import make_session
+from qdistill.export.packed import IntegerWeight, weight_integers
+from qdistill.export.qdq_graph import INTEGER_OPS, LAYER_MARKER, LayerInfo, _prune, rewrite_for_int8
+from qdistill.io import atomic_write
+from qdistill.quant.modules import is_quantized
+
+OPSET = 13
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+AGREEMENT_GATE = 0.999  # top-1 agreement with the PyTorch student
+ACCURACY_GATE = 0.001  # 0.1 percentage points
+DIVERGENCE_SQNR_DB = 30.0  # below this a layer's output no longer tracks the student's
+DIAGNOSIS_SAMPLES = 256
+LAYERS_KEY = "qdistill_layers"
+
+
+class _DequantizeWeight(torch.autograd.Function):
+    """Returns the dequantized weight; in ONNX, ``DequantizeLinear`` over an int8 initializer."""
+
+    @staticmethod
+    def forward(ctx, weight, layer_name, ints, scale, zero_point, axis):
+        shape = _shape(ints, axis)
+        dequantized = (ints.astype(np.float32) - zero_point.astype(np.float32).reshape(shape)) * scale.reshape(shape)
+        return torch.from_numpy(dequantized.astype(np.float32)).to(weight.dtype)
+
+    @staticmethod
+    def symbolic(g, weight, layer_name, ints, scale, zero_point, axis):
+        attributes = {f"{LAYER_MARKER}_s": layer_name}  # read and removed by rewrite_for_int8
+        if axis is not None:
+            attributes["axis_i"] = axis
+        constants = [g.op("Constant", value_t=torch.from_numpy(array)) for array in (ints, scale, zero_point)]
+        return g.op("DequantizeLinear", *constants, **attributes)
+
+
+def _shape(ints: np.ndarray, axis: int | None) -> list[int]:
+    if axis is None:
+        return []
+    shape = [1] * ints.ndim
+    shape[axis] = -1
+    return shape
+
+
+def weight_multiplier(weights: IntegerWeight) -> int:
+    """The integer ``k`` a low-bit weight grid is stretched by in the file (1 for 8-bit weights).
+
+    ONNX Runtime adds a Conv/Gemm bias as int32 in units of ``s_x * s_w`` (its BiasQuantization
+    rounds the float bias to that grid). At 2-4 bits ``s_w`` is coarse and the rounding costs up
+    to half an accumulator unit per output: 16-30 dB SQNR on a random W2/W4 net, enough to flip
+    predictions. Storing ``k * q`` with scale ``s / k`` (``k * qmax <= 127``) keeps the weight
+    values and the ``2**bits``-level grid, and makes the bias grid ``k`` times finer.
+
+    Example:
+        >>> weight_multiplier(weight_integers(student.features[3], "features.3"))   # 4-bit: 127 // 7
+        18
+    """
+    if not weights.qrange.signed or bool((weights.zero_point != 0).any()):
+        return 1
+    return max(1, 127 // max(abs(weights.qrange.qmin), weights.qrange.qmax))
+
+
+class _IntegerWeight(nn.Module):
+    """Stands in for a weight quantizer in the export copy; holds the trained integers (times ``k``)."""
+
+    def __init__(self, layer_name: str, weights: IntegerWeight) -> None:
+        super().__init__()
+        dtype = np.int8 if weights.qrange.signed else np.uint8
+        self.multiplier = weight_multiplier(weights)
+        self.layer_name = layer_name
+        self.ints = (weights.ints * self.multiplier).numpy().astype(dtype)
+        self.scale = (weights.scale / self.multiplier).numpy().astype(np.float32)
+        self.zero_point = weights.zero_point.numpy().astype(dtype)
+        self.axis = weights.axis
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return _DequantizeWeight.apply(weight, self.layer_name, self.ints, self.scale, self.zero_point, self.axis)
+
+
+def _export_copy(student: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any]]]:
+    """A CPU copy of the student with integer weights, and each quantized layer's bit widths."""
+    export_model = copy.deepcopy(student).cpu().eval()
+    bits: dict[str, dict[str, Any]] = {}
+    for name, layer in export_model.named_modules():
+        if not is_quantized(layer):
+            continue
+        quantizer = layer.input_quantizer
+        if quantizer is not None and not bool(quantizer.initialized):
+            raise ExportError(f"layer {name!r}: its input quantizer was never calibrated (no data reached it), so it "
+                              "would run in float; calibrate the student (qdistill.quant.calibrate) before exporting")
+        bits[name] = {"weight_bits": layer.weight_bits, "act_bits": layer.act_bits}
+        layer.weight_quantizer = _IntegerWeight(name, weight_integers(layer, name))
+        bits[name]["weight_int_multiplier"] = layer.weight_quantizer.multiplier
+    if not bits:
+        raise ExportError("student: no quantized layer found; export_onnx needs a model made by qdistill.quant.prepare")
+    return export_model, bits
+
+
+def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        try:
+            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                              do_constant_folding=True)
+        except Exception as error:  # the exporter raises many types for unsupported Python
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise ExportError(f"ONNX export failed in torch.onnx.export ({reason}); the model must be traceable with one tensor output") from None
+
+
+def _example(example_input: Any) -> torch.Tensor:
+    example = example_input[0] if isinstance(example_input, (list, tuple)) else example_input
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point():
+        raise ExportError("example_input: expected a float tensor batch (B, ...), e.g. train_x[:1]")
+    return example[:1].detach().cpu().float()
+
+
+def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET) -> onnx.ModelProto:
+    """The rewritten int8 QDQ ``ModelProto`` (not yet checked against ONNX Runtime).
+
+    Example:
+        >>> model = build_int8_model(student, train_x[:1]); onnx.save(model, "model.onnx")
+    """
+    export_model, bits = _export_copy(student)
+    with tempfile.TemporaryDirectory() as folder:
+        raw = Path(folder) / "raw.onnx"
+        _torchscript_export(export_model, _example(example_input), raw, opset)
+        model = onnx.load(str(raw))
+    layers = rewrite_for_int8(model)
+    missing = sorted(set(bits) - set(layers))
+    if missing:
+        raise ExportError(f"layers {missing} did not appear in the exported graph (not called in forward?); every quantized layer must run")
+    from qdistill import __version__
+
+    table = [{**info.as_dict(), **bits[name]} for name, info in layers.items()]
+    helper.set_model_props(model, {LAYERS_KEY: json.dumps(table), "qdistill_version": __version__})
+    model.producer_name, model.doc_string = "qdistill", "int8 QDQ model written by qdistill.export_onnx"
+    onnx.checker.check_model(model)
+    return model
+
+
+def _layer_table(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    for prop in model.metadata_props:
+        if prop.key == LAYERS_KEY:
+            return json.loads(prop.value)
+    raise ExportError(f"ONNX file has no {LAYERS_KEY!r} metadata; it was not written by qdistill.export_onnx")
+
+
+def check_integer_kernels(path: str | Path) -> dict[str, str]:
+    """``{layer: integer op}`` after ONNX Runtime's optimisation; ``ExportError`` if one runs in float.
+
+    A layer runs in integers when its int8 weight initializer feeds an integer kernel in the
+    optimised graph; a float layer has it feed a ``DequantizeLinear`` (or folded away).
+
+    Example:
+        >>> check_integer_kernels("out/model.onnx")
+        {'features.0': 'QLinearConv', 'features.3': 'QLinearConv', 'classifier.2': 'QGemm', ...}
+    """
+    table = _layer_table(onnx.load(str(path)))
+    with tempfile.TemporaryDirectory() as folder:
+        optimized_path = Path(folder) / "optimized.onnx"
+        make_session(path, level="extended", optimized_path=optimized_path)
+        optimized = onnx.load(str(optimized_path))
+    kernels: dict[str, str] = {}
+    for entry in table:
+        if entry["op"] == "Gather":
+            kernels[entry["name"]] = "Gather (embedding lookup, no arithmetic)"
+            continue
+        ops = [node.op_type for node in optimized.graph.node if entry["weight"] in node.input]
+        integer = [op for op in ops if op in INTEGER_OPS]
+        if not integer:
+            found = "/".join(ops) if ops else "a folded float constant"
+            raise ExportError(f"ONNX Runtime runs layer {entry['name']!r} in float (its int8 weight feeds {found}); "
+                              "every quantized layer must use an integer kernel (QLinearConv, QGemm, ConvInteger, MatMulInteger)")
+        kernels[entry["name"]] = integer[0]
+    return kernels
+
+
+def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(batch, (list, tuple)):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    return batch, None
+
+
+def onnx_predict(session, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """All logits ``(N, C)`` and labels (or None) of an ONNX Runtime session over ``loader``.
+
+    Example:
+        >>> logits, labels = onnx_predict(make_session("out/model.onnx"), val_loader)
+    """
+    input_name = session.get_inputs()[0].name
+    logits, labels = [], []
+    for batch in loader:
+        inputs, targets = _split(batch)
+        logits.append(session.run(None, {input_name: inputs.detach().cpu().float().numpy()})[0])
+        if targets is not None:
+            labels.append(targets.cpu().numpy())
+    if not logits:
+        raise ExportError("verify_on: the loader yielded no batches; the parity gate needs at least one sample")
+    return np.concatenate(logits), (np.concatenate(labels) if labels else None)
+
+
+def parity_metrics(onnx_logits: np.ndarray, student_logits: np.ndarray, labels: np.ndarray | None) -> dict[str, Any]:
+    """Agreement, accuracies and the largest absolute logit difference of two sets of logits.
+
+    Example:
+        >>> parity_metrics(onnx_logits, student_logits, labels)["agreement_with_student"]
+        1.0
+    """
+    onnx_top1, student_top1 = onnx_logits.argmax(axis=1), student_logits.argmax(axis=1)
+    metrics: dict[str, Any] = {
+        "samples": int(len(onnx_top1)),
+        "agreement_with_student": float(np.mean(onnx_top1 == student_top1)),
+        "max_abs_logit_diff": float(np.abs(onnx_logits - student_logits).max()),
+    }
+    if labels is not None:
+        metrics["accuracy"] = float(np.mean(onnx_top1 == labels))
+        metrics["student_accuracy"] = float(np.mean(student_top1 == labels))
+    return metrics
+
+
+def _gate_failure(metrics: dict[str, Any]) -> str | None:
+    reasons = []
+    if metrics["agreement_with_student"] < AGREEMENT_GATE:
+        reasons.append(f"top-1 agreement {metrics['agreement_with_student']:.2%} < {AGREEMENT_GATE:.1%}")
+    if "accuracy" in metrics and abs(metrics["accuracy"] - metrics["student_accuracy"]) > ACCURACY_GATE + 1e-9:
+        reasons.append(f"accuracy {metrics['accuracy']:.2%} vs student {metrics['student_accuracy']:.2%} (allowed: within 0.1 pp)")
+    return "; ".join(reasons) or None
+
+
+def verify_onnx(path: str | Path, student: nn.Module, loader: Iterable[Any]) -> dict[str, Any]:
+    """Run the parity gate of an exported file against ``student``; returns the parity metrics.
+
+    Example:
+        >>> verify_onnx("out/model.onnx", student, val_loader)["agreement_with_student"]
+        1.0
+    """
+    onnx_logits, labels = onnx_predict(make_session(path), loader)
+    student_logits, _ = predict(student, loader)
+    metrics = parity_metrics(onnx_logits, student_logits, labels)
+    failure = _gate_failure(metrics)
+    if failure is None:
+        return metrics
+    layers = diagnose_layers(path, student, loader)
+    first = next((layer for layer in layers if layer["sqnr_db"] < DIVERGENCE_SQNR_DB), None)
+    if first is None:
+        first = min(layers, key=lambda layer: layer["sqnr_db"])
+    error = ExportError(f"ONNX parity gate failed: {failure}; first diverging layer: {first['name']!r} "
+                        f"(output SQNR {first['sqnr_db']:.1f} dB, max abs diff {first['max_abs_diff']:.4g} vs the PyTorch student)")
+    error.metrics, error.layers = metrics, layers  # the full comparison, for scripts that want it
+    raise error
+
+
+def _first_samples(loader: Iterable[Any], count: int) -> torch.Tensor:
+    chunks, total = [], 0
+    for batch in loader:
+        inputs, _ = _split(batch)
+        chunks.append(inputs.detach().cpu().float())
+        total += len(inputs)
+        if total >= count:
+            break
+    return torch.cat(chunks)[:count]
+
+
+def _student_layer_outputs(student: nn.Module, inputs: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+    outputs: dict[str, np.ndarray] = {}
+    hooks = [student.get_submodule(name).register_forward_hook(
+        lambda module, args, output, name=name: outputs.__setitem__(name, output.detach().cpu().float().numpy()))
+        for name in names]
+    was_training = student.training
+    device = next(student.parameters()).device
+    try:
+        with torch.no_grad():
+            student.eval()(inputs.to(device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        student.train(was_training)
+    return outputs
+
+
+def _truncated(model: onnx.ModelProto, output: str) -> bytes:
+    """The part of ``model`` that computes ``output``, with ``output`` as its only graph output."""
+    part = onnx.ModelProto.FromString(model.SerializeToString())
+    del part.graph.output[:]
+    part.graph.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
+    _prune(part.graph)
+    return part.SerializeToString()
+
+
+def _sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
+    noise = float(np.sum((value.astype(np.float64) - reference) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    if noise == 0.0:
+        return math.inf
+    return 10.0 * math.log10(max(signal, 1e-30) / noise)
+
+
+def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
+                    samples: int = DIAGNOSIS_SAMPLES) -> list[dict[str, Any]]:
+    """Each quantized layer's output in ONNX Runtime vs the student, in graph order.
+
+    ``sqnr_db`` is the signal-to-noise ratio of the ONNX output against the student's (inf when
+    equal); a healthy int8 export stays far above ``DIVERGENCE_SQNR_DB``.
+
+    Example:
+        >>> [(layer["name"], round(layer["sqnr_db"])) for layer in diagnose_layers(path, student, val)]
+    """
+    model = onnx.load(str(path))
+    table = _layer_table(model)
+    inputs = _first_samples(loader, samples)
+    reference = _student_layer_outputs(student, inputs, [entry["name"] for entry in table])
+    results = []
+    for entry in table:
+        session = make_session(_truncated(model, entry["output"]))
+        value = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+        expected = reference.get(entry["name"])
+        if expected is None or expected.shape != value.shape:
+            results.append({"name": entry["name"], "sqnr_db": -math.inf, "max_abs_diff": math.inf})
+            continue
+        results.append({"name": entry["name"], "sqnr_db": _sqnr_db(expected, value),
+                        "max_abs_diff": float(np.abs(expected - value).max())})
+    return results
+
+
+def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify_on: Iterable[Any] | None = None,
+                opset: int = OPSET) -> dict[str, Any]:
+    """Export ``student`` to an int8 ONNX file whose integer kernels and parity are checked.
+
+    Returns ``{path, file_bytes, integer_ops, opset}`` plus, with ``verify_on``, ``accuracy``,
+    ``student_accuracy``, ``agreement_with_student``, ``max_abs_logit_diff`` and ``samples``.
+    Raises ``ExportError`` (and writes nothing) when a layer runs in float or the gate fails.
+
+    Example:
+        >>> info = qd.export_onnx(result.student, "out/model.onnx", train_x[:1], verify_on=val_loader)
+    """
+    if opset < OPSET:
+        raise ExportError(f"opset {opset} is not allowed; per-channel QuantizeLinear needs opset {OPSET} or higher")
+    model = build_int8_model(student, example_input, opset)
+    info: dict[str, Any] = {}
+
+    def write_and_check(temporary: Path) -> None:
+        onnx.save(model, str(temporary))
+        info["integer_ops"] = check_integer_kernels(temporary)
+        if verify_on is not None:
+            info.update(verify_onnx(temporary, student, verify_on))
+
+    path = atomic_write(path, write_and_check)
+    return {"path": str(path), "file_bytes": path.stat().st_size, "opset": opset, **info}
+
+
+def export_float_onnx(model: nn.Module, path: str | Path, example_input: Any, opset: int = OPSET) -> dict[str, Any]:
+    """Export a float model (the fp32 baseline) with the same input/output names and dynamic batch.
+
+    Example:
+        >>> export_float_onnx(teacher, "fp32.onnx", train_x[:1])["file_bytes"]
+    """
+    float_model = copy.deepcopy(model).cpu().eval()
+    path = atomic_write(path, lambda temporary: _torchscript_export(float_model, _example(example_input), temporary, opset))
+    return {"path": str(path), "file_bytes": path.stat().st_size}
+
+
+__all__ = [
+    "LayerInfo", "build_int8_model", "check_integer_kernels", "diagnose_layers", "export_float_onnx", "export_onnx",
+    "onnx_predict", "parity_metrics", "verify_onnx",
+]

@@ -1,0 +1,293 @@
+"""Packed low-bit files: each quantized weight stored as integers at its true bit width.
+
+``student.qpack.safetensors`` is a safetensors file. For every quantized layer ``L`` the float
+weight ``L.weight`` is replaced by ``L.weight.packed`` (uint8): the codes ``q - qmin`` (all in
+``0 .. 2^bits - 1``) written as one little-endian bit stream, value ``i`` in bits
+``[i*bits, (i+1)*bits)``, so two 4-bit or four 2-bit values share a byte and 3/5/6/7-bit values
+straddle bytes. Everything else in the student's ``state_dict`` (biases, per-channel weight scales
+and zero points, activation quantizer scale/zero point, float layers) is stored as it is. The
+metadata key ``qdistill_qpack`` holds a JSON header: format name and version, qdistill version,
+and per layer its bits, grid, shape and axis, plus a CRC32 per tensor (safetensors itself checks
+sizes, not contents).
+
+Loading rebuilds each weight as ``(q - zero_point) * scale``. That value is a fixed point of the
+student's fake quantizer, so the loaded model computes with exactly the integers it was trained
+with: its outputs equal the fake-quant student's bit for bit.
+
+Example:
+    >>> save_packed(student, "out/student.qpack.safetensors")
+    >>> student = load_packed("out/student.qpack.safetensors", model=float_model)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as save_bytes
+from safetensors.torch import save_file
+from torch import nn
+
+from qdistill.errors import ExportError, FileFormatError, ModelError
+from qdistill.io import atomic_write
+from qdistill.quant.fake_quant import MIN_SCALE, IntRange
+from qdistill.quant.modules import is_quantized
+
+FORMAT_NAME = "qdistill.qpack"
+FORMAT_VERSION = 1
+HEADER_KEY = "qdistill_qpack"
+PACKED_SUFFIX = ".packed"
+
+
+@dataclass
+class IntegerWeight:
+    """A quantized layer's weight as integers: ``weight == (ints - zero_point) * scale`` exactly.
+
+    Example:
+        >>> weights = weight_integers(student.features[0], "features.0")
+        >>> weights.ints.min() >= weights.qrange.qmin
+        tensor(True)
+    """
+
+    ints: torch.Tensor  # int64, same shape as the weight
+    scale: torch.Tensor  # float32, (C,) per channel or () per tensor, already clamped like the forward
+    zero_point: torch.Tensor  # int64, shape of scale
+    axis: int | None
+    qrange: IntRange
+
+    def broadcast(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` shaped to multiply the weight along ``axis``."""
+        if self.axis is None:
+            return values.reshape(())
+        shape = [1] * self.ints.dim()
+        shape[self.axis] = -1
+        return values.reshape(shape)
+
+    def dequantize(self) -> torch.Tensor:
+        # the same float32 product torch's fake-quantize kernel forms: float(q - z) * s
+        return (self.ints - self.broadcast(self.zero_point)).float() * self.broadcast(self.scale)
+
+
+def weight_integers(layer: nn.Module, name: str) -> IntegerWeight:
+    """The trained integers of a quantized layer's weight, checked to reproduce it bit for bit.
+
+    Example:
+        >>> weight_integers(student.classifier[2], "classifier.2").ints.unique()
+    """
+    quantizer = layer.weight_quantizer
+    if not bool(quantizer.initialized):
+        raise ExportError(f"layer {name!r}: its weight quantizer was never initialised; prepare the student with qdistill.quant.prepare")
+    with torch.no_grad():
+        dequantized = layer.quantized_weight().detach().cpu().float()
+        scale = quantizer.scale.detach().cpu().float().clamp_min(MIN_SCALE)
+        zero_point = quantizer.zero_point.detach().cpu().to(torch.int64)
+        weights = IntegerWeight(dequantized, scale, zero_point, quantizer.axis, quantizer.qrange)  # ints set below
+        codes = torch.round(dequantized / weights.broadcast(scale)) + weights.broadcast(zero_point)
+        weights.ints = codes.clamp(quantizer.qrange.qmin, quantizer.qrange.qmax).to(torch.int64)
+    if not torch.equal(weights.dequantize(), dequantized):
+        raise ExportError(f"layer {name!r}: its quantized weight is not (integer - zero_point) * scale; "
+                          "the quantizer's scale must be finite and positive")
+    return weights
+
+
+def pack_bits(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes below ``2**bits`` as a little-endian bit stream (uint8).
+
+    Example:
+        >>> pack_bits(np.array([1, 2, 3, 4]), 4)       # two 4-bit values per byte
+        array([33, 67], dtype=uint8)
+    """
+    codes = np.asarray(codes, dtype=np.uint16).reshape(-1)
+    bit_matrix = (codes[:, None] >> np.arange(bits, dtype=np.uint16)) & 1  # (N, bits), lowest bit first
+    return np.packbits(bit_matrix.astype(np.uint8).reshape(-1), bitorder="little")
+
+
+def unpack_bits(data: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_bits``: ``count`` codes of ``bits`` bits (int64).
+
+    Example:
+        >>> unpack_bits(np.array([33, 67], dtype=np.uint8), 4, 4)
+        array([1, 2, 3, 4])
+    """
+    bit_stream = np.unpackbits(np.asarray(data, dtype=np.uint8), count=count * bits, bitorder="little")
+    weights = (1 << np.arange(bits, dtype=np.int64))
+    return bit_stream.reshape(count, bits).astype(np.int64) @ weights
+
+
+def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: module for name, module in model.named_modules() if is_quantized(module)}
+
+
+def _layer_header(layer: nn.Module, weights: IntegerWeight) -> dict[str, Any]:
+    return {
+        "weight_bits": weights.qrange.bits, "act_bits": layer.act_bits, "signed": weights.qrange.signed,
+        "qmin": weights.qrange.qmin, "qmax": weights.qrange.qmax, "shape": list(weights.ints.shape),
+        "axis": weights.axis, "kind": type(layer).__name__,
+    }
+
+
+def _crc(tensor: torch.Tensor) -> int:
+    return zlib.crc32(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors and header ``save_packed`` writes (also used to measure sizes in memory).
+
+    Example:
+        >>> tensors, header = packed_tensors(student)
+        >>> header["layers"]["features.3"]["weight_bits"], tensors["features.3.weight.packed"].dtype
+        (4, torch.uint8)
+    """
+    from qdistill import __version__
+
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in student.state_dict().items()}
+    layers: dict[str, Any] = {}
+    for name, layer in _quantized_layers(student).items():
+        if not bool(layer.weight_quantizer.initialized):
+            continue  # the forward uses the float weight as it is, so it is stored as it is
+        weights = weight_integers(layer, name)
+        codes = (weights.ints - weights.qrange.qmin).numpy()
+        del tensors[f"{name}.weight"]
+        tensors[f"{name}.weight{PACKED_SUFFIX}"] = torch.from_numpy(pack_bits(codes, weights.qrange.bits))
+        layers[name] = _layer_header(layer, weights)
+    header = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "qdistill_version": __version__,
+        "bit_order": "little-endian bit stream; value i in bits [i*bits, (i+1)*bits); code = q - qmin",
+        "layers": layers, "crc32": {key: _crc(value) for key, value in tensors.items()},
+    }
+    return tensors, header
+
+
+def save_packed(student: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Write the packed file atomically; returns ``{path, file_bytes}`` (bytes measured on disk).
+
+    Example:
+        >>> save_packed(result.student, "out/student.qpack.safetensors")
+        {'path': 'out/student.qpack.safetensors', 'file_bytes': 213512}
+    """
+    tensors, header = packed_tensors(student)
+    metadata = {HEADER_KEY: json.dumps(header, separators=(",", ":"))}
+    path = atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+    return {"path": str(path), "file_bytes": path.stat().st_size}
+
+
+def fp32_safetensors_bytes(model: nn.Module) -> int:
+    """Size of ``model``'s floating-point ``state_dict`` saved as an fp32 safetensors file.
+
+    Example:
+        >>> fp32_safetensors_bytes(teacher)
+        1689336
+    """
+    tensors = {key: value.detach().cpu().float().contiguous() for key, value in model.state_dict().items()
+               if value.is_floating_point()}
+    return len(save_bytes(tensors))
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileFormatError(f"packed file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise FileFormatError(f"packed file {str(path)!r} is truncated or not a safetensors file ({reason})") from None
+    if HEADER_KEY not in metadata:
+        raise FileFormatError(f"packed file {str(path)!r} has no {HEADER_KEY!r} header; it was not written by qdistill.save_packed")
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+    except json.JSONDecodeError:
+        raise FileFormatError(f"packed file {str(path)!r}: the {HEADER_KEY!r} header is not valid JSON (corrupt file)") from None
+    return header, tensors
+
+
+def _check_header(header: Any, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+        raise FileFormatError(f"packed file {str(path)!r}: format {header.get('format') if isinstance(header, dict) else None!r} is not {FORMAT_NAME!r}")
+    version = header.get("format_version")
+    if version != FORMAT_VERSION:
+        raise FileFormatError(f"packed file {str(path)!r}: format_version {version!r} is not supported; allowed: {FORMAT_VERSION}")
+    checksums = header.get("crc32", {})
+    if set(checksums) != set(tensors):
+        missing = sorted(set(checksums) ^ set(tensors))[:3]
+        raise FileFormatError(f"packed file {str(path)!r}: tensors {missing} do not match the header (corrupt file)")
+    for key, tensor in tensors.items():
+        if _crc(tensor) != checksums[key]:
+            raise FileFormatError(f"packed file {str(path)!r}: tensor {key!r} fails its CRC32 check (corrupt file)")
+
+
+def _skeleton(model: nn.Module, header: dict[str, Any]) -> nn.Module:
+    """A prepared student to load into: ``model`` itself (copied) or ``model`` prepared per the header."""
+    if _quantized_layers(model):
+        return copy.deepcopy(model)
+    from qdistill.quant.prepare import prepare
+    from qdistill.recipe import QuantSpec
+
+    layers = header["layers"]
+    per_tensor = any(entry["axis"] is None for entry in layers.values())
+    overrides = {name: {"weight_bits": entry["weight_bits"], "act_bits": entry["act_bits"]}
+                 for name, entry in layers.items()}
+    spec = QuantSpec(first_last_bits=None, granularity="per_tensor" if per_tensor else "per_channel",
+                     init="minmax", overrides=overrides)
+    return prepare(model, spec)
+
+
+def _unpack_weight(name: str, entry: dict[str, Any], packed: torch.Tensor, state: dict[str, torch.Tensor],
+                   path: Path) -> torch.Tensor:
+    bits, qmin, qmax = entry["weight_bits"], entry["qmin"], entry["qmax"]
+    count = int(np.prod(entry["shape"]))
+    if packed.numel() != (count * bits + 7) // 8:
+        raise FileFormatError(f"packed file {str(path)!r}: {name}.weight holds {packed.numel()} bytes, {count} values of {bits} bits need {(count * bits + 7) // 8}")
+    codes = unpack_bits(packed.numpy(), bits, count)
+    if codes.max(initial=0) > qmax - qmin:
+        raise FileFormatError(f"packed file {str(path)!r}: {name}.weight has codes above {qmax - qmin} (corrupt file)")
+    scale = state[f"{name}.weight_quantizer.scale"].float().clamp_min(MIN_SCALE)
+    zero_point = state[f"{name}.weight_quantizer.zero_point"].to(torch.int64)
+    weights = IntegerWeight(torch.from_numpy(codes + qmin).reshape(entry["shape"]), scale, zero_point, entry["axis"],
+                            IntRange(bits, entry["signed"]))
+    return weights.dequantize()
+
+
+def _check_bits(student: nn.Module, layers: dict[str, Any], path: Path) -> None:
+    quantized = _quantized_layers(student)
+    for name, entry in layers.items():
+        layer = quantized.get(name)
+        if layer is None:
+            raise ModelError(f"packed file {str(path)!r}: layer {name!r} is not a quantized layer of the model; model layers: {', '.join(quantized)}")
+        if layer.weight_bits != entry["weight_bits"]:
+            raise ModelError(f"packed file {str(path)!r}: layer {name!r} is {entry['weight_bits']}-bit in the file but {layer.weight_bits}-bit in the model")
+
+
+def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
+    """Rebuild a student from a packed file; outputs equal the saved fake-quant student's bit for bit.
+
+    ``model`` is either the float architecture (it is prepared with the bit widths recorded in the
+    file) or a prepared student skeleton with the same bit widths. ``model`` is never modified.
+    Missing, truncated or corrupt files and unknown versions raise ``FileFormatError``.
+
+    Example:
+        >>> student = load_packed("out/student.qpack.safetensors", model=models.create("mnist_cnn"))
+    """
+    from qdistill.api import load_state
+
+    path = Path(path)
+    header, tensors = _read(path)
+    _check_header(header, tensors, path)
+    student = _skeleton(model, header)
+    _check_bits(student, header["layers"], path)
+    state = {key: value for key, value in tensors.items() if not key.endswith(f".weight{PACKED_SUFFIX}")}
+    for name, entry in header["layers"].items():
+        packed = tensors.get(f"{name}.weight{PACKED_SUFFIX}")
+        if packed is None:
+            raise FileFormatError(f"packed file {str(path)!r}: {name}.weight{PACKED_SUFFIX} is missing (corrupt file)")
+        state[f"{name}.weight"] = _unpack_weight(name, entry, packed, state, path)
+    load_state(student, state, f"packed file {str(path)!r}")
+    return student.eval()

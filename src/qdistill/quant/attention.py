@@ -1,0 +1,161 @@
+"""``nn.MultiheadAttention`` rewritten with plain ``nn.Linear`` projections, so they can be quantized.
+
+``nn.MultiheadAttention`` hands its packed ``in_proj_weight`` straight to a fused kernel, so no
+layer swap can reach it. ``DecomposedMultiheadAttention`` computes the same function (checked
+to 1e-6 in the tests) with four ``nn.Linear`` layers (``q_proj``, ``k_proj``, ``v_proj``,
+``out_proj``) and a float softmax; ``prepare`` then quantizes those four like any other Linear.
+
+Example:
+    >>> mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    >>> decomposed = DecomposedMultiheadAttention.from_mha(mha).eval()
+    >>> x = torch.randn(2, 8, 32)
+    >>> torch.allclose(decomposed(x, x, x)[0], mha(x, x, x)[0], atol=1e-6)
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qdistill.errors import ModelError
+
+
+def _split_in_projection(mha: nn.MultiheadAttention) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``[(weight, bias)]`` of the query, key and value projections of ``mha``."""
+    embed = mha.embed_dim
+    if mha._qkv_same_embed_dim:
+        weights = list(mha.in_proj_weight.detach().split(embed, dim=0))
+    else:
+        weights = [mha.q_proj_weight.detach(), mha.k_proj_weight.detach(), mha.v_proj_weight.detach()]
+    biases = list(mha.in_proj_bias.detach().split(embed)) if mha.in_proj_bias is not None else [None] * 3
+    return list(zip(weights, biases, strict=True))
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = may not attend) as ``-inf``/0, or a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+class DecomposedMultiheadAttention(nn.Module):
+    """Multi-head attention with separate q/k/v/out ``nn.Linear`` layers; same call as ``nn.MultiheadAttention``.
+
+    Example:
+        >>> attention = DecomposedMultiheadAttention(32, 4, batch_first=True)
+        >>> out, weights = attention(x, x, x)        # x: (B, L, 32); weights (B, L, L), averaged over heads
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 kdim: int | None = None, vdim: int | None = None, batch_first: bool = False) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ModelError(f"embed_dim: {embed_dim} is not allowed with num_heads={num_heads}; it must be a multiple of it")
+        self.embed_dim, self.num_heads, self.dropout = embed_dim, num_heads, dropout
+        self.head_dim = embed_dim // num_heads
+        self.batch_first = batch_first
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        # read by nn.TransformerEncoder(Layer)'s fast-path checks: with no packed in-projection
+        # they keep the layer on the path that calls this module (the fused kernel would not)
+        self._qkv_same_embed_dim = False
+        self.in_proj_weight = self.in_proj_bias = None
+
+    @classmethod
+    def from_mha(cls, mha: nn.MultiheadAttention) -> DecomposedMultiheadAttention:
+        """The same attention as ``mha`` (its weights copied), on ``mha``'s device and dtype."""
+        decomposed = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None,
+                         mha.kdim, mha.vdim, mha.batch_first)
+        decomposed.to(device=mha.out_proj.weight.device, dtype=mha.out_proj.weight.dtype)
+        with torch.no_grad():
+            for layer, (weight, bias) in zip((decomposed.q_proj, decomposed.k_proj, decomposed.v_proj),
+                                             _split_in_projection(mha), strict=True):
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
+            decomposed.out_proj.weight.copy_(mha.out_proj.weight)
+            if mha.out_proj.bias is not None:
+                decomposed.out_proj.bias.copy_(mha.out_proj.bias)
+        return decomposed.train(mha.training)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, E) -> (B, H, L, D)
+        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def _mask(self, attn_mask, key_padding_mask, is_causal, shape, dtype, device) -> torch.Tensor | None:
+        batch, _, target, source = shape
+        bias = None
+        if attn_mask is not None:
+            bias = _additive(attn_mask, dtype)
+            bias = bias.reshape(batch, self.num_heads, target, source) if bias.dim() == 3 else bias
+        elif is_causal:
+            causal = torch.ones(target, source, dtype=torch.bool, device=device).triu(1)
+            bias = _additive(causal, dtype)
+        if key_padding_mask is not None:
+            padding = _additive(key_padding_mask, dtype).reshape(batch, 1, 1, source)
+            bias = padding if bias is None else bias + padding
+        return bias
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unbatched = query.dim() == 2
+        if unbatched:  # (L, E): one sequence
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, B, E) -> (B, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        q = self._heads(self.q_proj(query))  # (B, H, L, D)
+        k = self._heads(self.k_proj(key))  # (B, H, S, D)
+        v = self._heads(self.v_proj(value))  # (B, H, S, D)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, L, S)
+        bias = self._mask(attn_mask, key_padding_mask, is_causal, scores.shape, scores.dtype, scores.device)
+        if bias is not None:
+            scores = scores + bias
+        weights = F.dropout(scores.softmax(dim=-1), p=self.dropout, training=self.training)  # stays float
+        output = self.out_proj((weights @ v).transpose(1, 2).flatten(2))  # (B, L, E)
+        if unbatched:
+            output, weights = output.squeeze(0), weights.squeeze(0)
+        elif not self.batch_first:
+            output = output.transpose(0, 1)
+        if not need_weights:
+            return output, None
+        return output, weights.mean(dim=-3) if average_attn_weights else weights
+
+
+def unsupported_reason(mha: nn.MultiheadAttention) -> str | None:
+    """Why ``mha`` cannot be decomposed (None when it can).
+
+    Example:
+        >>> unsupported_reason(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+        'nn.MultiheadAttention with add_bias_kv or add_zero_attn stays float (not decomposed)'
+    """
+    if mha.bias_k is not None or mha.add_zero_attn:
+        return "nn.MultiheadAttention with add_bias_kv or add_zero_attn stays float (not decomposed)"
+    return None
+
+
+def decompose_attention(model: nn.Module) -> dict[str, str]:
+    """Replace each ``nn.MultiheadAttention`` of ``model`` in place; returns ``{name: reason}`` for those kept.
+
+    Example:
+        >>> kept = decompose_attention(model)    # model.encoder.attn is now a DecomposedMultiheadAttention
+    """
+    kept: dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.MultiheadAttention):
+            continue
+        reason = unsupported_reason(module)
+        if reason is not None:
+            kept[name] = reason
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, DecomposedMultiheadAttention.from_mha(module))
+    return kept

@@ -1,0 +1,327 @@
+"""torch.fx tracing for ``prepare``: the whole model where it traces, each module's own forward where it does not.
+
+Two views of a model are used:
+
+- the *model graph*: ``torch.fx`` traced from the root, stopping at torch.nn layers and at
+  qdistill's quantized modules. It shows every tensor and all its consumers, across module
+  boundaries, and how each custom module is called (which arguments are tensors, which are fixed
+  values such as ``mask=None``).
+- a *module graph*: one module's own forward, every child a leaf. Rewriting a module (putting a
+  ``QuantAdd`` where it adds two tensors) edits this graph and gives the module the generated
+  forward, keeping its class, attributes, children and parameter names.
+
+When the model graph cannot be traced (data-dependent Python, unsupported calls), ``prepare``
+falls back to module graphs alone, and reports the reason.
+
+Example:
+    >>> trace = trace_model(model)
+    >>> trace.failure            # None when the whole model traced
+    >>> trace.calls[id(model.layer1[0])]      # how the block was called: [{'x': ('tensor', None)}]
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from qdistill.quant.attention import DecomposedMultiheadAttention
+from qdistill.quant.modules import InputQuantizedMixin, QuantAdd, QuantCat, QuantLayerMixin
+from qdistill.quant.quantizer import Quantizer
+
+# modules whose forward is never traced into: they are the units prepare reasons about
+LEAF_TYPES = (QuantLayerMixin, InputQuantizedMixin, QuantAdd, QuantCat, Quantizer, DecomposedMultiheadAttention)
+FIXED_TYPES = (type(None), bool, int, float, str)  # argument values a module graph may be specialised to
+NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride", "element_size",
+                      "is_contiguous", "get_device", "data_ptr", "__len__"}
+TENSOR_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
+                  "torch._C._linalg", "torch._C._special")
+
+CallPattern = dict[str, tuple[str, Any]]  # parameter -> ("tensor" | "other", None) or ("fixed", value)
+
+
+def describe_failure(error: BaseException) -> str:
+    """One short line for a tracing error (fx raises many exception types).
+
+    Example:
+        >>> describe_failure(TypeError("bad\nmore"))
+        'TypeError: bad'
+    """
+    first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+class PrepareTracer(fx.Tracer):
+    """Stops at torch.nn layers and qdistill's quantized modules; records how other modules are called.
+
+    With ``local=True`` every submodule is a leaf, so only the traced module's own forward appears.
+
+    Example:
+        >>> tracer = PrepareTracer()
+        >>> graph = tracer.trace(model)
+        >>> [type(module).__name__ for module, _ in tracer.bound_calls]     # ['Sequential', 'BasicBlock', ...]
+    """
+
+    def __init__(self, local: bool = False) -> None:
+        super().__init__()
+        self.local = local
+        self.bound_calls: list[tuple[nn.Module, inspect.BoundArguments | None]] = []
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if self.local or isinstance(module, LEAF_TYPES):
+            return True
+        return super().is_leaf_module(module, qualified_name)
+
+    def call_module(self, module, forward, args, kwargs):
+        if not self.is_leaf_module(module, ""):
+            try:
+                bound = inspect.signature(module.forward).bind(*args, **kwargs)
+                bound.apply_defaults()
+            except TypeError:
+                bound = None
+            self.bound_calls.append((module, bound))
+        return super().call_module(module, forward, args, kwargs)
+
+
+@dataclass
+class ModelTrace:
+    """The model graph (None when tracing failed, with the reason) and how each module was called.
+
+    Example:
+        >>> trace = trace_model(model)
+        >>> trace.graph is None, trace.failure         # (True, 'torch.fx could not trace the model (...)')
+    """
+
+    graph: fx.Graph | None
+    failure: str | None
+    calls: dict[int, list[CallPattern | None]] = field(default_factory=dict)
+    root: nn.Module | None = None
+
+
+def default_arguments(module: nn.Module) -> dict[str, Any] | None:
+    """Defaults of ``module.forward``'s optional parameters; None when it takes ``*args``/``**kwargs``/keyword-only.
+
+    Example:
+        >>> default_arguments(nn.MultiheadAttention(8, 2))["need_weights"]
+        True
+    """
+    defaults = {}
+    for name, parameter in inspect.signature(module.forward).parameters.items():
+        if parameter.kind not in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+            return None
+        if parameter.default is not parameter.empty:
+            defaults[name] = parameter.default
+    return defaults
+
+
+def trace_model(model: nn.Module) -> ModelTrace:
+    """Trace the whole model (optional forward arguments fixed at their defaults, as ``model(x)`` calls it).
+
+    Example:
+        >>> trace_model(model).failure is None
+        True
+    """
+    tracer = PrepareTracer()
+    defaults = default_arguments(model)
+    try:
+        graph = tracer.trace(model, concrete_args=defaults or None)
+    except Exception as error:  # fx raises many types for untraceable Python
+        return ModelTrace(None, f"torch.fx could not trace the model ({describe_failure(error)})")
+    tensors = tensor_nodes(graph)
+    calls: dict[int, list[CallPattern | None]] = defaultdict(list)
+    for module, bound in tracer.bound_calls:
+        calls[id(module)].append(None if bound is None else _pattern(bound, tensors))
+    return ModelTrace(graph, None, dict(calls), model)
+
+
+def _pattern(bound: inspect.BoundArguments, tensors: set[fx.Node]) -> CallPattern | None:
+    pattern: CallPattern = {}
+    for name, value in bound.arguments.items():
+        if isinstance(value, fx.Proxy):
+            pattern[name] = ("tensor" if value.node in tensors else "other", None)
+        elif isinstance(value, FIXED_TYPES):
+            pattern[name] = ("fixed", value)
+        else:
+            return None  # containers of proxies, constant tensors: not something to specialise on
+    return pattern
+
+
+def module_plan(module: nn.Module, trace: ModelTrace) -> tuple[dict[str, Any], set[int]] | str:
+    """How to trace ``module`` on its own: ``(fixed arguments, positions of tensor parameters)``, or why not.
+
+    With a model graph the module's recorded calls decide; without one only modules whose forward
+    has no optional parameters are traced (their tensors are the parameters).
+
+    Example:
+        >>> module_plan(model.layer1[0], trace_model(model))
+        ({}, {0})
+    """
+    defaults = default_arguments(module)
+    if defaults is None:
+        return "its forward takes *args, **kwargs or keyword-only parameters"
+    parameters = list(inspect.signature(module.forward).parameters)
+    if trace.graph is not None and trace.root is module:  # called as model(x): optional arguments at defaults
+        return defaults, {index for index, name in enumerate(parameters) if name not in defaults}
+    if trace.graph is None:
+        if defaults:
+            return f"its forward has optional parameters ({', '.join(defaults)}) and the model could not be traced to see how it is called"
+        return {}, set(range(len(parameters)))
+    patterns = trace.calls.get(id(module))
+    if not patterns:
+        return "it is not called in the traced forward pass"
+    if any(pattern is None for pattern in patterns) or any(pattern != patterns[0] for pattern in patterns):
+        return "it is called with arguments torch.fx cannot specialise on (or differently at different places)"
+    fixed = {name: value for name, (kind, value) in patterns[0].items() if kind == "fixed"}
+    return fixed, {parameters.index(name) for name, (kind, _) in patterns[0].items() if kind == "tensor"}
+
+
+class TrainingDependent(Exception):
+    """The forward reads ``self.training``, which a traced graph would freeze at one value.
+
+    Example:
+        >>> try: trace_module(block_with_dropout_call, {})
+        ... except TrainingDependent as error: error.graph     # the eval-mode graph
+    """
+
+    def __init__(self, message: str, graph: fx.Graph) -> None:
+        super().__init__(message)
+        self.graph = graph  # the eval-mode graph, to decide whether the module mattered
+
+
+def trace_module(module: nn.Module, fixed: dict[str, Any]) -> fx.Graph:
+    """The module's own forward as a graph (children are leaves).
+
+    fx evaluates ``self.training`` while tracing, so the forward is traced in both modes and
+    must give the same code; otherwise ``TrainingDependent`` is raised.
+
+    Example:
+        >>> print(trace_module(model.layer1[0], {}).python_code("self").src)   # ... add = conv2 + x ...
+    """
+    was_training = module.training
+    codes, graphs = [], []
+    try:
+        for mode in (False, True):
+            module.training = mode  # the module's own flag only: its children are leaves here
+            graphs.append(PrepareTracer(local=True).trace(module, concrete_args=fixed or None))
+            codes.append(graphs[-1].python_code("self").src)
+    finally:
+        module.training = was_training
+    if codes[0] != codes[1]:
+        raise TrainingDependent("its forward reads self.training, which a traced graph would freeze", graphs[0])
+    return graphs[0]
+
+
+def _is_tensor(node: fx.Node, known: dict[fx.Node, bool]) -> bool:
+    inputs = node.all_input_nodes
+    if node.op in ("get_attr", "call_module"):
+        return True
+    if node.op == "call_method":
+        return node.target not in NON_TENSOR_METHODS and bool(inputs) and known.get(inputs[0], False)
+    if node.op != "call_function":
+        return False
+    if node.target is getattr:  # x.shape, x.dtype, x.device
+        return False
+    if node.target is operator.getitem:
+        return known.get(node.args[0], False) if isinstance(node.args[0], fx.Node) else False
+    if getattr(node.target, "__module__", None) in TENSOR_MODULES:
+        return True
+    return any(known.get(arg, False) for arg in inputs)  # operators: tensor if any operand is
+
+
+def tensor_nodes(graph: fx.Graph, tensor_positions: set[int] | None = None) -> set[fx.Node]:
+    """Nodes whose value is a tensor (by op kind; ``x.size(0) + 1`` is not, ``x + y`` is).
+
+    ``tensor_positions``: the positions of the forward parameters known to be tensors (all when None).
+
+    Example:
+        >>> graph = fx.symbolic_trace(lambda x: x + x.size(1)).graph
+        >>> sorted(node.name for node in tensor_nodes(graph))
+        ['add', 'x']
+    """
+    known: dict[fx.Node, bool] = {}
+    placeholders = 0
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            known[node] = tensor_positions is None or placeholders in tensor_positions
+            placeholders += 1
+        else:
+            known[node] = _is_tensor(node, known)
+    return {node for node, is_tensor in known.items() if is_tensor}
+
+
+def call_counts(graph: fx.Graph) -> dict[str, int]:
+    """How many times each module target is called in ``graph``.
+
+    Example:
+        >>> call_counts(trace_model(model).graph)["layer1.0.relu"]
+        2
+    """
+    counts: dict[str, int] = defaultdict(int)
+    for node in graph.nodes:
+        if node.op == "call_module":
+            counts[node.target] += 1
+    return counts
+
+
+def module_graphs(model: nn.Module, trace: ModelTrace,
+                  matters: Callable[[fx.Graph], bool] = lambda graph: True) -> tuple[list, dict[str, str]]:
+    """Every custom module traced on its own: ``[(name, module, graph, tensor positions)]``, ``{name: reason}``.
+
+    torch.nn's own modules and qdistill's quantized modules are not traced into; the model itself
+    is named ``<model>`` in the reasons. A module whose forward depends on ``self.training`` is
+    reported only when ``matters`` says its (eval-mode) graph holds something to rewrite.
+
+    Example:
+        >>> graphs, problems = module_graphs(model, trace_model(model))
+        >>> [name for name, *_ in graphs]                    # ['', 'layer1.0', 'layer2.0', ...]
+    """
+    graphs, problems = [], {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LEAF_TYPES) or is_torch_layer(module):
+            continue
+        plan = module_plan(module, trace)
+        if isinstance(plan, str):
+            if trace.graph is None or "not called" not in plan:
+                problems[name or "<model>"] = plan
+            continue
+        fixed, tensor_positions = plan
+        try:
+            graphs.append((name, module, trace_module(module, fixed), tensor_positions))
+        except TrainingDependent as error:
+            if matters(error.graph):
+                problems[name or "<model>"] = str(error)
+        except Exception as error:  # fx raises many types for untraceable Python
+            problems[name or "<model>"] = f"torch.fx could not trace its forward ({describe_failure(error)})"
+    return graphs, problems
+
+
+def torch_module_notes(model: nn.Module) -> dict[str, str]:
+    """torch.nn modules with their own residual code that ``prepare`` does not trace into.
+
+    Example:
+        >>> torch_module_notes(nn.Sequential(nn.TransformerEncoderLayer(16, 2)))["0"]
+        'TransformerEncoderLayer is a torch.nn module qdistill does not trace into: ...'
+    """
+    notes = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            notes[name] = (f"{type(module).__name__} is a torch.nn module qdistill does not trace into: its Linear "
+                           "layers are quantized, its residual additions stay float")
+    return notes
+
+
+def is_torch_layer(module: nn.Module) -> bool:
+    """A module of torch itself (``nn.Conv2d``, ``nn.Sequential``, ...), never rewritten.
+
+    Example:
+        >>> is_torch_layer(nn.Sequential()), is_torch_layer(TinyResNet())
+        (True, False)
+    """
+    return type(module).__module__.startswith("torch.")
+
+

@@ -1,0 +1,174 @@
+"""Residual additions and concatenations made quantized: ``out + identity`` becomes a ``QuantAdd``.
+
+A module whose own forward adds two tensors (or concatenates tensors) is traced on its own
+(``graph.trace_module``); each such op becomes a call to a new child module (``QuantAdd`` /
+``QuantCat``, named after the op: ``layer1.0.add``) that fake-quantizes every input. The module
+keeps its class (a subclass with the generated forward), attributes, children and parameter names,
+so forward hooks, feature distillation and checkpoints see the same model.
+
+Example:
+    >>> rewrite_functional_ops(student, trace_model(student), lambda: ActivationQuantizer(8))
+    {}                                   # {module name: why it could not be rewritten}
+    >>> student.layer1[0].add
+    QuantAdd(...)
+"""
+
+from __future__ import annotations
+
+import inspect
+import operator
+from collections.abc import Callable
+
+import torch
+from torch import fx, nn
+
+from qdistill.quant.graph import ModelTrace, module_graphs, tensor_nodes
+from qdistill.quant.modules import QuantAdd, QuantCat
+from qdistill.quant.quantizer import Quantizer
+
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "__add__"}  # not add_: an in-place add also changes its first operand
+CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+
+
+def add_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of ``a + b`` / ``torch.add(a, b)`` / ``a.add(b)``; None for other nodes.
+
+    Example:
+        >>> graph = fx.symbolic_trace(lambda x, y: x + y).graph
+        >>> [add_operands(node, tensor_nodes(graph)) for node in graph.nodes][2]
+        (x, y)
+    """
+    is_add = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ADD_METHODS)
+    if not is_add or node.kwargs or len(node.args) != 2:
+        return None  # alpha=, out= or a scalar operand: not a residual addition
+    first, second = node.args
+    if isinstance(first, fx.Node) and isinstance(second, fx.Node) and first in tensors and second in tensors:
+        return first, second
+    return None
+
+
+def cat_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[list[fx.Node], int] | None:
+    """The tensors and dimension of ``torch.cat([a, b, ...], dim)``; None for other nodes.
+
+    Example:
+        >>> graph = fx.symbolic_trace(lambda x, y: torch.cat([x, y], dim=1)).graph
+        >>> [cat_operands(node, tensor_nodes(graph)) for node in graph.nodes][2]
+        ([x, y], 1)
+    """
+    if node.op != "call_function" or node.target not in CAT_FUNCTIONS:
+        return None
+    arguments = dict(zip(("tensors", "dim"), node.args, strict=False)) | dict(node.kwargs)
+    inputs, dim = arguments.get("tensors"), arguments.get("dim", 0)
+    if set(arguments) - {"tensors", "dim"} or not isinstance(inputs, (list, tuple)) or not isinstance(dim, int):
+        return None
+    if len(inputs) < 2 or not all(isinstance(arg, fx.Node) and arg in tensors for arg in inputs):
+        return None
+    return list(inputs), dim
+
+
+def _has_functional_ops(graph: fx.Graph) -> bool:
+    tensors = tensor_nodes(graph)
+    return any(add_operands(node, tensors) or cat_operands(node, tensors) for node in graph.nodes)
+
+
+def _free_name(module: nn.Module, wanted: str) -> str:
+    name, suffix = wanted, 0
+    while hasattr(module, name):
+        suffix += 1
+        name = f"{wanted}_q{suffix}"
+    return name
+
+
+def _replace(graph: fx.Graph, node: fx.Node, module: nn.Module, child: nn.Module, args: tuple,
+             tensors: set[fx.Node]) -> str:
+    name = _free_name(module, node.name)
+    module.add_module(name, child)
+    with graph.inserting_before(node):
+        call = graph.call_module(name, args=args)
+    node.replace_all_uses_with(call)
+    graph.erase_node(node)
+    tensors.add(call)  # a later op may add this result again (x = x + a; x = x + b)
+    return name
+
+
+def rewrite_module(module: nn.Module, graph: fx.Graph, tensors: set[fx.Node],
+                   make_quantizer: Callable[[], Quantizer]) -> list[str]:
+    """Turn the tensor additions/concatenations of ``module``'s own forward into quantized ops; names added.
+
+    Example:
+        >>> graph = trace_module(block, {})
+        >>> rewrite_module(block, graph, tensor_nodes(graph), lambda: ActivationQuantizer(8))
+        ['add']
+    """
+    added = []
+    for node in list(graph.nodes):
+        operands = add_operands(node, tensors)
+        if operands is not None:
+            added.append(_replace(graph, node, module, QuantAdd([make_quantizer(), make_quantizer()]), operands,
+                                  tensors))
+            continue
+        concatenated = cat_operands(node, tensors)
+        if concatenated is not None:
+            inputs, dim = concatenated
+            child = QuantCat([make_quantizer() for _ in inputs], dim)
+            added.append(_replace(graph, node, module, child, tuple(inputs), tensors))
+    if added:
+        graph.lint()
+        install_forward(module, graph)
+    return added
+
+
+def install_forward(module: nn.Module, graph: fx.Graph) -> None:
+    """Give ``module`` the forward generated from ``graph`` (a subclass of its class; nothing else changes).
+
+    Example:
+        >>> install_forward(block, graph)
+        >>> isinstance(block, BasicBlock), print(block.qdistill_forward_code)
+    """
+    original = type(module)
+    code = graph.python_code(root_module="self")
+    namespace = dict(code.globals)
+    exec(compile(code.src, f"<qdistill: {original.__qualname__}.forward with quantized ops>", "exec"), namespace)
+    forward = _same_signature(namespace["forward"], original.forward)
+    forward.__doc__ = original.forward.__doc__
+    attributes = {"forward": forward, "__module__": original.__module__, "__qualname__": original.__qualname__,
+                  "qdistill_forward_code": code.src}
+    module.__class__ = type(original.__name__, (original,), attributes)
+
+
+def _same_signature(generated, original):
+    """A function with ``original``'s parameter names and defaults that calls ``generated`` by position.
+
+    fx renames some parameters (``mask`` -> ``mask_1``); callers (and tracers, which read the
+    signature) must keep seeing the original ones.
+    """
+    parameters = list(inspect.signature(original).parameters.values())
+    names = ", ".join(parameter.name for parameter in parameters)
+    namespace = {"_generated": generated}
+    exec(f"def forward({names}):\n    return _generated({names})\n", namespace)
+    forward = namespace["forward"]
+    forward.__defaults__ = tuple(p.default for p in parameters if p.default is not inspect.Parameter.empty) or None
+    return forward
+
+
+def rewrite_functional_ops(model: nn.Module, trace: ModelTrace,
+                           make_quantizer: Callable[[], Quantizer]) -> tuple[list[str], dict[str, str]]:
+    """Quantize the additions/concatenations of every custom module; returns (ops added, ``{module: reason}``).
+
+    ``reason`` says why a module's forward could not be rewritten (its additions stay float).
+
+    Example:
+        >>> rewrite_functional_ops(student, trace_model(student), lambda: ActivationQuantizer(8))
+        (['layer1.0.add', 'layer2.0.add', 'layer3.0.add'], {})
+    """
+    graphs, problems = module_graphs(model, trace, matters=_has_functional_ops)
+    added = []
+    for name, module, graph, tensor_positions in graphs:
+        tensors = tensor_nodes(graph, tensor_positions)
+        prefix = f"{name}." if name else ""
+        added += [prefix + child for child in rewrite_module(module, graph, tensors, make_quantizer)]
+    problems = {name: f"{reason}; additions and concatenations in its forward stay float"
+                for name, reason in problems.items()}
+    return added, problems

@@ -1,0 +1,125 @@
+"""One activation quantizer per tensor: the consumers of a tensor share its quantizer.
+
+Every quantized op fake-quantizes its own inputs. When one tensor feeds several of them (a
+residual block's input feeds ``conv1`` and the ``add``; a normalised sequence feeds the q, k
+and v projections), each would quantize it with its own scale, and the exported graph would
+hold several ``QuantizeLinear`` on that tensor; ONNX Runtime then cannot fuse the op that made
+it (``QLinearAdd``, ``QLinearConv`` need their output to feed exactly one ``QuantizeLinear``).
+Here all those inputs ("slots") get one shared ``ActivationQuantizer``, at the widest bit
+width among them; its memo makes the repeated calls one Q/DQ pair in the exported graph.
+
+Example:
+    >>> share_quantizers(trace_model(student).graph, student, make_quantizer)   # groups merged
+    3
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import fx, nn
+
+from qdistill.quant.attention import DecomposedMultiheadAttention
+from qdistill.quant.modules import QuantLayerMixin, input_slots
+from qdistill.quant.quantizer import Quantizer
+
+Slot = tuple[nn.Module, str]  # (module holding the quantizer, attribute name)
+ATTENTION_INPUTS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
+TRANSPARENT_LEADERS = (nn.Dropout, nn.Identity)  # a Sequential starting with these passes its input on
+
+
+def _attention_slots(attention: DecomposedMultiheadAttention, position: int | str) -> list[Slot]:
+    names = list(ATTENTION_INPUTS)
+    argument = names[position] if isinstance(position, int) and position < len(names) else position
+    projection = getattr(attention, ATTENTION_INPUTS.get(argument, ""), None)
+    if isinstance(projection, QuantLayerMixin) and projection.input_quantizer is not None:
+        return [(projection, "input_quantizer")]
+    return []
+
+
+def module_input_slots(module: nn.Module, position: int | str) -> list[Slot]:
+    """The quantizer slots that receive ``module``'s input at ``position`` (an index or a keyword).
+
+    Example:
+        >>> module_input_slots(student.layer1[0].add, 1)
+        [(QuantAdd(...), 'input1_quantizer')]
+    """
+    if isinstance(module, DecomposedMultiheadAttention):
+        return _attention_slots(module, position)
+    if isinstance(module, nn.Sequential) and position == 0:
+        for child in module:  # a Sequential's input goes to its first op that is not a pass-through
+            if not isinstance(child, TRANSPARENT_LEADERS):
+                return module_input_slots(child, 0)
+        return []
+    slots = input_slots(module)
+    if isinstance(position, int) and position < len(slots) and slots[position] is not None:
+        return [(module, slots[position])]
+    return []
+
+
+def _uses(node: fx.Node, namespace: nn.Module) -> list[Slot]:
+    slots: list[Slot] = []
+    for user in node.users:
+        if user.op != "call_module":
+            continue
+        module = namespace.get_submodule(user.target)
+        positions = [index for index, arg in enumerate(user.args) if arg is node]
+        positions += [key for key, arg in user.kwargs.items() if arg is node]
+        for position in positions:
+            slots += module_input_slots(module, position)
+    return slots
+
+
+class _SlotGroups:
+    """Union-find over slots: a slot reached from two tensors joins both tensors' groups."""
+
+    def __init__(self) -> None:
+        self.parent: dict[tuple[int, str], tuple[int, str]] = {}
+        self.slots: dict[tuple[int, str], Slot] = {}
+
+    def _find(self, key: tuple[int, str]) -> tuple[int, str]:
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
+
+    def join(self, slots: list[Slot]) -> None:
+        keys = [(id(owner), attribute) for owner, attribute in slots]
+        for key, slot in zip(keys, slots, strict=True):
+            self.parent.setdefault(key, key)
+            self.slots[key] = slot
+        for key in keys[1:]:
+            self.parent[self._find(key)] = self._find(keys[0])
+
+    def groups(self) -> list[list[Slot]]:
+        grouped: dict[tuple[int, str], list[Slot]] = {}
+        for key, slot in self.slots.items():
+            grouped.setdefault(self._find(key), []).append(slot)
+        return list(grouped.values())
+
+
+def share_quantizers(graph: fx.Graph, namespace: nn.Module, make_quantizer: Callable[[int], Quantizer]) -> int:
+    """Give the slots of each tensor in ``graph`` one shared quantizer; returns how many groups were merged.
+
+    ``namespace`` is the module the graph's call targets are relative to (the traced module).
+
+    Example:
+        >>> share_quantizers(trace_model(student).graph, student, lambda bits: ActivationQuantizer(bits))
+        >>> student.layer1[0].conv1.input_quantizer is student.layer1[0].add.input1_quantizer
+        True
+    """
+    groups = _SlotGroups()
+    for node in graph.nodes:
+        slots = _uses(node, namespace)
+        if slots:
+            groups.join(slots)
+    merged = 0
+    for slots in groups.groups():
+        quantizers = [getattr(owner, attribute) for owner, attribute in slots]
+        if len({id(quantizer) for quantizer in quantizers}) < 2:
+            continue
+        shared = make_quantizer(max(quantizer.bits for quantizer in quantizers))
+        for owner, attribute in slots:
+            setattr(owner, attribute, shared)
+        merged += 1
+    return merged
