@@ -130,6 +130,8 @@ def _export_copy(student: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any
             raise ExportError(f"layer {name!r}: its input quantizer was never calibrated (no data reached it), so it "
                               "would run in float; calibrate the student (qdistill.quant.calibrate) before exporting")
         bits[name] = {"weight_bits": layer.weight_bits, "act_bits": layer.act_bits}
+        if getattr(layer, "bias", None) is not None:  # the bias as the student adds it: already on the runtime's int32 grid
+            layer.bias.data = layer.quantized_bias().detach().clone()
         layer.weight_quantizer = _IntegerWeight(name, weight_integers(layer, name))
         bits[name]["weight_int_multiplier"] = layer.weight_quantizer.multiplier
     if not bits:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.errors import ModelError
+from qdistill.quant.fake_quant import MIN_SCALE
 from qdistill.quant.quantizer import Quantizer
 
 
@@ -31,6 +32,23 @@ class QuantLayerMixin:
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def quantized_bias(self) -> torch.Tensor | None:
+        """The bias on the int32 grid ``s_x * s_w`` that integer runtimes add it on.
+
+        ONNX Runtime adds a conv/linear bias as an integer in units of input step times weight
+        step; training with the bias already on that grid (straight-through gradient) makes the
+        exported int8 model compute exactly what the student computed.
+        """
+        bias, input_quantizer = self.bias, self.input_quantizer
+        weight_quantizer = self.weight_quantizer
+        if (bias is None or input_quantizer is None or not isinstance(weight_quantizer, Quantizer)
+                or torch.onnx.is_in_onnx_export() or input_quantizer._observing
+                or not bool(input_quantizer.initialized) or not bool(weight_quantizer.initialized)):
+            return bias
+        step = (input_quantizer.scale.clamp_min(MIN_SCALE) * weight_quantizer.scale.clamp_min(MIN_SCALE)).detach()
+        step = step.expand_as(bias)  # (C_out,)
+        return bias + (torch.round(bias / step) * step - bias).detach()
 
     @property
     def weight_bits(self) -> int:
@@ -68,21 +86,21 @@ class QuantConv1d(QuantLayerMixin, nn.Conv1d):
     """``nn.Conv1d`` with per-output-channel weight and per-tensor input fake quantization."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.quantized_bias())
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` (grouped and depthwise too) with fake-quantized weight and input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.quantized_bias())
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     """``nn.Linear`` with per-output-feature weight and per-tensor input fake quantization."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.quantized_weight(), self.bias)
+        return F.linear(self.quantize_input(x), self.quantized_weight(), self.quantized_bias())
 
 
 class QuantEmbedding(QuantLayerMixin, nn.Embedding):
