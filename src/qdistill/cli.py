@@ -16,7 +16,7 @@ from rich.table import Table
 
 from qdistill.errors import QdistillError
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole when piped to a file
 errors = Console(stderr=True)
 
 

@@ -40,7 +40,10 @@ def demo_runs(base: Recipe) -> list[tuple[str, Recipe]]:
             name = f"w{bits}a{bits}_{'kd' if kd else 'qat'}"
             runs.append((name, base.with_overrides([f"quant.weight_bits={bits}", f"quant.act_bits={bits}",
                                                     f"distill.alpha={0.9 if kd else 0.0}"])))
-    runs.append(("small_w4a4_kd", base.with_overrides(["student={name: mnist_cnn_small}"])))
+    # the half-width student starts from scratch, so it gets a higher learning rate and more epochs
+    small_epochs = 2 * base.train.epochs
+    runs.append(("small_w4a4_kd", base.with_overrides(["student={name: mnist_cnn_small}", "train.lr=0.002",
+                                                       f"train.epochs={small_epochs}"])))
     return runs
 
 
