@@ -25,12 +25,14 @@ class FeatureTap:
     def __init__(self, model: nn.Module, name: str, role: str) -> None:
         modules = dict(model.named_modules())
         if name not in modules:
-            available = ", ".join(n for n in modules if n) or "(none)"
+            available = ", ".join(n for n in modules if n and "quantizer" not in n) or "(none)"
             raise ModelError(f"distill.features: {role} layer {name!r} does not exist; available: {available}")
         self.output: torch.Tensor | None = None
         self.handle = modules[name].register_forward_hook(self._keep)
 
     def _keep(self, module, inputs, output) -> None:
+        if isinstance(output, (tuple, list)):  # e.g. attention returns (values, weights): hint on the first
+            output = output[0]
         self.output = output
 
     def remove(self) -> None:
