@@ -64,7 +64,7 @@ def test_lsq_step_gradient_matches_formula():
     grad_factor = lsq_grad_factor(x.numel(), qrange)
     LsqFakeQuantize.apply(x, scale, zero, qrange, None, grad_factor).backward(upstream)
     expected = 0.0
-    for value, g in zip(x.tolist(), upstream.tolist()):
+    for value, g in zip(x.tolist(), upstream.tolist(), strict=True):
         scaled = value * (1.0 / 0.2)
         q = round(scaled) + 2
         if q < 0:

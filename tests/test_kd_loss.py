@@ -18,7 +18,7 @@ def test_kd_loss_hand_computed():
     temperature, alpha = 2.0, 0.75
     p_t = [math.exp(0) / (math.exp(0) + math.exp(0.5)), math.exp(0.5) / (math.exp(0) + math.exp(0.5))]
     p_s = [math.exp(0.5) / (math.exp(0.5) + math.exp(0)), math.exp(0) / (math.exp(0.5) + math.exp(0))]
-    kl = sum(t * (math.log(t) - math.log(s)) for t, s in zip(p_t, p_s))
+    kl = sum(t * (math.log(t) - math.log(s)) for t, s in zip(p_t, p_s, strict=True))
     ce = -math.log(math.exp(1) / (math.exp(1) + math.exp(0)))  # label 0
     parts = KDLoss(temperature, alpha)(student, teacher, torch.tensor([0]))
     assert parts.kd.item() == pytest.approx(kl * temperature**2, rel=1e-6)

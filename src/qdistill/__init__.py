@@ -14,7 +14,14 @@ from qdistill import quant
 from qdistill.api import Result, load
 from qdistill.api import distill as _distill_function
 from qdistill.errors import (
-    CheckpointError, DataError, ExportError, FileFormatError, ModelError, NonFiniteError, QdistillError, RecipeError,
+    CheckpointError,
+    DataError,
+    ExportError,
+    FileFormatError,
+    ModelError,
+    NonFiniteError,
+    QdistillError,
+    RecipeError,
 )
 from qdistill.evaluate import evaluate
 from qdistill.export import export_onnx, load_packed, save_packed

@@ -16,10 +16,10 @@ from qdistill import models
 from qdistill.distill import Distiller, KDLoss, freeze
 from qdistill.distill.teacher import CachedTeacherLoader
 from qdistill.errors import DataError, FileFormatError, ModelError
-from qdistill.evaluate import evaluate, predict
+from qdistill.evaluate import evaluate
 from qdistill.factory import call_factory
 from qdistill.io import atomic_write_json, atomic_write_text, ensure_writable_dir, load_weights, save_weights
-from qdistill.quant import calibrate, layer_table, prepare
+from qdistill.quant import layer_table, prepare
 from qdistill.recipe import ModelSpec, Recipe
 from qdistill.report import build_report
 from qdistill.train import CheckpointPlan, fit

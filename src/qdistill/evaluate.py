@@ -56,7 +56,7 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_clas
         "f1_macro": float(macro[2]),
         "per_class": [
             {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-            for p, r, f, s in zip(precision, recall, f1, support)
+            for p, r, f, s in zip(precision, recall, f1, support, strict=True)
         ],
         "confusion_matrix": confusion_matrix(labels, predictions, labels=classes).tolist(),
     }

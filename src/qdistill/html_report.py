@@ -75,7 +75,7 @@ def _image_svg(image: np.ndarray, pixel: int) -> str:
 
 def _samples(samples: dict[str, Any]) -> str:
     cells = []
-    for image, predicted, label in zip(samples["images"], samples["predicted"], samples["labels"]):
+    for image, predicted, label in zip(samples["images"], samples["predicted"], samples["labels"], strict=True):
         pixel = max(2, 84 // max(image.shape[-1], 1))
         verdict = "good" if label is None or predicted == label else "bad"
         caption = f"pred {predicted}" + ("" if label is None else f" / true {label}")

@@ -22,7 +22,6 @@ from safetensors.torch import load_file, save_file
 
 from qdistill.errors import FileFormatError, QdistillError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

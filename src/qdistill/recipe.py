@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from qdistill.errors import RecipeError
 
+
 class _Section(BaseModel):
     """Strict base: unknown keys and silent type coercion (e.g. "4" for 4) are errors."""
 

@@ -9,7 +9,6 @@ from torch import nn
 
 from qdistill.recipe import TrainSpec
 
-
 SCALE_RELATIVE_LR = 10.0  # Adam moves a step size by about lr * this fraction of itself per step
 
 
