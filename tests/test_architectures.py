@@ -20,7 +20,7 @@ from qdistill.io import save_weights
 from qdistill.pipeline import build_student, prepare_data, run_recipe
 from qdistill.quant import layer_table, prepare
 from qdistill.recipe import DataSpec, Recipe, TrainSpec
-from qdistill.testing import TEST_MODELS, BasicBlock
+from qdistill.testing import TEST_MODELS, UntraceableNet
 from qdistill.train import Supervised, fit
 
 SMALL = {"tiny_resnet": {"width": 4}, "tiny_mobilenetv2": {"width": 8}, "tiny_transformer": {"dim": 16, "heads": 2},
@@ -113,24 +113,12 @@ def test_student_from_a_factory_and_a_checkpoint(small_digits, tmp_path):
         assert torch.equal(student.state_dict()[key], tensor), key
 
 
-class _Untraceable(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = BasicBlock(4, 4)
-        self.head = nn.Linear(4, 10)
-
-    def forward(self, x):
-        x = self.block(self.stem(x))
-        if x.amax() > 1e6:  # data-dependent Python: torch.fx cannot trace the model
-            x = x / x.amax()
-        return self.head(x.mean(dim=(2, 3)))
 
 
 def test_untraceable_model_reports_its_fallback_in_report_json(small_digits, tmp_path):
     bundle, train, val = small_digits
     recipe = Recipe(data={"name": "digits"}, quant={"weight_bits": 8, "act_bits": 8, **FAST}, train={"epochs": 1})
-    result = qd.distill(_Untraceable(), train, val, recipe, show_progress=False)
+    result = qd.distill(UntraceableNet(), train, val, recipe, show_progress=False)
     result.save(tmp_path)
     student = json.loads((tmp_path / "report.json").read_text())["student"]
     graph_entries = [entry for entry in student["unquantized_layers"] if entry.startswith("<graph>: ")]

@@ -15,7 +15,7 @@ from qdistill.io import load_weights, save_weights
 from qdistill.quant import layer_table, prepare
 from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention
 from qdistill.quant.modules import ActivationQuantizer, QuantAdd, QuantCat, QuantConv2d, QuantLinear
-from qdistill.testing import BasicBlock, TinyMLP
+from qdistill.testing import BasicBlock, TinyMLP, UntraceableNet
 
 W8 = {"weight_bits": 8, "act_bits": 8, "init": "minmax", "calibration_batches": 2}
 IMAGES = torch.rand(16, 1, 8, 8)
@@ -193,22 +193,10 @@ def test_modules_that_cannot_be_rewritten_are_reported_and_still_run():
         assert student.eval()(IMAGES).shape == (16, 10)
 
 
-class _Untraceable(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = BasicBlock(4, 4)
-        self.head = nn.Linear(4, 10)
-
-    def forward(self, x):
-        x = self.block(self.stem(x))
-        if x.mean() > 10:  # data-dependent Python: torch.fx cannot trace the model
-            x = x * 0
-        return self.head(x.mean(dim=(2, 3)))
 
 
 def test_untraceable_model_falls_back_module_by_module():
-    model = _Untraceable()
+    model = UntraceableNet()
     student = _calibrated(model)
     reasons = student.qdistill_unquantized
     assert "torch.fx could not trace the model" in reasons["<graph>"] and "TraceError" in reasons["<graph>"]

@@ -253,6 +253,26 @@ class TinyMLP(nn.Module):
         return self.net(x)
 
 
+class UntraceableNet(nn.Module):
+    """A small conv net torch.fx cannot trace (a data-dependent branch): prepare's fallback path.
+
+    Example:
+        >>> prepare(UntraceableNet(), {"weight_bits": 8}).qdistill_unquantized["<graph>"]   # the reason
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = BasicBlock(4, 4)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):  # (B, 1, H, W) -> (B, 10)
+        x = self.block(self.stem(x))
+        if x.mean() > 10:  # data-dependent Python: torch.fx cannot trace the model
+            x = x * 0
+        return self.head(x.mean(dim=(2, 3)))
+
+
 @register("tiny_resnet")
 def tiny_resnet(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, **kwargs: Any) -> nn.Module:
     """ResNet with BasicBlocks (BatchNorm, residual additions, a strided 1x1 shortcut); ``width``, ``blocks``.

@@ -244,11 +244,11 @@ def tensor_nodes(graph: fx.Graph, tensor_positions: set[int] | None = None) -> s
         ['add', 'x']
     """
     known: dict[fx.Node, bool] = {}
-    placeholders = 0
+    parameter_index = 0  # fx names each forward parameter's node op "placeholder"
     for node in graph.nodes:
         if node.op == "placeholder":
-            known[node] = tensor_positions is None or placeholders in tensor_positions
-            placeholders += 1
+            known[node] = tensor_positions is None or parameter_index in tensor_positions
+            parameter_index += 1
         else:
             known[node] = _is_tensor(node, known)
     return {node for node, is_tensor in known.items() if is_tensor}
