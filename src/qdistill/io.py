@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qdistill.errors import FileFormatError, QdistillError
+from qdistill.errors import FileFormatError, ModelError, QdistillError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -94,6 +94,26 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise FileFormatError(f"weights file {str(path)!r} is truncated or not a safetensors file ({reason})") from None
+
+
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict`` whose key and shape mismatches are one-line ``ModelError``s naming ``source``.
+
+    Example:
+        >>> layer = torch.nn.Linear(2, 1)
+        >>> load_state(layer, {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)}, "example")
+        >>> layer.weight.abs().sum().item()
+        0.0
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ModelError(f"{source}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ModelError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[key].shape)}")
+    model.load_state_dict(state)
 
 
 def load_torch_weights(path: str | Path) -> Any:

@@ -49,9 +49,7 @@ def float_copy(student: nn.Module) -> nn.Module:
     model = copy.deepcopy(student).cpu().eval()
     for name, module in list(model.named_modules()):
         if is_quantized(module):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, module.to_float())
+            model.set_submodule(name, module.to_float())
     for module in model.modules():
         if isinstance(module, Quantizer):
             module.initialized.fill_(False)  # an uninitialised quantizer passes its input through

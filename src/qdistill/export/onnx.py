@@ -40,6 +40,7 @@ import torch
 from onnx import helper
 from torch import nn
 
+from qdistill.batch import split_batch
 from qdistill.errors import ExportError
 from qdistill.evaluate import predict
 from qdistill.export.latency import make_session
@@ -47,6 +48,7 @@ from qdistill.export.packed import IntegerWeight, weight_integers
 from qdistill.export.qdq_graph import INTEGER_OPS, LAYER_MARKER, LayerInfo, _prune, rewrite_for_int8
 from qdistill.io import atomic_write
 from qdistill.quant.modules import is_quantized
+from qdistill.version import __version__
 
 OPSET = 13
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -174,8 +176,6 @@ def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET)
     missing = sorted(set(bits) - set(layers))
     if missing:
         raise ExportError(f"layers {missing} did not appear in the exported graph (not called in forward?); every quantized layer must run")
-    from qdistill import __version__
-
     table = [{**info.as_dict(), **bits[name]} for name, info in layers.items()]
     helper.set_model_props(model, {LAYERS_KEY: json.dumps(table), "qdistill_version": __version__})
     model.producer_name, model.doc_string = "qdistill", "int8 QDQ model written by qdistill.export_onnx"
@@ -220,12 +220,6 @@ def check_integer_kernels(path: str | Path) -> dict[str, str]:
     return kernels
 
 
-def _split(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, (list, tuple)):
-        return batch[0], batch[1] if len(batch) > 1 else None
-    return batch, None
-
-
 def onnx_predict(session, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """All logits ``(N, C)`` and labels (or None) of an ONNX Runtime session over ``loader``.
 
@@ -235,7 +229,7 @@ def onnx_predict(session, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray
     input_name = session.get_inputs()[0].name
     logits, labels = [], []
     for batch in loader:
-        inputs, targets = _split(batch)
+        inputs, targets = split_batch(batch)
         logits.append(session.run(None, {input_name: inputs.detach().cpu().float().numpy()})[0])
         if targets is not None:
             labels.append(targets.cpu().numpy())
@@ -298,7 +292,7 @@ def verify_onnx(path: str | Path, student: nn.Module, loader: Iterable[Any]) -> 
 def _first_samples(loader: Iterable[Any], count: int) -> torch.Tensor:
     chunks, total = [], 0
     for batch in loader:
-        inputs, _ = _split(batch)
+        inputs, _ = split_batch(batch)
         chunks.append(inputs.detach().cpu().float())
         total += len(inputs)
         if total >= count:

@@ -36,9 +36,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qdistill.errors import ExportError, FileFormatError, ModelError
-from qdistill.io import atomic_write
+from qdistill.io import atomic_write, load_state
 from qdistill.quant.fake_quant import MIN_SCALE, IntRange
 from qdistill.quant.modules import is_quantized
+from qdistill.quant.prepare import prepare
+from qdistill.recipe import QuantSpec
+from qdistill.version import __version__
 
 FORMAT_NAME = "qdistill.qpack"
 FORMAT_VERSION = 1
@@ -145,8 +148,6 @@ def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         >>> header["layers"]["features.3"]["weight_bits"], tensors["features.3.weight.packed"].dtype
         (4, torch.uint8)
     """
-    from qdistill import __version__
-
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in student.state_dict().items()}
     layers: dict[str, Any] = {}
     for name, layer in _quantized_layers(student).items():
@@ -228,8 +229,6 @@ def _skeleton(model: nn.Module, header: dict[str, Any]) -> nn.Module:
     """A prepared student to load into: ``model`` itself (copied) or ``model`` prepared per the header."""
     if _quantized_layers(model):
         return copy.deepcopy(model)
-    from qdistill.quant.prepare import prepare
-    from qdistill.recipe import QuantSpec
 
     layers = header["layers"]
     per_tensor = any(entry["axis"] is None for entry in layers.values())
@@ -276,8 +275,6 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     Example:
         >>> student = load_packed("out/student.qpack.safetensors", model=models.create("mnist_cnn"))
     """
-    from qdistill.api import load_state
-
     path = Path(path)
     header, tensors = _read(path)
     _check_header(header, tensors, path)

@@ -105,11 +105,5 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
     modules = dict(model.named_modules())
     for layer_name, norm_name in pairs:
         fold_into(modules[layer_name], modules[norm_name].eval())
-        _replace(model, norm_name, nn.Identity())
+        model.set_submodule(norm_name, nn.Identity())
     return [norm_name for _, norm_name in pairs]
-
-
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

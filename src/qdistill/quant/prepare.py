@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdistill.batch import batch_inputs
 from qdistill.errors import ModelError
 from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention
 from qdistill.quant.fold import fold_batchnorms
@@ -44,7 +45,7 @@ from qdistill.quant.modules import (
 from qdistill.quant.quantizer import Quantizer
 from qdistill.quant.rewrite import rewrite_functional_ops
 from qdistill.quant.sharing import share_quantizers
-from qdistill.recipe import QuantSpec
+from qdistill.recipe import QuantSpec, Recipe
 
 FLOAT_BY_DESIGN = {
     QuantLayerNorm: "LayerNorm computes in float (per-sample statistics); only its input is quantized",
@@ -62,8 +63,6 @@ def _as_spec(spec: QuantSpec | dict | None) -> QuantSpec:
     if spec is None:
         return QuantSpec()
     if isinstance(spec, dict):
-        from qdistill.recipe import Recipe
-
         return Recipe(quant=spec).quant
     return spec
 
@@ -134,7 +133,7 @@ def _quantize_layers(student: nn.Module, spec: QuantSpec) -> list[str]:
         raise ModelError("model: no Conv1d/Conv2d/Linear/Embedding layer to quantize; qdistill needs at least one")
     bits = layer_bits([name for name, _ in layers], spec, strict=False)
     for name, layer in layers:
-        _set_submodule(student, name, _make_layer(layer, *bits[name], spec))
+        student.set_submodule(name, _make_layer(layer, *bits[name], spec))
     return [name for name, _ in layers]
 
 
@@ -144,7 +143,7 @@ def _quantize_float_ops(student: nn.Module, spec: QuantSpec) -> list[str]:
     for name, module in list(student.named_modules()):
         quantized = INPUT_QUANTIZED_CLASS.get(type(module))
         if quantized is not None and name:
-            _set_submodule(student, name, quantized.from_float(module, _activation_quantizer(spec, spec.act_bits)))
+            student.set_submodule(name, quantized.from_float(module, _activation_quantizer(spec, spec.act_bits)))
             names.append(name)
     return names
 
@@ -258,8 +257,7 @@ def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> i
         for batch in batches:
             if used >= max_batches:
                 break
-            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-            student(inputs.to(device))
+            student(batch_inputs(batch).to(device))
             used += 1
     for quantizer in quantizers:
         quantizer.finish_calibration()
@@ -283,9 +281,3 @@ def layer_table(student: nn.Module) -> dict[str, dict[str, int | None]]:
         elif isinstance(module, QUANTIZED_OPS):
             table[name] = {"weight_bits": None, "act_bits": module.act_bits}
     return table
-
-
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)

@@ -105,3 +105,23 @@ class Quantizer(nn.Module):
         per_scale = x.numel() // self.scale.numel() if self.axis is not None else x[0].numel()
         grad_factor = lsq_grad_factor(per_scale, self.qrange)
         return fake_quantize(x, self.scale, self.zero_point, self.qrange, self.axis, grad_factor)
+
+
+def quantizer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``{name: parameter}`` of every parameter that belongs to a ``Quantizer`` (its step size), found by type.
+
+    The one rule for telling quantizer state from network weights: parameter counting, the
+    optimiser's step-size groups and the non-finite check all use it.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(4, 2))
+        >>> model.add_module("q", Quantizer(bits=8, signed=False))
+        >>> list(quantizer_parameters(model))
+        ['q.scale']
+    """
+    found: dict[str, nn.Parameter] = {}
+    for module_name, module in model.named_modules():
+        if isinstance(module, Quantizer):
+            for name, parameter in module.named_parameters(recurse=False):
+                found[f"{module_name}.{name}" if module_name else name] = parameter
+    return found
