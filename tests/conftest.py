@@ -19,9 +19,9 @@ def _seeded():
 
 @pytest.fixture(scope="session")
 def digits():
-    """scikit-learn's digits, split 80/20, as (bundle, train_loader, val_loader)."""
+    """scikit-learn's digits (train/val/test split), as (bundle, train_loader, val_loader)."""
     bundle = load_data(DataSpec(name="digits", batch_size=32))
-    train, val = make_loaders(bundle, 32, 0)
+    train, val, _ = make_loaders(bundle, 32, 0)
     return bundle, train, val
 
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 import qdistill as qd
+from qdistill.runs.stages import prepare_data
 
 TINY = {
     "model": {"name": "mnist_cnn"},
@@ -46,13 +47,11 @@ def test_run_then_eval(tmp_path):
     evaluated = qdistill("eval", str(out))
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"{report['student']['accuracy']:.4f}" in evaluated.stdout
-    assert qd.evaluate(qd.load(out), _val_loader())["accuracy"] == report["student"]["accuracy"]
+    assert qd.evaluate(qd.load(out), _test_loader())["accuracy"] == report["student"]["accuracy"]
 
 
-def _val_loader():
-    from qdistill.pipeline import prepare_data
-
-    return prepare_data(qd.Recipe(**TINY)).val
+def _test_loader():
+    return prepare_data(qd.Recipe(**TINY)).test
 
 
 @pytest.mark.parametrize("change, message", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qdistill.distill import KDLoss
+from qdistill.kd import KDLoss
 from qdistill.errors import RecipeError
 
 

@@ -58,14 +58,22 @@ def reference(tmp_path_factory):
     return recipe, folder / "out"
 
 
+TIMING_KEYS = {"seconds"}  # wall-clock durations: the only part of a report a resume may change
+
+
+def _without_timings(value):
+    if isinstance(value, dict):
+        return {key: _without_timings(item) for key, item in value.items() if key not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [_without_timings(item) for item in value]
+    return value
+
+
 def _assert_same(out: Path, reference_out: Path) -> None:
     assert (out / "student.safetensors").read_bytes() == (reference_out / "student.safetensors").read_bytes()
     report, expected = (json.loads((path / "report.json").read_text()) for path in (out, reference_out))
-    for section in ("teacher", "student"):
-        for key in ("accuracy", "f1_macro", "agreement_with_teacher", "size_bytes"):
-            assert report[section].get(key) == expected[section].get(key), (section, key)
-    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in report["history"]]
-    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in expected["history"]]
+    assert "history" in expected["teacher"]  # the reference trained its teacher here
+    assert _without_timings(report) == _without_timings(expected)  # the whole report, teacher history included
 
 
 def test_sigkill_mid_student_epoch_then_resume_is_bit_identical(reference, tmp_path):

@@ -1,19 +1,17 @@
 """qdistill: quantization-aware training with knowledge distillation, evaluation and export.
 
+``qd.distill`` trains a low-bit student of a float teacher; the building blocks live in
+subpackages (``qd.quant``, ``qd.kd``, ``qd.export``, ...). The names below are the public API.
+
 Example:
     >>> import qdistill as qd
     >>> recipe = qd.Recipe(quant={"weight_bits": 4, "act_bits": 4})
-    >>> result = qd.distill(teacher, train_loader, val_loader, recipe)
-    >>> result.save("out/")
+    >>> recipe.quant.act_bits, recipe.distill.temperature
+    (4, 4.0)
 """
 
-__version__ = "0.1.0"
-
-from qdistill import distill as _distill_package  # noqa: F401  (qd.distill.KDLoss stays reachable below)
-from qdistill import quant
-from qdistill.api import Result, load
-from qdistill.api import distill as _distill_function
-from qdistill.errors import (
+from qdistill import kd, quant
+from qdistill.api import (
     CheckpointError,
     DataError,
     ExportError,
@@ -21,30 +19,23 @@ from qdistill.errors import (
     ModelError,
     NonFiniteError,
     QdistillError,
+    Recipe,
     RecipeError,
+    Result,
+    distill,
+    evaluate,
+    export_directory,
+    export_onnx,
+    load,
+    load_packed,
+    run_recipe,
+    run_search,
+    save_packed,
 )
-from qdistill.evaluate import evaluate
-from qdistill.export import export_onnx, load_packed, save_packed
-from qdistill.recipe import Recipe
-
-
-class _DistillEntry:
-    """``qd.distill(...)`` runs QAT + KD; ``qd.distill.KDLoss`` / ``qd.distill.Distiller`` are the parts."""
-
-    def __init__(self) -> None:
-        from qdistill.distill import Distiller, KDLoss, LossParts, freeze, soft_kl
-
-        self.KDLoss, self.Distiller, self.LossParts, self.freeze, self.soft_kl = KDLoss, Distiller, LossParts, freeze, soft_kl
-        self.__doc__ = _distill_function.__doc__
-
-    def __call__(self, *args, **kwargs):
-        return _distill_function(*args, **kwargs)
-
-
-distill = _DistillEntry()
+from qdistill.version import __version__
 
 __all__ = [
     "CheckpointError", "DataError", "ExportError", "FileFormatError", "ModelError", "NonFiniteError", "QdistillError",
-    "RecipeError", "Recipe", "Result", "distill", "evaluate", "export_onnx", "load", "load_packed", "quant",
-    "save_packed",
+    "Recipe", "RecipeError", "Result", "__version__", "distill", "evaluate", "export_directory", "export_onnx", "kd",
+    "load", "load_packed", "quant", "run_recipe", "run_search", "save_packed",
 ]

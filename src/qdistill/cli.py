@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,23 @@ from rich.console import Console
 from rich.table import Table
 
 from qdistill.errors import QdistillError
+from qdistill.evaluate import evaluate
+from qdistill.export import format_export_summary
+from qdistill.recipe import Recipe
+from qdistill.runs.demo import ROW_KEYS, run_demo
+from qdistill.runs.deploy import export_directory
+from qdistill.runs.recipe_run import run_recipe
+from qdistill.runs.rundir import load_recipe, load_run
+from qdistill.runs.search import candidate_name, run_search
+from qdistill.runs.stages import prepare_data
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole when piped to a file
 errors = Console(stderr=True)
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from qdistill.demo import ROW_KEYS, run_demo
-
     rows = run_demo(args.out, quick=args.quick, show_progress=not args.no_progress, echo=console.print)
-    table = Table(title=f"qdistill demo ({'quick' if args.quick else 'full'}) - MNIST subset, 1000 test images")
+    table = Table(title=f"qdistill demo ({'quick' if args.quick else 'full'}) - MNIST subset, metrics on its 1000 test images")
     for key in ROW_KEYS:
         table.add_column(key, justify="left" if key == "run" else "right")
     for row in rows:
@@ -43,9 +51,6 @@ def _cell(value: Any) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from qdistill.pipeline import run_recipe
-    from qdistill.recipe import Recipe
-
     recipe = Recipe.from_yaml(args.recipe).with_overrides(args.overrides)
     result = run_recipe(recipe, args.out, resume=args.resume, show_progress=not args.no_progress)
     _print_metrics(result.report)
@@ -54,7 +59,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(report: dict[str, Any]) -> None:
-    table = Table(title="teacher vs student (validation; macro averages; size at the model's bit widths)")
+    where = "validation" if report.get("evaluated_on") == "validation" else "test split"
+    table = Table(title=f"teacher vs student ({where}; macro averages; size at the model's bit widths)")
     for column in ("model", "accuracy", "precision", "recall", "f1", "params", "size bytes"):
         table.add_column(column, justify="right")
     for name in ("teacher", "student"):
@@ -68,39 +74,29 @@ def _print_metrics(report: dict[str, Any]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from qdistill.api import RECIPE_FILE, load
-    from qdistill.evaluate import evaluate
-    from qdistill.pipeline import prepare_data
-    from qdistill.recipe import Recipe
-
-    recipe = Recipe.from_yaml(Path(args.directory) / RECIPE_FILE)
-    student = load(args.directory)
+    recipe = load_recipe(args.directory)
+    student = load_run(args.directory)
     data = prepare_data(recipe)
-    metrics = evaluate(student, data.val, data.bundle.num_classes)
+    metrics = evaluate(student, data.test, data.bundle.num_classes)
     _print_metrics({"student": metrics})
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
-    from qdistill.export import export_directory, format_export_summary
-
     section = export_directory(args.directory, args.format)
     console.print(format_export_summary(section))
     return 0
 
 
 def _search(args: argparse.Namespace) -> int:
-    from qdistill.recipe import Recipe
-    from qdistill.search import candidate_name, run_search
-
     recipe = Recipe.from_yaml(args.recipe).with_overrides(args.overrides)
     section = run_search(recipe, args.out, show_progress=not args.no_progress, echo=console.print)
-    table = Table(title=f"search: target accuracy {section['target_accuracy']:.4f} "
+    table = Table(title=f"search: target validation accuracy {section['target_accuracy']:.4f} "
                         f"(teacher {section['teacher_accuracy']:.4f})")
-    for column in ("candidate", "accuracy", "size bytes", "epochs", "seconds", "meets target"):
+    for column in ("candidate", "val accuracy", "test accuracy", "size bytes", "epochs", "seconds", "meets target"):
         table.add_column(column, justify="right")
     for row in section["candidates"]:
-        table.add_row(candidate_name(row["weight_bits"], row["act_bits"]), f"{row['accuracy']:.4f}",
+        table.add_row(candidate_name(row["weight_bits"], row["act_bits"]), f"{row['val_accuracy']:.4f}", f"{row['accuracy']:.4f}",
                       str(row["size_bytes"]), str(row["epochs"]), str(row["seconds"]), "yes" if row["met_target"] else "no")
     console.print(table)
     chosen = section["chosen"]
@@ -144,8 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    errors.print(f"warning: {message}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``qdistill`` command; returns the exit code."""
+    warnings.showwarning = _one_line_warning  # a user sees the message, not our source line
     parser = build_parser()
     args, extras = parser.parse_known_args(argv)
     overrides = [extra for extra in extras if "=" in extra and not extra.startswith("-")]

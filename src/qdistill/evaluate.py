@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,18 +11,14 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
+from qdistill.batch import split_batch
 from qdistill.errors import DataError
 from qdistill.quant.modules import is_quantized
+from qdistill.quant.quantizer import Quantizer, quantizer_parameters
 
 FLOAT_BITS = 32
 SCALE_BITS = 32  # each quantization scale is stored as float32
 ZERO_POINT_BITS = 32  # activation zero points as int32
-
-
-def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, (list, tuple)):
-        return batch[0], batch[1] if len(batch) > 1 else None
-    return batch, None
 
 
 @torch.no_grad()
@@ -32,7 +29,7 @@ def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.nda
     device = next(model.parameters()).device
     logits, labels = [], []
     for batch in loader:
-        inputs, targets = _split_batch(batch)
+        inputs, targets = split_batch(batch)
         logits.append(model(inputs.to(device)).float().cpu())
         if targets is not None:
             labels.append(targets.cpu())
@@ -43,17 +40,31 @@ def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.nda
 
 
 def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, Any]:
-    """Accuracy, macro P/R/F1, per-class P/R/F1/support and the confusion matrix."""
+    """Accuracy, macro P/R/F1, per-class P/R/F1/support and the confusion matrix.
+
+    A class with no sample in ``labels`` has no recall or F1 to speak of: it is left out of the
+    macro averages (listed under ``absent_classes``, with a warning) and its row shows support 0.
+
+    Example:
+        >>> metrics = classification_metrics(np.array([0, 1, 1]), np.array([0, 1, 0]), num_classes=2)
+        >>> metrics["accuracy"], metrics["recall_macro"], metrics["absent_classes"]
+        (0.6666666666666666, 0.75, [])
+    """
     classes = list(range(num_classes))
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predictions, labels=classes, average=None, zero_division=0
     )
-    macro = precision_recall_fscore_support(labels, predictions, labels=classes, average="macro", zero_division=0)
+    present = [index for index in classes if support[index] > 0]
+    absent = [index for index in classes if support[index] == 0]
+    if absent:
+        warnings.warn(f"classes {absent} have no sample in the evaluation data; they are left out of the macro "
+                      "averages (per-class rows show support 0)", stacklevel=2)
     return {
         "accuracy": float(np.mean(predictions == labels)),
-        "precision_macro": float(macro[0]),
-        "recall_macro": float(macro[1]),
-        "f1_macro": float(macro[2]),
+        "precision_macro": float(np.mean(precision[present])),
+        "recall_macro": float(np.mean(recall[present])),
+        "f1_macro": float(np.mean(f1[present])),
+        "absent_classes": absent,
         "per_class": [
             {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
             for p, r, f, s in zip(precision, recall, f1, support, strict=True)
@@ -63,14 +74,21 @@ def classification_metrics(predictions: np.ndarray, labels: np.ndarray, num_clas
 
 
 def count_params(model: nn.Module) -> int:
-    """Weights and biases of the network (quantizer scales and zero points not counted)."""
-    return sum(p.numel() for name, p in model.named_parameters() if not name.endswith("scale"))
+    """Weights and biases of the network (quantizer step sizes, found by type, are not counted).
+
+    Example:
+        >>> count_params(nn.Linear(3, 2))
+        8
+    """
+    step_sizes = {id(parameter) for parameter in quantizer_parameters(model).values()}
+    return sum(parameter.numel() for parameter in model.parameters() if id(parameter) not in step_sizes)
 
 
 def theoretical_size_bytes(model: nn.Module) -> int:
     """Bytes to store the model at its bit widths: quantized weights at their bits plus their
     scales (and activation scale/zero point), everything else (biases, float layers) at 32 bits."""
     bits = 0
+    step_sizes = {id(parameter) for parameter in quantizer_parameters(model).values()}
     quantized_weights: set[int] = set()
     for module in model.modules():
         if is_quantized(module):
@@ -78,11 +96,13 @@ def theoretical_size_bytes(model: nn.Module) -> int:
             bits += module.weight.numel() * module.weight_bits + module.weight_quantizer.scale.numel() * SCALE_BITS
             if module.input_quantizer is not None:
                 bits += SCALE_BITS + ZERO_POINT_BITS
-    for name, parameter in model.named_parameters():
-        if id(parameter) not in quantized_weights and not name.endswith("quantizer.scale"):
+    for parameter in model.parameters():
+        if id(parameter) not in quantized_weights and id(parameter) not in step_sizes:
             bits += parameter.numel() * FLOAT_BITS
-    for name, buffer in model.named_buffers():
-        if "quantizer" not in name and buffer.is_floating_point():
+    quantizer_buffers = {id(buffer) for module in model.modules() if isinstance(module, Quantizer)
+                         for buffer in module.buffers(recurse=False)}
+    for buffer in model.buffers():
+        if id(buffer) not in quantizer_buffers and buffer.is_floating_point():
             bits += buffer.numel() * FLOAT_BITS
     return (bits + 7) // 8
 

@@ -38,13 +38,18 @@ class ModelSpec(_Section):
 
 
 class DataSpec(_Section):
-    """Which data: a built-in ``name``, an ``npz`` file (arrays x, y) or a ``factory``."""
+    """Which data: a built-in ``name``, an ``npz`` file (arrays x, y) or a ``factory``, and how it is split.
+
+    ``test_fraction`` of the samples is set aside first (default 0.2; mnist5k keeps its fixed
+    1000-image test set), then ``val_fraction`` of the rest validates; the remainder trains.
+    """
 
     name: Literal["mnist5k", "digits"] | None = None
     npz: str | None = None
     factory: str | None = None
     batch_size: int = Field(64, ge=1, le=65536)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    test_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     seed: int = Field(0, ge=0)
     normalize: Literal["none", "unit", "standard"] = "unit"
     limit: int | None = Field(None, ge=1)
@@ -54,6 +59,9 @@ class DataSpec(_Section):
         given = [key for key in ("name", "npz", "factory") if getattr(self, key) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of 'name' (mnist5k | digits), 'npz' (path) or 'factory' (module:function)")
+        if self.name == "mnist5k" and self.test_fraction is not None and self.limit is None:
+            raise ValueError("mnist5k has a fixed 1000-image test set; test_fraction applies to digits, npz, factory "
+                             "data and to mnist5k with a limit")
         return self
 
 
@@ -194,6 +202,9 @@ class Recipe(_Section):
         except (yaml.YAMLError, UnicodeDecodeError) as error:
             reason = str(error).splitlines()[0]
             raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {reason}") from None
+        if data is None:
+            raise RecipeError(f"recipe file {str(path)!r} is empty; a recipe is a YAML mapping of sections "
+                              f"({', '.join(cls.model_fields)})")
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:

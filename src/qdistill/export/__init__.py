@@ -1,7 +1,7 @@
 """Deployment: int8 ONNX export with a parity gate, packed low-bit files, latency.
 
 ``export_all`` writes what a recipe's ``export`` section asks for and returns report.json's
-``export`` section; ``export_directory`` does the same for a saved run (``qdistill export DIR``).
+``export`` section (``qdistill.runs.deploy`` calls it for a run folder).
 
 Example:
     >>> section = export_all(result.student, "out/", train_x[:1], val_loader, recipe.export)
@@ -11,7 +11,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import json
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any
 
 from torch import nn
 
-from qdistill.errors import FileFormatError, RecipeError
 from qdistill.export.latency import BUDGET_SECONDS, measure_latency
 from qdistill.export.onnx import (
     check_integer_kernels,
@@ -29,14 +27,12 @@ from qdistill.export.onnx import (
     verify_onnx,
 )
 from qdistill.export.packed import fp32_safetensors_bytes, load_packed, pack_bits, save_packed, unpack_bits
-from qdistill.io import atomic_write_json
 from qdistill.quant.modules import is_quantized
 from qdistill.quant.quantizer import Quantizer
 from qdistill.recipe import ExportSpec
 
 ONNX_FILE = "model.onnx"
 PACKED_FILE = "student.qpack.safetensors"
-FORMATS = ("onnx", "packed", "all")
 
 
 def float_copy(student: nn.Module) -> nn.Module:
@@ -102,36 +98,6 @@ def export_all(student: nn.Module, out_dir: str | Path, example_input: Any, val_
     return section
 
 
-def export_directory(directory: str | Path, fmt: str = "all", latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
-    """Export a saved run (``qdistill run``/``Result.save``) and merge the section into its report.json.
-
-    Example:
-        >>> section = export_directory("out/", "onnx")
-    """
-    from qdistill.api import REPORT_FILE, load
-    from qdistill.pipeline import prepare_data
-    from qdistill.recipe import Recipe
-
-    if fmt not in FORMATS:
-        raise RecipeError(f"--format: {fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
-    directory = Path(directory)
-    recipe = Recipe.from_yaml(directory / "recipe.yaml")
-    student = load(directory)
-    data = prepare_data(recipe)
-    spec = ExportSpec(onnx=fmt in ("onnx", "all"), packed=fmt in ("packed", "all"))
-    section = export_all(student, directory, data.bundle.train_x[:1], data.val, spec, latency_budget_s=latency_budget_s)
-    report_path = directory / REPORT_FILE
-    report: dict[str, Any] = {}
-    if report_path.is_file():
-        try:
-            report = json.loads(report_path.read_text())
-        except json.JSONDecodeError:
-            raise FileFormatError(f"report file {str(report_path)!r} is not valid JSON; fix or delete it") from None
-    report["export"] = {**report.get("export", {}), **section}
-    atomic_write_json(report_path, report)
-    return section
-
-
 def _latency_cells(table: dict[str, dict[str, float]]) -> str:
     labels = {"int8": "int8", "fp32": "fp32", "torch_fp32": "torch"}
     return "  ".join(f"{labels[name]} {table[name]['batch1']:.1f}/{table[name]['batch64']:.1f}"
@@ -184,7 +150,7 @@ def format_export_summary(section: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "ONNX_FILE", "PACKED_FILE", "check_integer_kernels", "diagnose_layers", "export_all", "export_directory",
+    "ONNX_FILE", "PACKED_FILE", "check_integer_kernels", "diagnose_layers", "export_all",
     "export_float_onnx", "export_onnx", "float_copy", "format_export_summary", "load_packed", "pack_bits",
     "save_packed", "unpack_bits", "verify_onnx",
 ]

@@ -1,4 +1,4 @@
-"""Small real architectures for tests, benchmarks and recipes: ResNet, MobileNetV2, a transformer, an MLP.
+"""Built-in tiny architectures for recipes, tests and benchmarks: ResNet, MobileNetV2, a transformer, an MLP.
 
 Each is a scaled-down version of a family people quantize, with the layers that make it hard:
 BatchNorm, residual additions, depthwise convolutions, ReLU6, attention, LayerNorm, embeddings.
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdistill.errors import ModelError
-from qdistill.models import register
+from qdistill.models.registry import register
 
 ACTIVATIONS = {"relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hardswish}
 
@@ -253,26 +253,6 @@ class TinyMLP(nn.Module):
         return self.net(x)
 
 
-class UntraceableNet(nn.Module):
-    """A small conv net torch.fx cannot trace (a data-dependent branch): prepare's fallback path.
-
-    Example:
-        >>> prepare(UntraceableNet(), {"weight_bits": 8}).qdistill_unquantized["<graph>"]   # the reason
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
-        self.block = BasicBlock(4, 4)
-        self.head = nn.Linear(4, 10)
-
-    def forward(self, x):  # (B, 1, H, W) -> (B, 10)
-        x = self.block(self.stem(x))
-        if x.mean() > 10:  # data-dependent Python: torch.fx cannot trace the model
-            x = x * 0
-        return self.head(x.mean(dim=(2, 3)))
-
-
 @register("tiny_resnet")
 def tiny_resnet(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, **kwargs: Any) -> nn.Module:
     """ResNet with BasicBlocks (BatchNorm, residual additions, a strided 1x1 shortcut); ``width``, ``blocks``.
@@ -317,4 +297,4 @@ def tiny_mlp(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, *
     return TinyMLP(in_channels * image_size * image_size, num_classes, **kwargs)
 
 
-TEST_MODELS = ("tiny_resnet", "tiny_mobilenetv2", "tiny_transformer", "tiny_mlp")
+TINY_MODELS = ("tiny_resnet", "tiny_mobilenetv2", "tiny_transformer", "tiny_mlp")

@@ -1,7 +1,8 @@
 """``qdistill search``: the smallest student (fewest bits) that meets an accuracy target.
 
 Candidates are tried as a binary search over the bit-width ladder, smallest first in order, on the
-assumption that more bits never lose accuracy. Every candidate's outputs are kept under
+assumption that more bits never lose accuracy. A candidate meets the target on the validation
+split; the accuracy each candidate reports is measured on the test split, which no choice saw. Every candidate's outputs are kept under
 ``DIR/candidates/<name>/``, and the best student so far is saved to ``DIR`` as soon as it is
 found, so a search that is stopped - or that never meets its target - still leaves a usable result.
 """
@@ -13,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdistill.api import Result
 from qdistill.evaluate import evaluate
-from qdistill.io import ensure_writable_dir
-from qdistill.pipeline import export_outputs, obtain_teacher, prepare_data, run_recipe, write_html_report
 from qdistill.recipe import Recipe
+from qdistill.runs.deploy import export_outputs
+from qdistill.runs.recipe_run import run_recipe, write_html_report
+from qdistill.runs.rundir import RunDir, output_dir
+from qdistill.runs.stages import RunData, obtain_teacher, prepare_data
+from qdistill.runs.student import Result
 
 
 @dataclass
@@ -36,17 +39,20 @@ def candidate_name(weight_bits: int, act_bits: int) -> str:
     return f"w{weight_bits}a{act_bits}"
 
 
-def _try(recipe: Recipe, candidate: list[int], state: SearchState, out: Path, data, teacher, show_progress: bool):
+def _try(recipe: Recipe, candidate: list[int], state: SearchState, run: RunDir, data: RunData, teacher,
+         show_progress: bool):
     weight_bits, act_bits = candidate
     overrides = [f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
-                 f"train.target_accuracy={state.target}"]  # stop training once the target is met
+                 f"train.target_accuracy={state.target}"]  # stop training once the target is met (on validation)
     started = time.perf_counter()
-    result = run_recipe(recipe.with_overrides(overrides), out / "candidates" / candidate_name(*candidate),
+    result = run_recipe(recipe.with_overrides(overrides), run.candidate(candidate_name(*candidate)).path,
                         data=data, teacher=teacher, show_progress=show_progress, export=False)
     student = result.report["student"]
-    return result, {"weight_bits": weight_bits, "act_bits": act_bits, "accuracy": student["accuracy"],
-                    "size_bytes": student["size_bytes"], "met_target": student["accuracy"] >= state.target,
-                    "epochs": len(result.report["history"]), "seconds": round(time.perf_counter() - started, 2)}
+    val_accuracy = evaluate(result.student, data.val, data.bundle.num_classes)["accuracy"]
+    return result, {"weight_bits": weight_bits, "act_bits": act_bits, "val_accuracy": val_accuracy,
+                    "accuracy": student["accuracy"], "size_bytes": student["size_bytes"],
+                    "met_target": val_accuracy >= state.target, "epochs": len(result.report["history"]),
+                    "seconds": round(time.perf_counter() - started, 2)}
 
 
 def _search_section(state: SearchState, candidates: list[list[int]]) -> dict[str, Any]:
@@ -57,20 +63,24 @@ def _search_section(state: SearchState, candidates: list[list[int]]) -> dict[str
             "target_met": bool(chosen and chosen["met_target"])}
 
 
-def _publish(index: int, state: SearchState, candidates, out: Path, data) -> None:
-    """Save the chosen candidate as the search's result in ``out`` (it may be replaced later)."""
+def _publish(index: int, state: SearchState, candidates, run: RunDir, data: RunData) -> None:
+    """Save the chosen candidate as the search's result in the run folder (it may be replaced later)."""
     state.chosen = index
     result = state.results[index]
     result.report["search"] = _search_section(state, candidates)
-    result.save(out)
-    write_html_report(result, data, out)
+    result.save(run.path)
+    write_html_report(result, data, run)
 
 
 def run_search(recipe: Recipe, out: str | Path, show_progress: bool = True, echo=print) -> dict[str, Any]:
     """Run the search described by ``recipe.search``; returns report.json's ``search`` section."""
-    out = ensure_writable_dir(out)
+    with output_dir(out) as run:
+        return _search(recipe, run, show_progress, echo)
+
+
+def _search(recipe: Recipe, run: RunDir, show_progress: bool, echo) -> dict[str, Any]:
     data = prepare_data(recipe)
-    teacher, _ = obtain_teacher(recipe, data, out, resume=False, show_progress=show_progress, reuse_cached=True)
+    teacher, _ = obtain_teacher(recipe, data, run, resume=False, show_progress=show_progress, reuse_cached=True)
     teacher_accuracy = evaluate(teacher, data.val, data.bundle.num_classes)["accuracy"]
     target = recipe.search.target_accuracy or teacher_accuracy - recipe.search.max_accuracy_drop / 100.0
     state = SearchState(target=target, teacher_accuracy=teacher_accuracy)
@@ -79,26 +89,26 @@ def run_search(recipe: Recipe, out: str | Path, show_progress: bool = True, echo
     low, high = 0, len(candidates) - 1
     while low <= high:
         middle = (low + high) // 2
-        state.results[middle], state.tried[middle] = _try(recipe, candidates[middle], state, out, data, teacher,
+        state.results[middle], state.tried[middle] = _try(recipe, candidates[middle], state, run, data, teacher,
                                                           show_progress)
         row = state.tried[middle]
-        echo(f"{candidate_name(*candidates[middle])}: accuracy {row['accuracy']:.4f} "
+        echo(f"{candidate_name(*candidates[middle])}: validation accuracy {row['val_accuracy']:.4f} "
              f"{'meets' if row['met_target'] else 'misses'} the target ({row['seconds']} s)")
         if row["met_target"]:
-            _publish(middle, state, candidates, out, data)
+            _publish(middle, state, candidates, run, data)
             high = middle - 1
         else:
             low = middle + 1
     if state.chosen is None:  # nothing met the target: keep the most accurate student, and say so
-        _publish(max(state.tried, key=lambda index: state.tried[index]["accuracy"]), state, candidates, out, data)
-    return _finish(state, candidates, out, data)
+        _publish(max(state.tried, key=lambda index: state.tried[index]["val_accuracy"]), state, candidates, run, data)
+    return _finish(state, candidates, run, data)
 
 
-def _finish(state: SearchState, candidates, out: Path, data) -> dict[str, Any]:
+def _finish(state: SearchState, candidates, run: RunDir, data: RunData) -> dict[str, Any]:
     result = state.results[state.chosen]
     if result.recipe.export.onnx or result.recipe.export.packed:
-        result.report.update(export_outputs(result, data, out))
+        result.report.update(export_outputs(result.student, result.recipe, data, run))
     result.report["search"] = _search_section(state, candidates)
-    result.save(out)
-    write_html_report(result, data, out)
+    result.save(run.path)
+    write_html_report(result, data, run)
     return result.report["search"]

@@ -20,11 +20,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as Bar
 from torch import nn
 
-from qdistill.checkpoint import Progress, find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
-from qdistill.distill.losses import LossParts
+from qdistill.batch import batch_parts, to_device
 from qdistill.errors import NonFiniteError
+from qdistill.kd.losses import LossParts
+from qdistill.quant.quantizer import quantizer_parameters
 from qdistill.recipe import TrainSpec
-from qdistill.schedule import make_optimizer, make_scheduler
+from qdistill.train.checkpoint import Progress, find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from qdistill.train.optim import make_optimizer, make_scheduler
 
 
 class Supervised(nn.Module):
@@ -54,13 +56,6 @@ def fingerprint(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _to_device(batch: Any, device: torch.device) -> tuple[torch.Tensor | None, ...]:
-    """``(x, labels, teacher_logits)`` on ``device``; missing parts are None."""
-    parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
-    parts += [None] * (3 - len(parts))
-    return tuple(None if part is None else part.to(device) for part in parts[:3])
-
-
 def _check_finite(parts: LossParts, progress: Progress) -> None:
     for name, value in parts.items().items():
         if not torch.isfinite(value):
@@ -70,9 +65,10 @@ def _check_finite(parts: LossParts, progress: Progress) -> None:
             )
 
 
-def _check_scales(module: nn.Module, progress: Progress) -> str | None:
-    for name, parameter in module.named_parameters():
-        if name.endswith("quantizer.scale") and not torch.isfinite(parameter).all():
+def _non_finite_step_size(module: nn.Module) -> str | None:
+    """The name of the first quantizer step size that is NaN or Inf, or None."""
+    for name, parameter in quantizer_parameters(module).items():
+        if not torch.isfinite(parameter).all():
             return name
     return None
 
@@ -116,14 +112,16 @@ class _Loop:
         return True
 
     def step(self, batch: Any) -> None:
-        x, labels, teacher_logits = _to_device(batch, self.device)
+        x, labels, teacher_logits = (to_device(part, self.device) for part in batch_parts(batch))
+        if "lr" not in self.sums:
+            self.sums["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this epoch's first step uses
         parts = self.module(x, labels) if teacher_logits is None else self.module(x, labels, teacher_logits)
         _check_finite(parts, self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         self.optimizer.step()
         self.scheduler.step()
-        bad_scale = _check_scales(self.module, self.progress)
+        bad_scale = _non_finite_step_size(self.module)
         if bad_scale is not None:
             self.module.load_state_dict(self.last_good)
             raise NonFiniteError(
@@ -131,7 +129,7 @@ class _Loop:
                 f"scale {bad_scale!r} became non-finite; the weights of the last checkpoint were restored"
             )
         for name, value in parts.items().items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.item()
+            self.sums[name] = self.sums.get(name, 0.0) + value.item()  # one host sync per part and step
         self.sums["batches"] = self.sums.get("batches", 0.0) + 1
         self.progress.step_in_epoch += 1
         self.progress.global_step += 1
@@ -144,7 +142,7 @@ class _Loop:
             if name.startswith("feature:"):
                 record[f"{name}_loss"] = total / batches
         record["val_accuracy"] = self.validate() if self.validate else None
-        record["lr"] = self.optimizer.param_groups[0]["lr"]
+        record["lr"] = self.sums.get("lr", self.optimizer.param_groups[0]["lr"])
         record["seconds"] = round(seconds, 3)
         self.progress.history.append(record)
         self.progress.epoch += 1

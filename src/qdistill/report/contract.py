@@ -6,25 +6,19 @@ import platform
 import sys
 from typing import Any
 
+import onnxruntime
 import torch
 
 from qdistill.factory import FACTORIES_RUN
+from qdistill.version import __version__
 
 SUMMARY_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "params", "size_bytes")
 
 
 def environment(seed: int) -> dict[str, Any]:
     """Versions and platform of this run."""
-    from qdistill import __version__
-
-    try:
-        import onnxruntime
-
-        onnxruntime_version = onnxruntime.__version__
-    except ImportError:
-        onnxruntime_version = None
     return {"seed": seed, "python": sys.version.split()[0], "torch": torch.__version__,
-            "onnxruntime": onnxruntime_version, "qdistill": __version__, "platform": platform.platform()}
+            "onnxruntime": onnxruntime.__version__, "qdistill": __version__, "platform": platform.platform()}
 
 
 def summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -32,12 +26,27 @@ def summary(metrics: dict[str, Any]) -> dict[str, Any]:
     return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
 
 
+def bit_summary(per_layer: dict[str, dict[str, int | None]]) -> dict[str, Any]:
+    """``weight_bits`` and ``act_bits`` of report.json: min, max and a histogram over the quantized layers and ops.
+
+    Example:
+        >>> bit_summary({"conv": {"weight_bits": 8, "act_bits": 8}, "fc": {"weight_bits": 4, "act_bits": 8},
+        ...              "add": {"weight_bits": None, "act_bits": 8}})
+        {'weight_bits': {'min': 4, 'max': 8, 'histogram': {'4': 1, '8': 1}}, 'act_bits': {'min': 8, 'max': 8, 'histogram': {'8': 3}}}
+    """
+    result: dict[str, Any] = {}
+    for key in ("weight_bits", "act_bits"):
+        values = [row[key] for row in per_layer.values() if row.get(key) is not None]
+        if values:
+            histogram = {str(bits): values.count(bits) for bits in sorted(set(values))}
+            result[key] = {"min": min(values), "max": max(values), "histogram": histogram}
+    return result
+
+
 def build_report(recipe_dict: dict[str, Any], teacher_metrics: dict[str, Any], student_metrics: dict[str, Any],
                  student_info: dict[str, Any], history: list[dict[str, Any]], seed: int,
                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble report.json from measured metrics; stages that did not run have no key."""
-    from qdistill import __version__
-
     student = summary(student_metrics)
     student.update(student_info)
     if "agreement_with_teacher" in student_metrics:

@@ -1,49 +1,20 @@
-"""Built-in architectures and the name -> factory registry.
-
-``mnist_cnn`` is the method's worked example (conv32-pool-conv64-pool-fc128-fc10);
-``mnist_cnn_small`` is the half-width student; ``mlp`` a plain multilayer perceptron.
+"""The seed's architectures: ``mnist_cnn`` (the method's worked example, conv32-pool-conv64-pool-fc128-fc10),
+``mnist_cnn_small`` (the half-width student) and ``mlp``.
 
 Example:
+    >>> import torch
     >>> from qdistill import models
-    >>> teacher = models.create("mnist_cnn", in_channels=1, num_classes=10, image_size=28)
-    >>> models.register("my_net")(lambda **kw: MyNet(**kw))     # a user model is one line
+    >>> models.create("mnist_cnn", in_channels=1, num_classes=10, image_size=28)(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from qdistill.errors import ModelError
-
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-
-
-def register(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
-    """Decorator adding a model factory to the registry under ``name``."""
-
-    def add(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = factory
-        return factory
-
-    return add
-
-
-def names() -> list[str]:
-    """Registered model names."""
-    return sorted(_REGISTRY)
-
-
-def create(name: str, **kwargs: Any) -> nn.Module:
-    """Build a registered model; unknown names and bad arguments are ``ModelError``s."""
-    if name not in _REGISTRY:
-        raise ModelError(f"model.name: {name!r} is not a built-in model; allowed: {', '.join(names())}")
-    try:
-        return _REGISTRY[name](**kwargs)
-    except TypeError as error:
-        raise ModelError(f"model {name!r}: bad arguments {kwargs} ({error})") from None
+from qdistill.models.registry import register
 
 
 class ConvNet(nn.Module):
@@ -100,6 +71,3 @@ def mnist_cnn_small(in_channels: int = 1, num_classes: int = 10, image_size: int
 def mlp(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, **kwargs: Any) -> nn.Module:
     """Two hidden layers (256, 128) on the flattened input."""
     return MLP(in_channels * image_size * image_size, num_classes, **kwargs)
-
-
-from qdistill import testing  # noqa: E402,F401  (registers tiny_resnet, tiny_mobilenetv2, tiny_transformer, tiny_mlp)

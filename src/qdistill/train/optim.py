@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules (step-wise, with optional linear warm-up)."""
+"""Optimisers (SGD, Adam, AdamW, with per-step-size learning rates) and learning-rate schedules (step-wise, with optional linear warm-up)."""
 
 from __future__ import annotations
 
@@ -7,13 +7,10 @@ import math
 import torch
 from torch import nn
 
+from qdistill.quant.quantizer import quantizer_parameters
 from qdistill.recipe import TrainSpec
 
 SCALE_RELATIVE_LR = 10.0  # Adam moves a step size by about lr * this fraction of itself per step
-
-
-def _is_step_size(name: str) -> bool:
-    return name.endswith("quantizer.scale")
 
 
 def _step_size_groups(module: nn.Module, spec: TrainSpec) -> list[dict]:
@@ -26,8 +23,8 @@ def _step_size_groups(module: nn.Module, spec: TrainSpec) -> list[dict]:
     already balances it.
     """
     groups = []
-    for name, parameter in module.named_parameters():
-        if parameter.requires_grad and _is_step_size(name):
+    for parameter in quantizer_parameters(module).values():
+        if parameter.requires_grad:
             magnitude = float(parameter.detach().abs().mean()) or 1e-8
             groups.append({"params": [parameter], "weight_decay": 0.0, "lr": spec.lr * SCALE_RELATIVE_LR * magnitude})
     return groups
@@ -36,11 +33,12 @@ def _step_size_groups(module: nn.Module, spec: TrainSpec) -> list[dict]:
 def make_optimizer(module: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     """SGD (momentum), Adam or AdamW; biases, norms and quantizer step sizes get no weight decay."""
     adaptive = spec.optimizer in ("adam", "adamw")
+    step_sizes = {id(parameter) for parameter in quantizer_parameters(module).values()}
     decay, no_decay = [], []
-    for name, parameter in module.named_parameters():
-        if not parameter.requires_grad or (adaptive and _is_step_size(name)):
+    for parameter in module.parameters():
+        if not parameter.requires_grad or (adaptive and id(parameter) in step_sizes):
             continue
-        (no_decay if parameter.dim() <= 1 or _is_step_size(name) else decay).append(parameter)
+        (no_decay if parameter.dim() <= 1 or id(parameter) in step_sizes else decay).append(parameter)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if adaptive:
         groups += _step_size_groups(module, spec)

@@ -89,9 +89,10 @@ def render(report: dict[str, Any], samples: dict[str, Any] | None = None) -> str
     rows = [[name] + [report[name].get(key) for key in keys] for name in ("teacher", "student") if name in report]
     student = report.get("student", {})
     sections = ["<h1>qdistill report</h1>",
-                f"<p>W{student.get('weight_bits')}A{student.get('act_bits')} student; agreement with teacher "
+                f"<p>Student weights at {_bits_range(student.get('weight_bits'))} bits, activations at "
+                f"{_bits_range(student.get('act_bits'))} bits; agreement with teacher "
                 f"{_fmt(student.get('agreement_with_teacher'))}; size is theoretical (bits of the weights plus scales).</p>",
-                "<h2>Teacher vs student (validation)</h2>", _table(["model"] + keys, rows)]
+                f"<h2>Teacher vs student ({html.escape(str(report.get('evaluated_on', 'test')))} split)</h2>", _table(["model"] + keys, rows)]
     history = report.get("history", [])
     if history:
         sections += ["<h2>Training</h2>",
@@ -100,7 +101,7 @@ def render(report: dict[str, Any], samples: dict[str, Any] | None = None) -> str
                      _line_chart({"val accuracy": [r["val_accuracy"] for r in history]}, "validation accuracy"),
                      _table(list(history[0]), [list(r.values()) for r in history])]
     if samples:
-        sections += ["<h2>First ten validation images, student's predictions</h2>", _samples(samples)]
+        sections += ["<h2>First ten test images, student's predictions</h2>", _samples(samples)]
     if "per_class" in report:
         f1 = {name: [row["f1"] for row in report["per_class"][name]] for name in ("teacher", "student")}
         sections += ["<h2>Per-class F1</h2>", _bars(f1, "F1 per class (teacher, student)")]
@@ -116,6 +117,13 @@ def render(report: dict[str, Any], samples: dict[str, Any] | None = None) -> str
     if "export" in report:
         sections += ["<h2>Export</h2>", f"<pre>{html.escape(_export_text(report['export']))}</pre>"]
     return f"<!doctype html><meta charset='utf-8'><title>qdistill report</title><style>{STYLE}</style>" + "".join(sections)
+
+
+def _bits_range(summary: Any) -> str:
+    if not isinstance(summary, dict):
+        return _fmt(summary)
+    low, high = summary.get("min"), summary.get("max")
+    return f"{low}" if low == high else f"{low}-{high}"
 
 
 def _export_text(section: dict[str, Any]) -> str:

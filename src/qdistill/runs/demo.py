@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from qdistill.evaluate import evaluate
-from qdistill.io import ensure_writable_dir
-from qdistill.pipeline import obtain_teacher, prepare_data, run_recipe, write_json
+from qdistill.io import atomic_write_json
 from qdistill.recipe import Recipe
+from qdistill.runs.recipe_run import run_recipe
+from qdistill.runs.rundir import RunDir, output_dir
+from qdistill.runs.stages import obtain_teacher, prepare_data
 
 ROW_KEYS = ("run", "weight_bits", "act_bits", "kd", "params", "size_bytes", "accuracy", "f1_macro",
             "agreement_with_teacher", "seconds")
@@ -57,12 +59,16 @@ def _row(name: str, recipe: Recipe, report: dict[str, Any], seconds: float) -> d
 
 def run_demo(out: str | Path, quick: bool = False, show_progress: bool = True, echo=print) -> list[dict[str, Any]]:
     """Run the demo, write ``out/demo.json`` and ``out/<run>/report.json``; returns the rows."""
-    out = ensure_writable_dir(out)
+    with output_dir(out) as run:
+        return _demo(run, quick, show_progress, echo)
+
+
+def _demo(run: RunDir, quick: bool, show_progress: bool, echo) -> list[dict[str, Any]]:
     base = demo_recipe(quick)
     data = prepare_data(base)
     started = time.perf_counter()
-    teacher, _ = obtain_teacher(base, data, out, resume=False, show_progress=show_progress, reuse_cached=True)
-    teacher_metrics = evaluate(teacher, data.val, data.bundle.num_classes)
+    teacher, _ = obtain_teacher(base, data, run, resume=False, show_progress=show_progress, reuse_cached=True)
+    teacher_metrics = evaluate(teacher, data.test, data.bundle.num_classes)
     rows = [{"run": "teacher", "weight_bits": 32, "act_bits": 32, "kd": None, "params": teacher_metrics["params"],
              "size_bytes": teacher_metrics["size_bytes"], "accuracy": teacher_metrics["accuracy"],
              "f1_macro": teacher_metrics["f1_macro"], "agreement_with_teacher": None,
@@ -70,8 +76,8 @@ def run_demo(out: str | Path, quick: bool = False, show_progress: bool = True, e
     echo(f"teacher: accuracy {teacher_metrics['accuracy']:.4f} ({rows[0]['seconds']} s)")
     for name, recipe in demo_runs(base):
         started = time.perf_counter()
-        result = run_recipe(recipe, out / name, data=data, teacher=teacher, show_progress=show_progress)
+        result = run_recipe(recipe, run.path / name, data=data, teacher=teacher, show_progress=show_progress)
         rows.append(_row(name, recipe, result.report, time.perf_counter() - started))
         echo(f"{name}: accuracy {rows[-1]['accuracy']:.4f} ({rows[-1]['seconds']} s)")
-    write_json(out / "demo.json", rows)
+    atomic_write_json(run.demo_table, rows)
     return rows

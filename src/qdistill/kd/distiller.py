@@ -1,0 +1,82 @@
+"""The ``Distiller``: teacher + student + KD loss (+ feature hints); only the student and adapters train."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from qdistill.errors import ModelError
+from qdistill.kd.hints import FeatureTap, make_adapter
+from qdistill.kd.losses import KDLoss, LossParts
+from qdistill.kd.teacher import freeze
+
+
+class Distiller(nn.Module):
+    """Teacher + student + KD loss (+ feature hints). Only the student and adapters train.
+
+    Example:
+        >>> distiller = Distiller(teacher, student, KDLoss(4.0, 0.9))
+        >>> parts = distiller(x, y)            # LossParts(total, kd, task, features)
+        >>> parts.total.backward()
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, loss: KDLoss,
+                 features: Iterable = (), example_input: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.loss = loss
+        # kept out of the module tree: its weights are not trained, saved or wrapped
+        self.__dict__["teacher"] = freeze(teacher)
+        self.hints = list(features)
+        self.adapters = nn.ModuleDict()
+        self._taps: list[tuple[str, FeatureTap, FeatureTap, float]] = []
+        for hint in self.hints:
+            self._taps.append((hint.student, FeatureTap(student, hint.student, "student"),
+                               FeatureTap(teacher, hint.teacher, "teacher"), hint.weight))
+        if self._taps:
+            if example_input is None:
+                raise ModelError("distill.features: an example input is needed to size the adapters")
+            self._build_adapters(example_input)
+
+    def _build_adapters(self, example_input: torch.Tensor) -> None:
+        with torch.no_grad():
+            was_training = self.student.training
+            self.student.eval()
+            self.student(example_input)
+            self.teacher(example_input)
+            self.student.train(was_training)
+        device = example_input.device
+        for name, student_tap, teacher_tap, _ in self._taps:
+            adapter = make_adapter(student_tap.output, teacher_tap.output).to(device)
+            self.adapters[name.replace(".", "_")] = adapter
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                teacher_logits: torch.Tensor | None = None) -> LossParts:
+        """Loss parts for a batch; ``teacher_logits`` may come precomputed (``CachedTeacherLoader``)."""
+        if teacher_logits is None and (self.loss.alpha > 0 or self._taps):
+            teacher_logits = self.teacher_logits(x)
+        student_logits = self.student(x)
+        if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
+            raise ModelError(
+                f"teacher outputs {tuple(teacher_logits.shape)} but student outputs {tuple(student_logits.shape)}; "
+                "they must have the same shape"
+            )
+        parts = self.loss(student_logits, teacher_logits if self.loss.alpha > 0 else None, labels)
+        for name, student_tap, teacher_tap, weight in self._taps:
+            adapted = self.adapters[name.replace(".", "_")](student_tap.output)
+            feature_loss = torch.nn.functional.mse_loss(adapted, teacher_tap.output.detach())
+            parts.features[name] = feature_loss
+            parts.total = parts.total + weight * feature_loss
+        return parts
+
+    def remove_hooks(self) -> None:
+        """Detach the feature hooks from both models."""
+        for _, student_tap, teacher_tap, _ in self._taps:
+            student_tap.remove()
+            teacher_tap.remove()

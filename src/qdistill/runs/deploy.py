@@ -1,0 +1,48 @@
+"""Deployment files of a run: what ``qdistill run`` exports after training and what ``qdistill export DIR`` writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from qdistill.batch import batch_inputs
+from qdistill.errors import RecipeError
+from qdistill.export import export_all
+from qdistill.io import atomic_write_json
+from qdistill.recipe import ExportSpec, Recipe
+from qdistill.runs.rundir import RunDir, load_recipe, load_run, read_report
+from qdistill.runs.stages import RunData, prepare_data
+
+FORMATS = ("onnx", "packed", "all")
+
+
+def export_outputs(student: nn.Module, recipe: Recipe, data: RunData, run: RunDir,
+                   spec: ExportSpec | None = None) -> dict[str, Any]:
+    """Write the deployment files ``spec`` (default: the recipe's) asks for; returns report.json's ``export`` section.
+
+    The parity gate runs on the validation split (the export is checked, not tuned, on it).
+    """
+    example = batch_inputs(next(iter(data.train)))[:1]
+    section = export_all(student, run.path, example, data.val, spec or recipe.export, float_model=None)
+    return {"export": section} if section else {}
+
+
+def export_directory(directory: str | Path, fmt: str = "all") -> dict[str, Any]:
+    """Export a saved run (``qdistill run``/``Result.save``) and merge the section into its report.json.
+
+    Example:
+        >>> section = export_directory("out/mnist", "onnx")  # doctest: +SKIP
+    """
+    if fmt not in FORMATS:
+        raise RecipeError(f"--format: {fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
+    run = RunDir(Path(directory))
+    recipe = load_recipe(directory)
+    student = load_run(directory)
+    spec = ExportSpec(onnx=fmt in ("onnx", "all"), packed=fmt in ("packed", "all"))
+    section = export_outputs(student, recipe, prepare_data(recipe), run, spec).get("export", {})
+    report = read_report(run)
+    report["export"] = {**report.get("export", {}), **section}
+    atomic_write_json(run.report, report)
+    return section

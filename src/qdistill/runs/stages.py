@@ -1,0 +1,94 @@
+"""The stages before distillation: the run's data, its teacher and its student architecture.
+
+Each check runs before any training, so a recipe whose layers, data or models do not fit fails in
+seconds with one line, not after the teacher has trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdistill.data import DataBundle, load_data, make_loaders
+from qdistill.errors import DataError
+from qdistill.evaluate import evaluate
+from qdistill.models import build_model
+from qdistill.models.outputs import class_logits
+from qdistill.quant import prepare
+from qdistill.recipe import Recipe
+from qdistill.runs.rundir import RunDir, load_teacher, save_teacher
+from qdistill.train import CheckpointPlan, Supervised, fingerprint, fit
+
+
+@dataclass
+class RunData:
+    """Data and loaders shared by the stages of one run (validation steers, test reports)."""
+
+    bundle: DataBundle
+    train: Any
+    val: Any
+    test: Any
+    model_kwargs: dict[str, Any]
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else the CPU (data stays on the CPU; batches move per step)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prepare_data(recipe: Recipe) -> RunData:
+    """Load the recipe's data, split it into train/validation/test and build deterministic loaders."""
+    bundle = load_data(recipe.data)
+    train, val, test = make_loaders(bundle, recipe.data.batch_size, recipe.data.seed)
+    return RunData(bundle, train, val, test, bundle.model_kwargs())
+
+
+def checkpoint_plan(recipe: Recipe, run: RunDir, resume: bool, every_steps: int | None) -> CheckpointPlan:
+    """Where and how often a phase of this recipe checkpoints (the fingerprint ties it to the recipe)."""
+    return CheckpointPlan(run.checkpoint, fingerprint(recipe.to_yaml()), every_steps, resume)
+
+
+def obtain_teacher(recipe: Recipe, data: RunData, run: RunDir, resume: bool, show_progress: bool,
+                   reuse_cached: bool = False) -> tuple[nn.Module, list[dict[str, Any]] | None]:
+    """The recipe's teacher and its training history: loaded from its checkpoint, reused from the run folder, or trained here."""
+    torch.manual_seed(recipe.teacher_train.seed)  # the same initial weights in every run of this recipe
+    teacher = build_model(recipe.model, data.model_kwargs).to(default_device())
+    check_classes(teacher, data)  # before any training: the data must fit the model
+    check_quant_layers(recipe, data, teacher)
+    if recipe.model.checkpoint:
+        return teacher, None
+    if run.teacher.is_file() and (resume or reuse_cached):
+        return teacher, load_teacher(run, teacher)
+    if not data.bundle.has_labels:
+        raise DataError("model.checkpoint: the data has no labels, so a teacher cannot be trained here; give model.checkpoint")
+    plan = checkpoint_plan(recipe, run, resume, recipe.teacher_train.checkpoint_every_steps)
+    history = fit(Supervised(teacher), data.train, recipe.teacher_train, phase="teacher",
+                  validate=lambda: evaluate(teacher, data.val, data.bundle.num_classes)["accuracy"], plan=plan,
+                  show_progress=show_progress)
+    save_teacher(run, teacher, history)
+    return teacher, history
+
+
+def check_quant_layers(recipe: Recipe, data: RunData, teacher: nn.Module) -> None:
+    """The recipe's quantization settings must fit the student before training: ``prepare`` itself is the check."""
+    prepare(build_student(recipe, data) or teacher, recipe.quant)
+
+
+def check_classes(teacher: nn.Module, data: RunData) -> None:
+    """The teacher must return class logits for the data's inputs, one per class in the labels."""
+    example = data.bundle.train_x[:2].to(next(teacher.parameters()).device)
+    predicted = class_logits(teacher, example, "model").shape[1]
+    in_data = data.bundle.num_classes
+    if data.bundle.has_labels and in_data != predicted:
+        raise DataError(f"data: labels cover {in_data} classes but the teacher predicts {predicted}; they must be equal")
+
+
+def build_student(recipe: Recipe, data: RunData) -> nn.Module | None:
+    """The float student architecture when the recipe names one (None: a copy of the teacher)."""
+    if recipe.student is None:
+        return None
+    torch.manual_seed(recipe.train.seed)
+    return build_model(recipe.student, data.model_kwargs, "student")

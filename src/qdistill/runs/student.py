@@ -1,0 +1,162 @@
+"""The student stage: ``distill`` trains a quantized student with QAT + KD and evaluates it; ``Result`` holds it."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from qdistill.batch import batch_inputs, split_batch
+from qdistill.errors import DataError, ModelError
+from qdistill.evaluate import evaluate
+from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, freeze
+from qdistill.models.outputs import class_logits
+from qdistill.quant import layer_table, prepare
+from qdistill.recipe import Recipe
+from qdistill.report import bit_summary, build_report
+from qdistill.runs.rundir import RunDir, save_run
+from qdistill.train import CheckpointPlan, fit
+
+
+@dataclass
+class Result:
+    """What ``distill`` returns: the fake-quant student, its report, and how to save them.
+
+    Example:
+        >>> result = qd.distill(teacher, train_loader, val_loader, recipe, test=test_loader)  # doctest: +SKIP
+        >>> result.report["student"]["accuracy"]                                               # doctest: +SKIP
+        >>> result.save("out/")     # student.safetensors, report.json, recipe.yaml            # doctest: +SKIP
+    """
+
+    student: nn.Module
+    report: dict[str, Any]
+    recipe: Recipe
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``student.safetensors``, ``report.json`` and ``recipe.yaml`` (each atomically)."""
+        run = RunDir(Path(directory))
+        run.path.mkdir(parents=True, exist_ok=True)
+        save_run(run, self.student, self.report, self.recipe, self.model_kwargs)
+        return run.path
+
+
+def _as_recipe(recipe: Recipe | dict | None) -> Recipe:
+    if recipe is None:
+        return Recipe()
+    return recipe if isinstance(recipe, Recipe) else Recipe.from_dict(recipe)
+
+
+def first_batch(loader: Iterable[Any], name: str) -> Any:
+    """The first batch of a loader; a loader with none is a ``DataError``."""
+    for batch in loader:
+        return batch
+    raise DataError(f"{name}: the loader yielded no batches; at least one sample is needed")
+
+
+def check_loader(loader: Iterable[Any], name: str, num_classes: int) -> tuple[bool, int]:
+    """Scan a loader before training: finite inputs, labels in ``0..num_classes-1``; returns (labelled, samples)."""
+    labelled, samples = None, 0
+    for batch in loader:
+        inputs, labels = split_batch(batch)
+        samples += len(inputs)
+        if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+            raise DataError(f"{name}: inputs contain NaN or Inf values; all inputs must be finite")
+        labelled = labels is not None
+        if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            bad = int(labels.max()) if labels.max() >= num_classes else int(labels.min())
+            raise DataError(f"{name}: label {bad} is outside the model's {num_classes} classes; allowed: 0..{num_classes - 1}")
+    if labelled is None:
+        raise DataError(f"{name}: the loader yielded no batches; at least one sample is needed")
+    return labelled, samples
+
+
+def _paired_classes(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> int:
+    teacher_shape = class_logits(teacher, example, "teacher").shape
+    student_shape = class_logits(student, example, "student").shape
+    if teacher_shape != student_shape:
+        raise ModelError(f"teacher outputs shape {tuple(teacher_shape)} but student outputs {tuple(student_shape)}; they must match")
+    return teacher_shape[1]
+
+
+def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe: Recipe | dict | None = None, *,
+            test: Iterable[Any] | None = None, student: nn.Module | None = None,
+            checkpoint: CheckpointPlan | None = None, show_progress: bool = True,
+            model_kwargs: dict[str, Any] | None = None) -> Result:
+    """Train a quantized student of ``teacher`` with QAT + KD and evaluate it.
+
+    ``train``/``val``/``test`` yield ``(x, y)`` or ``(x,)``. Validation steers training (early
+    stop at ``train.target_accuracy``, the history); the report's metrics are measured on
+    ``test``, which nothing was tuned on (without ``test`` they are measured on ``val``, and
+    report.json says so in ``evaluated_on``). ``student`` is an optional float model of another
+    architecture (default: a copy of the teacher). The teacher is never modified.
+
+    Example:
+        >>> result = qd.distill(teacher, train_loader, val_loader, {"quant": {"weight_bits": 4}},  # doctest: +SKIP
+        ...                     test=test_loader)
+    """
+    recipe = _as_recipe(recipe)
+    device = next(teacher.parameters()).device
+    frozen_teacher = freeze(copy.deepcopy(teacher))
+    example = batch_inputs(first_batch(train, "train data")).to(device)
+    float_student = copy.deepcopy(student if student is not None else teacher).to(device)
+    num_classes = _paired_classes(frozen_teacher, float_student, example)
+    labelled, train_samples = check_loader(train, "train data", num_classes)
+    val_labelled, val_samples = check_loader(val, "validation data", num_classes)
+    sizes = {"train_samples": train_samples, "val_samples": val_samples}
+    if test is not None:
+        sizes["test_samples"] = check_loader(test, "test data", num_classes)[1]
+    torch.manual_seed(recipe.train.seed)
+    if hasattr(getattr(train, "sampler", None), "set_epoch"):
+        train.sampler.set_epoch(0)  # calibrate on the same batches whatever ran on this loader before
+    quantized = prepare(float_student, recipe.quant, calibration_data=train)
+    _paired_classes(frozen_teacher, quantized, example)
+    alpha = recipe.distill.alpha if labelled else 1.0  # label-free: the teacher is the only target
+    distiller = Distiller(frozen_teacher, quantized, KDLoss(recipe.distill.temperature, alpha),
+                          recipe.distill.features, example_input=example)
+
+    def validate() -> float | None:
+        return evaluate(quantized, val, num_classes)["accuracy"] if val_labelled else None
+
+    cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, recipe, alpha)
+    history = fit(distiller, cached if cached is not None else train, recipe.train, phase="student", validate=validate,
+                  plan=checkpoint, show_progress=show_progress)
+    distiller.remove_hooks()
+    extra = {"data": sizes, "teacher_logits": teacher_logits, "evaluated_on": "test" if test is not None else "validation"}
+    report = make_report(recipe, frozen_teacher, quantized, test if test is not None else val, num_classes, history,
+                         label_free=not labelled, extra=extra)
+    return Result(student=quantized, report=report, recipe=recipe, model_kwargs=model_kwargs or {})
+
+
+def _teacher_logits_source(train: Iterable[Any], teacher: nn.Module, recipe: Recipe,
+                           alpha: float) -> tuple[CachedTeacherLoader | None, str]:
+    """The cached loader (or None) and how the student gets the teacher's logits: cached, live or unused."""
+    if alpha == 0 and not recipe.distill.features:
+        return None, "unused"
+    if recipe.distill.features:
+        return None, "live"  # feature hints need the teacher's inner activations at every step
+    cached = CachedTeacherLoader.wrap(train, teacher)
+    return cached, "cached" if cached is not None else "live"
+
+
+def make_report(recipe: Recipe, teacher: nn.Module, student: nn.Module, loader: Iterable[Any], num_classes: int,
+                history: list[dict[str, Any]], label_free: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate teacher and student on ``loader`` (the test split) and build report.json."""
+    teacher_metrics = evaluate(teacher, loader, num_classes)
+    student_metrics = evaluate(student, loader, num_classes, teacher=teacher)
+    per_layer = layer_table(student)
+    student_info = {
+        **bit_summary(per_layer),
+        "per_layer": per_layer,
+        "unquantized_layers": [f"{name}: {reason}" for name, reason in getattr(student, "qdistill_unquantized", {}).items()],
+        "folded_batchnorms": list(getattr(student, "qdistill_folded", [])),
+    }
+    extra = dict(extra or {})
+    if label_free:
+        extra["label_free"] = True
+    return build_report(recipe.to_dict(), teacher_metrics, student_metrics, student_info, history, recipe.train.seed, extra)
