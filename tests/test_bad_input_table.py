@@ -1,4 +1,4 @@
-"""Issue 6's sweep of bad inputs through the real command: one-line error, exit 2, no partial output."""
+"""Bad inputs through the real command: one-line error, exit 2, and no output folder left behind."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ BASE = {
     "teacher_train": {"epochs": 1},
     "export": {"onnx": False, "packed": False},
 }
-OUTPUTS = ("report.json", "student.safetensors", "recipe.yaml", "teacher.safetensors", "model.onnx")
 
 
 def _npz(folder: Path, name: str, **arrays) -> str:
@@ -82,6 +81,11 @@ def _cases(folder: Path) -> dict[str, tuple[dict, str]]:
         "weights of another model": ({"model": {"name": "mnist_cnn", "checkpoint": str(teacher)}}, "weights do not fit the model"),
         "pickle as weights": ({"model": {"name": "mnist_cnn", "checkpoint": _write(folder, "p.safetensors", b"\x80\x04K\x01.")}},
                               "is truncated or not a safetensors file"),
+        "tuple output": ({"model": {"factory": "support:tuple_output_model"}},
+                         "model returns a tuple; qdistill needs one float tensor of class logits"),
+        "dict output": ({"model": {"factory": "support:dict_output_model"}},
+                        "model returns a dict; qdistill needs one float tensor of class logits"),
+        "too few samples for the splits": (data(x=x[:2], y=y[:2]), "2 samples are too few for a train, validation and test split"),
     }
 
 
@@ -91,13 +95,13 @@ def cases(tmp_path_factory):
 
 
 
-
 @pytest.mark.parametrize("name", [
     "wrong type", "bool for int", "out of range", "unknown key", "unknown section", "first_last_bits 1",
     "warmup >= epochs", "two data sources", "no override match", "unknown model", "bad factory", "wrong shape",
     "wrong dtype", "complex dtype", "float labels", "nan", "inf", "empty", "negative label", "labels beyond classes",
     "fewer classes than teacher", "label count", "missing npz", "corrupt npz", "missing weights", "truncated weights",
-    "corrupt weights", "weights of another model", "pickle as weights",
+    "corrupt weights", "weights of another model", "pickle as weights", "tuple output", "dict output",
+    "too few samples for the splits",
 ])
 def test_bad_input(name, cases, tmp_path, capsys):
     change, message = cases[name]
@@ -110,7 +114,37 @@ def test_bad_input(name, cases, tmp_path, capsys):
     assert code == 2, error
     assert error.startswith("error: ") and "\n" not in error, error
     assert message in error, error
-    assert not any((out / name).exists() for name in OUTPUTS)
+    assert not out.exists()  # nothing was written before the error, so no folder is left behind
+
+
+def test_empty_recipe_file_is_refused(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("")
+    code = main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error
+    assert f"recipe file {str(path)!r} is empty; a recipe is a YAML mapping of sections (model," in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_probability_outputs_get_a_one_line_warning(tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "model": {"factory": "support:softmax_output_model"}, "data": {**BASE["data"], "limit": 200}}))
+    code = main(["run", str(path), "--out", str(tmp_path / "out"), "--no-progress"])
+    stderr = capsys.readouterr().err
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings and "outputs look like probabilities" in warnings[0]
+
+
+def test_existing_output_folder_is_kept_after_an_error(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**BASE, "model": {"name": "resnet999"}}))
+    assert main(["run", str(path), "--out", str(out), "--no-progress"]) == 2
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_unwritable_output_directory(tmp_path, capsys):

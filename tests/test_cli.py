@@ -44,6 +44,10 @@ def test_run_then_eval(tmp_path):
     assert qd.Recipe.from_yaml(out / "recipe.yaml").train.epochs == 1
     assert report["student"]["accuracy"] > 0.7 and report["teacher"]["accuracy"] > 0.7
     assert len(report["teacher"]["history"]) == 3
+    # metrics come from the held-out test split; validation numbers stay in the history
+    assert report["evaluated_on"] == "test"
+    assert report["data"] == {"train_samples": 1150, "val_samples": 288, "test_samples": 359}
+    assert all(0 < record["val_accuracy"] <= 1 for record in report["history"])
     evaluated = qdistill("eval", str(out))
     assert evaluated.returncode == 0, evaluated.stderr
     assert f"{report['student']['accuracy']:.4f}" in evaluated.stdout

@@ -4,17 +4,38 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset, default_collate
 
 from qdistill.data.loaders import EpochSampler
+
+
+def is_cacheable(loader: object) -> bool:
+    """True when the loader's batches are a fixed function of sample indices (see ``CachedTeacherLoader``).
+
+    Example:
+        >>> from qdistill.data import make_loader
+        >>> is_cacheable(make_loader(torch.zeros(4, 2), None, 2, seed=0, shuffle=True))
+        True
+        >>> is_cacheable(DataLoader(TensorDataset(torch.zeros(4, 2)), batch_size=2, collate_fn=lambda batch: batch))
+        False
+    """
+    if not isinstance(loader, DataLoader):
+        return False
+    batch_sampler = loader.batch_sampler
+    return (type(loader.dataset) is TensorDataset and isinstance(loader.sampler, EpochSampler)
+            and loader.collate_fn is default_collate and type(batch_sampler) is BatchSampler
+            and batch_sampler.sampler is loader.sampler and not loader.drop_last)
 
 
 class CachedTeacherLoader:
     """Batches of an in-memory loader with the teacher's logits attached: ``(x, y, logits)``.
 
     The teacher runs once over the training set instead of once per step, which removes its
-    forward pass (and its activation memory) from every training step. Used when the data is an
-    in-memory ``TensorDataset`` without augmentation, so each sample's logits never change.
+    forward pass (and its activation memory) from every training step. It must never change what
+    the student sees, so ``wrap`` caches only a loader whose every batch is a fixed function of
+    sample indices: a plain ``TensorDataset`` (not a subclass, which may transform samples), the
+    default collate, the default batch sampler over an ``EpochSampler``, no dropped last batch.
+    Anything else (augmentation, custom collate or sampling) runs the teacher live.
 
     Example:
         >>> cached = CachedTeacherLoader.wrap(train_loader, teacher)   # None if not cacheable
@@ -25,9 +46,9 @@ class CachedTeacherLoader:
 
     @classmethod
     def wrap(cls, loader, teacher: nn.Module) -> CachedTeacherLoader | None:
-        dataset, sampler = getattr(loader, "dataset", None), getattr(loader, "sampler", None)
-        if not isinstance(dataset, TensorDataset) or not isinstance(sampler, EpochSampler) or loader.drop_last:
+        if not is_cacheable(loader):
             return None
+        dataset, sampler = loader.dataset, loader.sampler
         inputs = dataset.tensors[0]
         device = next(teacher.parameters()).device
         with torch.no_grad():

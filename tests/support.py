@@ -1,0 +1,56 @@
+"""Models and factories that exist only for the tests (importable as ``support`` through pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qdistill.models import convnet
+from qdistill.models.tiny import BasicBlock
+
+
+class UntraceableNet(nn.Module):
+    """A small conv net torch.fx cannot trace (a data-dependent branch): prepare's fallback path.
+
+    Example:
+        >>> prepare(UntraceableNet(), {"weight_bits": 8}).qdistill_unquantized["<graph>"]   # the reason
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = BasicBlock(4, 4)
+        self.head = nn.Linear(4, 10)
+
+    def forward(self, x):  # (B, 1, H, W) -> (B, 10)
+        x = self.block(self.stem(x))
+        if x.mean() > 10:  # data-dependent Python: torch.fx cannot trace the model
+            x = x * 0
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class _Wrapped(nn.Module):
+    """The built-in MNIST CNN whose output is post-processed by ``wrap``."""
+
+    def __init__(self, wrap, **kwargs) -> None:
+        super().__init__()
+        self.net = convnet.mnist_cnn(**kwargs)
+        self.wrap = wrap
+
+    def forward(self, x):
+        return self.wrap(self.net(x))
+
+
+def tuple_output_model(**kwargs) -> nn.Module:
+    """Returns ``(logits, features)``, as many torchvision/HF models do."""
+    return _Wrapped(lambda logits: (logits, logits.detach()), **kwargs)
+
+
+def dict_output_model(**kwargs) -> nn.Module:
+    """Returns ``{"logits": ...}``."""
+    return _Wrapped(lambda logits: {"logits": logits}, **kwargs)
+
+
+def softmax_output_model(**kwargs) -> nn.Module:
+    """Returns probabilities instead of logits."""
+    return _Wrapped(lambda logits: torch.softmax(logits, dim=1), **kwargs)
