@@ -8,6 +8,7 @@ example - the first ten validation images with the student's predicted labels.
 from __future__ import annotations
 
 import html
+import json
 from typing import Any
 
 import numpy as np
@@ -127,6 +128,4 @@ def _bits_range(summary: Any) -> str:
 
 
 def _export_text(section: dict[str, Any]) -> str:
-    import json
-
     return json.dumps(section, indent=2)
