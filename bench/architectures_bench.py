@@ -1,6 +1,6 @@
 """Real architectures on scikit-learn's digits: float teacher, QAT+KD student, int8 ONNX export (issue 5).
 
-For each test model of ``qdistill.testing`` (ResNet, MobileNetV2, transformer, MLP): train a float
+For each built-in tiny model of ``qdistill.models.tiny`` (ResNet, MobileNetV2, transformer, MLP): train a float
 teacher, then for W8A8 and W4A4 prepare a student (same architecture), train it with QAT + KD,
 export it with ``qdistill.export.onnx.export_onnx`` (integer-kernel check + parity gate on the
 validation split) and count the ops ONNX Runtime runs after its optimisation.
@@ -35,8 +35,8 @@ from qdistill.errors import ExportError
 from qdistill.evaluate import evaluate
 from qdistill.export.latency import make_session
 from qdistill.export.onnx import export_onnx
+from qdistill.models import TINY_MODELS
 from qdistill.recipe import DataSpec, Recipe, TrainSpec
-from qdistill.testing import TEST_MODELS
 from qdistill.train import Supervised, fit
 
 # teacher epochs, teacher lr, student epochs, student lr (the transformer learns slower from scratch)
@@ -136,7 +136,7 @@ def check(rows: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the bench; exit status 1 when a target is missed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(TEST_MODELS), choices=list(TEST_MODELS))
+    parser.add_argument("--models", nargs="+", default=list(TINY_MODELS), choices=list(TINY_MODELS))
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--fixed-scales", action="store_true",
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     bundle = load_data(DataSpec(name="digits"))
-    train, val = make_loaders(bundle, 32, 0)
+    train, val, _ = make_loaders(bundle, 32, 0)
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:

@@ -17,8 +17,8 @@ import torch
 
 import qdistill as qd
 from qdistill import models
-from qdistill.pipeline import prepare_data
 from qdistill.recipe import Recipe
+from qdistill.runs.stages import prepare_data
 from qdistill.train import Supervised, fit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,7 +38,7 @@ def main() -> None:
     teacher = models.create("mnist_cnn", **data.model_kwargs)
     started = time.perf_counter()
     fit(Supervised(teacher), data.train, base.teacher_train, phase="teacher", show_progress=False)
-    teacher_accuracy = qd.evaluate(teacher, data.val)["accuracy"]
+    teacher_accuracy = qd.evaluate(teacher, data.test)["accuracy"]  # the held-out test split, as every student
     print(f"teacher mnist_cnn: accuracy {teacher_accuracy * 100:.2f}% ({time.perf_counter() - started:.1f} s)")
     print(f"{'student':<12}{'seeds':>22}{'mean':>9}{'delta pp':>10}{'target':>10}  verdict")
     for bits in (8, 4, 2):
@@ -47,7 +47,7 @@ def main() -> None:
             for seed in SEEDS:
                 recipe = base.with_overrides([f"quant.weight_bits={bits}", f"quant.act_bits={bits}",
                                               f"distill.alpha={0.9 if kd else 0.0}", f"train.seed={seed}"])
-                result = qd.distill(teacher, data.train, data.val, recipe, show_progress=False)
+                result = qd.distill(teacher, data.train, data.val, recipe, test=data.test, show_progress=False)
                 accuracies.append(result.report["student"]["accuracy"])
             mean = statistics.mean(accuracies)
             delta = (mean - teacher_accuracy) * 100

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from qdistill import models
-from qdistill.distill import Distiller, KDLoss
+from qdistill.kd import Distiller, KDLoss
 from qdistill.quant import prepare
 from qdistill.recipe import QuantSpec
 
