@@ -9,10 +9,12 @@ class QdistillError(Exception):
     """Base class of every error qdistill raises on purpose.
 
     Example:
+        >>> import qdistill as qd
         >>> try:
         ...     qd.Recipe(quant={"weight_bits": 9})
         ... except qd.QdistillError as error:
         ...     print(error)
+        recipe field quant.weight_bits: 9 is not allowed (Input should be less than or equal to 8)
     """
 
 

@@ -38,7 +38,11 @@ class CachedTeacherLoader:
     Anything else (augmentation, custom collate or sampling) runs the teacher live.
 
     Example:
-        >>> cached = CachedTeacherLoader.wrap(train_loader, teacher)   # None if not cacheable
+        >>> from qdistill.data import make_loader
+        >>> loader = make_loader(torch.randn(10, 4), torch.zeros(10, dtype=torch.long), 4, seed=0, shuffle=True)
+        >>> cached = CachedTeacherLoader.wrap(loader, nn.Linear(4, 3))   # None if not cacheable
+        >>> [tuple(logits.shape) for _, _, logits in cached]
+        [(4, 3), (4, 3), (2, 3)]
     """
 
     def __init__(self, tensors: tuple[torch.Tensor, ...], logits: torch.Tensor, batch_size: int, sampler) -> None:

@@ -17,9 +17,12 @@ class Distiller(nn.Module):
     """Teacher + student + KD loss (+ feature hints). Only the student and adapters train.
 
     Example:
+        >>> teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
         >>> distiller = Distiller(teacher, student, KDLoss(4.0, 0.9))
-        >>> parts = distiller(x, y)            # LossParts(total, kd, task, features)
+        >>> parts = distiller(torch.randn(8, 4), torch.randint(0, 3, (8,)))   # LossParts(total, kd, task, features)
         >>> parts.total.backward()
+        >>> student.weight.grad is not None, teacher.weight.requires_grad
+        (True, False)
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, loss: KDLoss,

@@ -10,7 +10,8 @@ Example:
     >>> from qdistill import models
     >>> teacher = models.create("tiny_resnet", in_channels=1, num_classes=10, image_size=8)
     >>> student = models.create("tiny_resnet", in_channels=1, num_classes=10, image_size=8, width=8)
-    >>> # in a recipe:  student: {name: tiny_resnet, kwargs: {width: 8}}
+    >>> student(torch.rand(2, 1, 8, 8)).shape     # in a recipe: student: {name: tiny_resnet, kwargs: {width: 8}}
+    torch.Size([2, 10])
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def conv_bn(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 
     """Conv (no bias) + BatchNorm (+ activation): the unit BatchNorm folding turns into one conv.
 
     Example:
-        >>> conv_bn(16, 16, groups=16, activation=nn.ReLU6)     # depthwise 3x3 + BN + ReLU6
+        >>> [type(layer).__name__ for layer in conv_bn(16, 16, groups=16, activation=nn.ReLU6)]   # depthwise
+        ['Conv2d', 'BatchNorm2d', 'ReLU6']
     """
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, groups=groups, bias=False),
@@ -258,7 +260,9 @@ def tiny_resnet(in_channels: int = 1, num_classes: int = 10, image_size: int = 8
     """ResNet with BasicBlocks (BatchNorm, residual additions, a strided 1x1 shortcut); ``width``, ``blocks``.
 
     Example:
-        >>> models.create("tiny_resnet", in_channels=1, num_classes=10, image_size=8, width=8)
+        >>> from qdistill import models
+        >>> models.create("tiny_resnet", in_channels=1, num_classes=10, image_size=8, width=8).fc.in_features
+        32
     """
     return TinyResNet(in_channels, num_classes, **kwargs)
 
@@ -268,7 +272,9 @@ def tiny_mobilenetv2(in_channels: int = 1, num_classes: int = 10, image_size: in
     """MobileNetV2 (inverted residuals, depthwise convolutions, ReLU6); ``width``, ``expand``, ``blocks``.
 
     Example:
-        >>> models.create("tiny_mobilenetv2", in_channels=1, num_classes=10, image_size=8, expand=2)
+        >>> from qdistill import models
+        >>> models.create("tiny_mobilenetv2", in_channels=1, num_classes=10, image_size=8, expand=2).layer2[0].use_residual
+        False
     """
     return TinyMobileNetV2(in_channels, num_classes, **kwargs)
 
@@ -278,7 +284,9 @@ def tiny_transformer(in_channels: int = 1, num_classes: int = 10, image_size: in
     """Transformer encoder classifier over image rows; ``dim``, ``heads``, ``attention``, ``mlp_ratio``.
 
     Example:
-        >>> models.create("tiny_transformer", in_channels=1, num_classes=10, image_size=8, attention=["manual"])
+        >>> from qdistill import models
+        >>> len(models.create("tiny_transformer", in_channels=1, num_classes=10, image_size=8, attention=["manual"]).encoder)
+        1
     """
     if "attention" in kwargs:
         kwargs["attention"] = tuple(kwargs["attention"])  # a YAML list
@@ -290,7 +298,9 @@ def tiny_mlp(in_channels: int = 1, num_classes: int = 10, image_size: int = 8, *
     """MLP with BatchNorm1d; ``hidden``, ``activation`` (relu, relu6, gelu, silu, hardswish).
 
     Example:
-        >>> models.create("tiny_mlp", in_channels=1, num_classes=10, image_size=8, activation="gelu")
+        >>> from qdistill import models
+        >>> models.create("tiny_mlp", in_channels=1, num_classes=10, image_size=8, activation="gelu").net[3]
+        GELU(approximate='none')
     """
     if "hidden" in kwargs:
         kwargs["hidden"] = tuple(kwargs["hidden"])

@@ -157,8 +157,11 @@ def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
     """Train ``module`` (forward ``(x, labels) -> LossParts``) and return the history per epoch.
 
     Example:
-        >>> history = fit(Distiller(teacher, student, KDLoss()), train_loader, TrainSpec(epochs=3),
-        ...               validate=lambda: evaluate(student, val_loader)["accuracy"])
+        >>> from qdistill.data import make_loader
+        >>> loader = make_loader(torch.randn(32, 4), torch.randint(0, 2, (32,)), 8, seed=0, shuffle=True)
+        >>> history = fit(Supervised(nn.Linear(4, 2)), loader, TrainSpec(epochs=2), show_progress=False)
+        >>> [record["epoch"] for record in history], sorted(history[0])[:3]
+        ([1, 2], ['epoch', 'kd_loss', 'loss'])
     """
     torch.manual_seed(spec.seed)
     loop = _Loop(module, loader, spec, phase, validate, plan)
