@@ -20,8 +20,10 @@ demo: $(STAMP)
 demo-quick: $(STAMP)
 	$(VENV)/bin/qdistill demo --quick --out out/demo-quick
 
+# the quick suite plus every docstring example (run as doctests against the installed package)
 test: $(STAMP)
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -p no:cacheprovider --doctest-modules --pyargs qdistill -o addopts=""
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
