@@ -6,6 +6,8 @@ value comes from numpy float32 arithmetic in this file.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +204,64 @@ def test_per_channel_step_gradient_reaches_only_its_channel():
     out = fake_quantize(w, scale, torch.zeros(3, dtype=torch.int32), IntRange(4, True), axis=0)
     out[1].sum().backward()
     assert scale.grad[0] == 0 and scale.grad[2] == 0 and scale.grad[1] != 0
+
+
+def _step_gradient(quantizer: Quantizer, x: torch.Tensor, upstream: torch.Tensor) -> np.ndarray:
+    quantizer.scale.grad = None
+    quantizer(x).backward(upstream)
+    return quantizer.scale.grad.numpy()
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_step_gradient_scale_counts_the_elements_of_its_step(per_channel):
+    """LSQ's ``g = 1/sqrt(N * qmax)``: N = one channel's elements per channel, all elements per tensor."""
+    qmin, qmax = grid(4, True)
+    weight = torch.randn(8, 3, 3, 3)
+    quantizer = Quantizer(4, signed=True, channels=8 if per_channel else None, init="minmax", role="weight")
+    quantizer.init_from_weight(weight)
+    with torch.no_grad():
+        quantizer.scale.mul_(0.7)  # clipped: both ends and the inside contribute
+    upstream = torch.randn_like(weight)
+    elements = 3 * 3 * 3 if per_channel else 8 * 3 * 3 * 3
+    _, expected, magnitude = reference_lsq_gradients(
+        weight.numpy(), quantizer.scale.detach().numpy(), 0, qmin, qmax, upstream.numpy(),
+        1.0 / math.sqrt(elements * qmax), axis=0 if per_channel else None)
+    assert np.all(np.abs(_step_gradient(quantizer, weight, upstream) - expected) <= 1e-5 * magnitude)
+
+
+def _activation_quantizer(scale: float, zero: int, bits: int = 4) -> Quantizer:
+    quantizer = Quantizer(bits, signed=False)
+    with torch.no_grad():
+        quantizer.scale.fill_(scale)
+        quantizer.zero_point.fill_(zero)
+        quantizer.initialized.fill_(True)
+    return quantizer
+
+
+def test_activation_step_gradient_scale_counts_one_sample():
+    """For activations N is the features of one sample (LSQ's N_F), not the whole batch."""
+    qmin, qmax = grid(4, False)
+    x = torch.rand(16, 4, 5, 5) * 3 - 0.5
+    upstream = torch.randn_like(x)
+    quantizer = _activation_quantizer(0.15, 3)
+    _, expected, magnitude = reference_lsq_gradients(x.numpy(), 0.15, 3, qmin, qmax, upstream.numpy(),
+                                                     1.0 / math.sqrt(4 * 5 * 5 * qmax))
+    assert abs(_step_gradient(quantizer, x, upstream) - expected) <= 1e-5 * magnitude
+
+
+def test_activation_step_gradient_does_not_depend_on_the_batch_size():
+    sample = torch.rand(1, 4, 5, 5) * 3 - 0.5
+    gradients = []
+    for copies in (1, 8):
+        quantizer = _activation_quantizer(0.15, 3)
+        quantizer(sample.repeat(copies, 1, 1, 1)).sum(dim=(1, 2, 3)).mean().backward()  # a batch-mean loss
+        gradients.append(quantizer.scale.grad.item())
+    assert gradients[1] == pytest.approx(gradients[0], rel=1e-6)
+
+
+def test_quantizer_role_is_checked():
+    with pytest.raises(RecipeError, match="role: 'bias' is not allowed; allowed: 'weight', 'activation'"):
+        Quantizer(8, signed=True, role="bias")
 
 
 def test_quantizer_calibration_minmax_covers_range():

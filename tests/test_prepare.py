@@ -12,9 +12,10 @@ from torch import nn
 from qdistill import models
 from qdistill.errors import ModelError
 from qdistill.io import load_weights, save_weights
-from qdistill.quant import layer_table, prepare
+from qdistill.quant import is_quantized, layer_table, prepare
 from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention
 from qdistill.quant.modules import ActivationQuantizer, QuantAdd, QuantCat, QuantConv2d, QuantLinear
+from qdistill.quant.prepare import activation_quantizers
 from qdistill.testing import BasicBlock, TinyMLP, UntraceableNet
 
 W8 = {"weight_bits": 8, "act_bits": 8, "init": "minmax", "calibration_batches": 2}
@@ -213,6 +214,19 @@ def test_overrides_reach_quantized_ops_and_unknown_patterns_list_them():
     assert table["layer1.0.add"]["act_bits"] == 8 and table["layer2.0.add"]["act_bits"] == 4
     with pytest.raises(ModelError, match=r"quant.overrides: pattern 'nothing\*' matches no quantizable layer.*layer1.0.add"):
         prepare(models.create("tiny_resnet", width=4), {"overrides": {"nothing*": {"act_bits": 8}}})
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_weight_quantizers_count_their_weight_and_activation_quantizers_one_sample(granularity):
+    """LSQ's N: the whole weight per tensor, one output channel per channel, one sample for activations."""
+    student = prepare(models.create("tiny_resnet", width=4), {**W8, "granularity": granularity})
+    layers = [module for module in student.modules() if is_quantized(module)]
+    for layer in layers:
+        weight = layer.weight
+        expected = weight.numel() if granularity == "per_tensor" else weight.numel() // weight.shape[0]
+        assert layer.weight_quantizer.elements_per_step(weight) == expected
+    for quantizer in activation_quantizers(student):
+        assert quantizer.elements_per_step(IMAGES) == 1 * 8 * 8
 
 
 @pytest.mark.parametrize("activation", ["relu6", "gelu", "silu", "hardswish"])

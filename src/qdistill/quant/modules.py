@@ -144,7 +144,7 @@ class ActivationQuantizer(Quantizer):
     """
 
     def __init__(self, bits: int, init: str = "mse", percentile: float = 99.99, learn_scale: bool = True) -> None:
-        super().__init__(bits, signed=False, init=init, percentile=percentile, learn_scale=learn_scale)
+        super().__init__(bits, signed=False, init=init, percentile=percentile, learn_scale=learn_scale, role="activation")
         self._memo: tuple | None = None
 
     def _memo_key(self, x: torch.Tensor) -> tuple:

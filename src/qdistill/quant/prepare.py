@@ -117,7 +117,7 @@ def _make_layer(layer: nn.Module, weight_bits: int, act_bits: int, spec: QuantSp
     per_channel = spec.granularity == "per_channel"
     weight_quantizer = Quantizer(
         weight_bits, signed=True, channels=layer.weight.shape[0] if per_channel else None,
-        init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale,
+        init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale, role="weight",
     )
     # an embedding's input is indices: nothing to quantize
     input_quantizer = None if isinstance(layer, nn.Embedding) else _activation_quantizer(spec, act_bits)
