@@ -155,7 +155,8 @@ def decompose_attention(model: nn.Module) -> dict[str, str]:
         if reason is not None:
             kept[name] = reason
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DecomposedMultiheadAttention.from_mha(module))
+        if not name:
+            kept["<model>"] = "the model itself is an nn.MultiheadAttention, which cannot be replaced in place; it stays float"
+            continue
+        model.set_submodule(name, DecomposedMultiheadAttention.from_mha(module))
     return kept
