@@ -12,7 +12,7 @@ from torch import nn
 from qdistill import models
 from qdistill.errors import ModelError
 from qdistill.io import load_weights, save_weights
-from qdistill.quant import is_quantized, layer_table, prepare
+from qdistill.quant import check_overrides, is_quantized, layer_table, prepare
 from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention
 from qdistill.quant.modules import ActivationQuantizer, QuantAdd, QuantCat, QuantConv2d, QuantLinear
 from qdistill.quant.prepare import activation_quantizers
@@ -214,6 +214,21 @@ def test_overrides_reach_quantized_ops_and_unknown_patterns_list_them():
     assert table["layer1.0.add"]["act_bits"] == 8 and table["layer2.0.add"]["act_bits"] == 4
     with pytest.raises(ModelError, match=r"quant.overrides: pattern 'nothing\*' matches no quantizable layer.*layer1.0.add"):
         prepare(models.create("tiny_resnet", width=4), {"overrides": {"nothing*": {"act_bits": 8}}})
+
+
+def test_override_check_accepts_and_refuses_exactly_what_prepare_does():
+    model = models.create("tiny_resnet", width=4)
+    on_an_add = {"weight_bits": 4, "act_bits": 4, "overrides": {"layer1.0.add": {"act_bits": 8}, "layer1.*": {"weight_bits": 6}}}
+    table = check_overrides(model, on_an_add)
+    assert table == layer_table(prepare(model, on_an_add))
+    assert table["layer1.0.add"] == {"weight_bits": None, "act_bits": 8} and table["layer1.0.conv1"]["weight_bits"] == 6
+    messages = []
+    for check in (check_overrides, prepare):
+        with pytest.raises(ModelError) as refused:
+            check(model, {"overrides": {"layer1.0.add": {"act_bits": 8}, "nothing*": {"act_bits": 8}}})
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1] and "\n" not in messages[0]
+    assert messages[0].startswith("quant.overrides: pattern 'nothing*' matches no quantizable layer; layers: stem.0, ")
 
 
 @pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
