@@ -245,7 +245,7 @@ def test_weight_quantizers_count_their_weight_and_activation_quantizers_one_samp
 
 
 @pytest.mark.parametrize("activation", ["relu6", "gelu", "silu", "hardswish"])
-def test_float_activations_pass_through(activation):
+def test_students_with_float_activations_stay_close_to_the_model(activation):
     model = TinyMLP(64, 10, hidden=(32,), activation=activation)
     assert _relative_error(_calibrated(model), model) < 0.05
 
