@@ -157,9 +157,12 @@ def fake_quantize(
     """Quantize-dequantize ``x`` onto ``qrange`` with step ``scale`` (per tensor or along ``axis``).
 
     Example:
-        >>> w = torch.randn(8, 3, 3, 3)
-        >>> scale = w.abs().amax(dim=(1, 2, 3)) / 7
-        >>> fake_quantize(w, scale, torch.zeros(8, dtype=torch.int32), IntRange(4, True), axis=0)
+        >>> w = torch.tensor([[0.3, -1.4, 0.65], [0.02, 0.05, -0.1]])
+        >>> scale = w.abs().amax(dim=1) / 7          # one step per output channel
+        >>> out = fake_quantize(w, scale, torch.zeros(2, dtype=torch.int32), IntRange(4, True), axis=0)
+        >>> (out / scale[:, None]).round()           # the integers it stands for
+        tensor([[ 2., -7.,  3.],
+                [ 1.,  4., -7.]])
     """
     scale = scale.clamp_min(MIN_SCALE)
     if torch.onnx.is_in_onnx_export():

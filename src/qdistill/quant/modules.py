@@ -179,7 +179,8 @@ def clear_memos(model: nn.Module, *_: object) -> None:
     """Forget every shared quantizer's last tensors (used as a forward hook, hence ``*_``).
 
     Example:
-        >>> student.register_forward_hook(clear_memos)      # prepare does this
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> handle = model.register_forward_hook(clear_memos)      # prepare does this
     """
     for module in model.modules():
         if isinstance(module, ActivationQuantizer):

@@ -201,8 +201,11 @@ def prepare(
     """A fake-quantized copy of ``model``; ``model`` itself is never modified.
 
     Example:
-        >>> student = prepare(teacher, {"weight_bits": 4, "act_bits": 4}, calibration_data=train_loader)
+        >>> from qdistill import models
+        >>> teacher = models.create("tiny_resnet")
+        >>> student = prepare(teacher, {"weight_bits": 4, "act_bits": 4}, calibration_data=[torch.rand(8, 1, 8, 8)])
         >>> student.qdistill_unquantized     # {layer name: reason it stayed float}
+        {}
         >>> layer_table(student)["layer1.0.add"]
         {'weight_bits': None, 'act_bits': 4}
     """
@@ -258,6 +261,7 @@ def activation_quantizers(student: nn.Module) -> list[Quantizer]:
     """Every quantizer of ``student`` that is not a weight quantizer (each shared one once).
 
     Example:
+        >>> from qdistill import models
         >>> len(activation_quantizers(prepare(models.create("tiny_resnet"))))
         14
     """
@@ -269,7 +273,9 @@ def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> i
     """Initialise activation ranges from up to ``max_batches`` batches; returns batches used.
 
     Example:
-        >>> calibrate(student, train_loader, max_batches=8)
+        >>> from qdistill import models
+        >>> student = prepare(models.create("tiny_mlp"))
+        >>> calibrate(student, [torch.rand(4, 1, 8, 8)] * 10, max_batches=8)
         8
     """
     quantizers = activation_quantizers(student)
@@ -297,8 +303,10 @@ def layer_table(student: nn.Module) -> dict[str, dict[str, int | None]]:
     Ops without weights (``QuantAdd``, ``QuantCat``, average pools) have ``weight_bits: None``.
 
     Example:
-        >>> layer_table(student)["features.0"]
-        {'weight_bits': 8, 'act_bits': 8}
+        >>> from qdistill import models
+        >>> table = layer_table(prepare(models.create("tiny_resnet"), {"weight_bits": 4, "act_bits": 4}))
+        >>> table["stem.0"], table["layer1.0.conv1"], table["layer1.0.add"]     # first layer: first_last_bits
+        ({'weight_bits': 8, 'act_bits': 8}, {'weight_bits': 4, 'act_bits': 4}, {'weight_bits': None, 'act_bits': 4})
     """
     table: dict[str, dict[str, int | None]] = {}
     for name, module in student.named_modules():

@@ -7,10 +7,15 @@ keeps its class (a subclass with the generated forward), attributes, children an
 so forward hooks, feature distillation and checkpoints see the same model.
 
 Example:
-    >>> rewrite_functional_ops(student, trace_model(student), lambda: ActivationQuantizer(8))
-    {}                                   # {module name: why it could not be rewritten}
-    >>> student.layer1[0].add
-    QuantAdd(...)
+    >>> from qdistill import models
+    >>> from qdistill.quant.graph import trace_model
+    >>> from qdistill.quant.modules import ActivationQuantizer
+    >>> model = models.create("tiny_resnet")
+    >>> added, problems = rewrite_functional_ops(model, trace_model(model), lambda: ActivationQuantizer(8))
+    >>> problems                         # {module name: why it could not be rewritten}
+    {}
+    >>> type(model.layer1[0].add).__name__, type(model.layer1[0]).__name__
+    ('QuantAdd', 'BasicBlock')
 """
 
 from __future__ import annotations
@@ -102,6 +107,10 @@ def rewrite_module(module: nn.Module, graph: fx.Graph, tensors: set[fx.Node],
     """Turn the tensor additions/concatenations of ``module``'s own forward into quantized ops; names added.
 
     Example:
+        >>> from qdistill.quant.graph import trace_module
+        >>> from qdistill.quant.modules import ActivationQuantizer
+        >>> from qdistill.testing import BasicBlock
+        >>> block = BasicBlock(4, 4)
         >>> graph = trace_module(block, {})
         >>> rewrite_module(block, graph, tensor_nodes(graph), lambda: ActivationQuantizer(8))
         ['add']
@@ -131,8 +140,12 @@ def install_forward(module: nn.Module, graph: fx.Graph) -> None:
     rebuilt from ``(original class, generated source, its globals)`` by ``restore_rewritten``.
 
     Example:
-        >>> install_forward(block, graph)
-        >>> isinstance(block, BasicBlock), print(block.qdistill_forward_code)
+        >>> from qdistill.quant.graph import trace_module
+        >>> from qdistill.testing import BasicBlock
+        >>> block = BasicBlock(4, 4)
+        >>> install_forward(block, trace_module(block, {}))
+        >>> isinstance(block, BasicBlock), "add = bn2 + x" in block.qdistill_forward_code
+        (True, True)
     """
     original = getattr(type(module), "qdistill_original", type(module))  # a rewritten module rewritten again
     code = graph.python_code(root_module="self")
@@ -213,7 +226,11 @@ def rewrite_functional_ops(model: nn.Module, trace: ModelTrace,
     ``reason`` says why a module's forward could not be rewritten (its additions stay float).
 
     Example:
-        >>> rewrite_functional_ops(student, trace_model(student), lambda: ActivationQuantizer(8))
+        >>> from qdistill import models
+        >>> from qdistill.quant.graph import trace_model
+        >>> from qdistill.quant.modules import ActivationQuantizer
+        >>> model = models.create("tiny_resnet")
+        >>> rewrite_functional_ops(model, trace_model(model), lambda: ActivationQuantizer(8))
         (['layer1.0.add', 'layer2.0.add', 'layer3.0.add'], {})
     """
     graphs, problems = module_graphs(model, trace, matters=_has_functional_ops)
