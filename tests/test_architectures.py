@@ -85,7 +85,7 @@ def test_each_architecture_exports_to_integer_kernels(name, bits, small_digits, 
         assert ops["QLinearGlobalAveragePool"] == 1
 
 
-def test_different_student_from_a_recipe_name_with_kwargs(small_digits, tmp_path):
+def test_smaller_student_named_in_the_recipe_is_built_reported_and_reloaded(small_digits, tmp_path):
     recipe = Recipe(model={"name": "tiny_resnet", "kwargs": {"width": 8}},
                     student={"name": "tiny_resnet", "kwargs": {"width": 4}},
                     data={"name": "digits", "limit": 320, "batch_size": 32},
@@ -102,7 +102,7 @@ def test_different_student_from_a_recipe_name_with_kwargs(small_digits, tmp_path
         assert torch.equal(loaded(x), result.student.eval()(x))
 
 
-def test_student_from_a_factory_and_a_checkpoint(small_digits, tmp_path):
+def test_student_from_a_factory_starts_from_its_checkpoint_weights(small_digits, tmp_path):
     scratch = models.create("tiny_mobilenetv2", width=8, **small_digits[0].model_kwargs())
     save_weights(tmp_path / "student.safetensors", scratch.state_dict())
     recipe = Recipe(data={"name": "digits", "limit": 320},

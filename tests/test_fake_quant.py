@@ -1,90 +1,267 @@
-"""Quantizer numerics: bit-exact against torch's reference ops, STE and LSQ gradients."""
+"""Quantizer numerics against references written out here: the fake-quantize formula and LSQ's gradients.
+
+Nothing is compared with torch's fake-quantize ops (which ``fake_quantize`` runs): every expected
+value comes from numpy float32 arithmetic in this file.
+"""
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qdistill.errors import RecipeError
 from qdistill.quant import IntRange, Quantizer, fake_quantize
-from qdistill.quant.fake_quant import LsqFakeQuantize, lsq_grad_factor
+
+BITS = range(2, 9)
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
-def test_per_tensor_matches_torch_reference_exactly(bits):
-    qrange = IntRange(bits, signed=False)
-    x = torch.randn(4096) * 3
-    scale, zero_point = torch.tensor(6.0 / qrange.qmax), torch.tensor(qrange.qmax // 2, dtype=torch.int32)
-    expected = torch.fake_quantize_per_tensor_affine(x, scale.item(), int(zero_point), qrange.qmin, qrange.qmax)
-    torch.testing.assert_close(fake_quantize(x, scale, zero_point, qrange), expected, atol=0, rtol=0)
+def grid(bits: int, signed: bool) -> tuple[int, int]:
+    """The integer grid written out: signed grids are narrow (``±(2^(b-1)-1)``), unsigned ones ``[0, 2^b-1]``."""
+    return (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
 
 
-@pytest.mark.parametrize("bits", range(2, 9))
-def test_per_channel_matches_torch_reference_exactly(bits):
-    qrange = IntRange(bits, signed=True)
-    w = torch.randn(16, 8, 3, 3)
-    scale = w.abs().amax(dim=(1, 2, 3)) / qrange.qmax * 0.8  # clipped, so both ends saturate
-    zero_point = torch.zeros(16, dtype=torch.int32)
-    expected = torch.fake_quantize_per_channel_affine(w, scale, zero_point, 0, qrange.qmin, qrange.qmax)
-    torch.testing.assert_close(fake_quantize(w, scale, zero_point, qrange, axis=0), expected, atol=0, rtol=0)
+def _along(values, ndim: int, axis: int | None) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float32)
+    if axis is None:
+        return values.reshape(())
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
 
 
-def test_eight_bit_unsigned_matches_uint8_reference():
-    x = torch.rand(1000) * 4 - 1
-    scale, zero = torch.tensor(5.0 / 255), torch.tensor(51, dtype=torch.int32)
-    expected = torch.fake_quantize_per_tensor_affine(x, scale.item(), 51, 0, 255)
-    torch.testing.assert_close(fake_quantize(x, scale, zero, IntRange(8, False)), expected, atol=0, rtol=0)
+def expected_codes(x, scale, zero, qmin: int, qmax: int, axis: int | None = None):
+    """``(x * (1/s), its rounding half to even, the rounded code + z clamped to [qmin, qmax])`` in float32.
+
+    ``x * (1/s)``, not ``x / s``: torch's fake-quantize kernels, which ``fake_quantize`` runs,
+    multiply by the float32 reciprocal of the step. The two products differ in the last bit for
+    some x, and an x within one ulp of a half-integer step then rounds to the neighbouring integer
+    (about one value in a million at 8 bits), so a bit-exact comparison needs this form. (ONNX
+    QuantizeLinear divides.)
+    """
+    x = np.asarray(x, dtype=np.float32)
+    scale, zero = _along(scale, x.ndim, axis), _along(zero, x.ndim, axis)
+    scaled = x * (np.float32(1.0) / scale)
+    rounded = np.rint(scaled)  # numpy rounds half to even
+    return scaled, rounded, np.clip(rounded + zero, qmin, qmax)
 
 
-def test_ranges():
-    assert (IntRange(4, True).qmin, IntRange(4, True).qmax) == (-7, 7)
-    assert (IntRange(2, True).qmin, IntRange(2, True).qmax) == (-1, 1)
-    assert (IntRange(3, False).qmin, IntRange(3, False).qmax) == (0, 7)
-    for bad in (1, 9, 0):
-        with pytest.raises(RecipeError, match="from 2 to 8"):
-            IntRange(bad, True)
+def reference_fake_quantize(x, scale, zero, qmin: int, qmax: int, axis: int | None = None) -> np.ndarray:
+    """``(clamp(round_half_to_even(x * (1/s)) + z, qmin, qmax) - z) * s`` in float32."""
+    x = np.asarray(x, dtype=np.float32)
+    _, _, codes = expected_codes(x, scale, zero, qmin, qmax, axis)
+    return ((codes - _along(zero, x.ndim, axis)) * _along(scale, x.ndim, axis)).astype(np.float32)
 
 
-def test_straight_through_gradient_inside_and_zero_outside():
-    qrange = IntRange(4, signed=False)
-    scale, zero = torch.tensor(0.1), torch.tensor(0, dtype=torch.int32)
-    x = torch.tensor([-0.5, 0.0, 0.33, 1.0, 1.5, 2.0], requires_grad=True)  # range is [0, 1.5]
-    fake_quantize(x, scale, zero, qrange).sum().backward()
-    torch.testing.assert_close(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 1.0, 0.0]))
+def reference_lsq_gradients(x, scale, zero, qmin: int, qmax: int, upstream, grad_factor: float,
+                            axis: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LSQ's backward written out: ``(d loss / d x, d loss / d s, the sum of |terms| of d loss / d s)``.
+
+    ``d/dx``: the upstream gradient where the rounded code is inside ``[qmin, qmax]``, 0 where it
+    was clamped. ``d/ds``: ``grad_factor * sum(upstream * slope)`` over the elements of each step,
+    with ``slope = qmin - z`` below the range, ``qmax - z`` above it, ``round(x/s) - x/s`` inside.
+    """
+    x, upstream = np.asarray(x, dtype=np.float32), np.asarray(upstream, dtype=np.float32)
+    scaled, rounded, _ = expected_codes(x, scale, zero, qmin, qmax, axis)
+    zero = _along(zero, x.ndim, axis)
+    below, above = rounded + zero < qmin, rounded + zero > qmax
+    slope = np.where(below, qmin - zero, np.where(above, qmax - zero, rounded - scaled))
+    terms = upstream.astype(np.float64) * slope
+    dims = tuple(dim for dim in range(x.ndim) if dim != axis)
+    return upstream * ~(below | above), grad_factor * terms.sum(axis=dims), grad_factor * np.abs(terms).sum(axis=dims)
 
 
-def test_lsq_step_gradient_matches_formula():
-    qrange = IntRange(3, signed=False)  # [0, 7]
-    scale = torch.tensor(0.2, requires_grad=True)
-    zero = torch.tensor(2, dtype=torch.int32)
-    x = torch.tensor([-1.0, -0.13, 0.05, 0.31, 0.77, 2.0])
-    upstream = torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0])
-    grad_factor = lsq_grad_factor(x.numel(), qrange)
-    LsqFakeQuantize.apply(x, scale, zero, qrange, None, grad_factor).backward(upstream)
-    expected = 0.0
-    for value, g in zip(x.tolist(), upstream.tolist(), strict=True):
-        scaled = value * (1.0 / 0.2)
-        q = round(scaled) + 2
-        if q < 0:
-            slope = 0 - 2
-        elif q > 7:
-            slope = 7 - 2
-        else:
-            slope = round(scaled) - scaled
-        expected += g * slope
-    expected *= 1.0 / math.sqrt(x.numel() * 7)
-    assert scale.grad.item() == pytest.approx(expected, rel=1e-5)
+def grid_values(qmin: int, qmax: int, zero: int, scale: float, count: int = 2048, seed: int = 0) -> np.ndarray:
+    """Values across and three steps beyond the range, every half-step tie, both ends and zero (float32)."""
+    rng = np.random.default_rng(seed)
+    low, high = (qmin - zero - 3) * scale, (qmax - zero + 3) * scale
+    ties = (np.arange(qmin - zero - 3, qmax - zero + 3) + 0.5) * scale
+    ends = np.array([(qmin - zero) * scale, (qmax - zero) * scale, 0.0, -0.0])
+    return np.concatenate([rng.uniform(low, high, count), ties, ends]).astype(np.float32)
 
 
-def test_per_channel_step_gradient_is_per_channel():
-    qrange = IntRange(4, signed=True)
+def _zero_point(signed: bool, qmax: int) -> int:
+    return 0 if signed else qmax // 3
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_int_range_is_narrow_when_signed_and_full_when_unsigned(bits):
+    for signed in (True, False):
+        assert (IntRange(bits, signed).qmin, IntRange(bits, signed).qmax) == grid(bits, signed)
+    assert (IntRange(4, True).qmin, IntRange(4, True).qmax, IntRange(3, False).qmax) == (-7, 7, 7)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 4.0])
+def test_int_range_refuses_bits_outside_2_to_8(bits):
+    with pytest.raises(RecipeError, match="from 2 to 8"):
+        IntRange(bits, True)
+
+
+@pytest.mark.parametrize("scale", [0.0371, 2.0**-5])  # a power of two makes the half-step ties exact
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", BITS)
+def test_fake_quantize_per_tensor_equals_the_formula(bits, signed, scale):
+    qmin, qmax = grid(bits, signed)
+    zero = _zero_point(signed, qmax)
+    x = grid_values(qmin, qmax, zero, scale)
+    out = fake_quantize(torch.from_numpy(x), torch.tensor(scale), torch.tensor(zero, dtype=torch.int32),
+                        IntRange(bits, signed))
+    np.testing.assert_array_equal(out.numpy(), reference_fake_quantize(x, scale, zero, qmin, qmax))
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", BITS)
+def test_fake_quantize_per_channel_equals_the_formula(bits, signed, axis):
+    qmin, qmax = grid(bits, signed)
+    scales = np.array([0.0371, 2.0**-5, 0.3, 1.7, 2.0**-9], dtype=np.float32)
+    zeros = np.array([0 if signed else (qmax * index) // 4 for index in range(len(scales))])
+    rows = [grid_values(qmin, qmax, int(z), float(s), seed=index)
+            for index, (s, z) in enumerate(zip(scales, zeros, strict=True))]
+    x = np.ascontiguousarray(np.moveaxis(np.stack(rows), 0, axis))  # (channels, values) or (values, channels)
+    out = fake_quantize(torch.from_numpy(x), torch.from_numpy(scales), torch.from_numpy(zeros).to(torch.int32),
+                        IntRange(bits, signed), axis=axis)
+    np.testing.assert_array_equal(out.numpy(), reference_fake_quantize(x, scales, zeros, qmin, qmax, axis))
+
+
+def test_half_step_ties_round_to_even():
+    steps = torch.tensor([-3.5, -2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 3.5])
+    out = fake_quantize(steps * 0.25, torch.tensor(0.25), torch.tensor(0, dtype=torch.int32), IntRange(8, True))
+    assert (out / 0.25).tolist() == [-4.0, -2.0, -2.0, 0.0, 0.0, 2.0, 2.0, 4.0]
+
+
+finite = st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, width=32)
+
+
+@st.composite
+def fake_quantize_case(draw):
+    bits, signed, channels = draw(st.integers(2, 8)), draw(st.booleans()), draw(st.integers(1, 4))
+    qmin, qmax = grid(bits, signed)
+    per_channel = draw(st.booleans())
+    count = channels if per_channel else 1
+    scales = draw(st.lists(st.floats(2.0**-10, 8.0, width=32), min_size=count, max_size=count))
+    zeros = [0] * count if signed else draw(st.lists(st.integers(qmin, qmax), min_size=count, max_size=count))
+    values = draw(st.lists(finite, min_size=channels * 3, max_size=channels * 3))
+    x = np.array(values, dtype=np.float32).reshape(channels, 3)
+    return bits, signed, x, np.array(scales, dtype=np.float32), np.array(zeros), 0 if per_channel else None
+
+
+@settings(max_examples=300, deadline=None)
+@given(fake_quantize_case())
+def test_fake_quantize_equals_the_formula_for_drawn_cases(case):
+    bits, signed, x, scales, zeros, axis = case
+    qmin, qmax = grid(bits, signed)
+    scale = torch.from_numpy(scales) if axis is not None else torch.tensor(scales[0])
+    zero = torch.from_numpy(zeros).to(torch.int32) if axis is not None else torch.tensor(int(zeros[0]), dtype=torch.int32)
+    out = fake_quantize(torch.from_numpy(x), scale, zero, IntRange(bits, signed), axis=axis)
+    expected = reference_fake_quantize(x, scales if axis is not None else scales[0],
+                                       zeros if axis is not None else zeros[0], qmin, qmax, axis)
+    np.testing.assert_array_equal(out.numpy(), expected)
+
+
+def test_lsq_backward_at_the_ends_and_inside_worked_by_hand():
+    # unsigned 3 bits [0, 7], step 0.5, zero point 2: the representable values are -1.0 .. 2.5
+    x = torch.tensor([-3.0, -1.0, 0.3, 2.5, 2.7, 2.8, 4.0], requires_grad=True)
+    scale = torch.tensor(0.5, requires_grad=True)
+    upstream = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0])
+    fake_quantize(x, scale, torch.tensor(2, dtype=torch.int32), IntRange(3, False), grad_factor=0.5).backward(upstream)
+    # x/s = -6, -2, 0.6, 5, 5.4, 5.6, 8 -> rounded + 2 = -4, 0, 3, 7, 7, 8, 10: below, inside x4, above x2
+    assert x.grad.tolist() == [0.0, 2.0, 3.0, 4.0, 5.0, 0.0, 0.0]
+    # slopes: 0 - 2, round - x/s (0, 0.4, 0, -0.4), 7 - 2, 7 - 2
+    expected = 0.5 * (1 * -2 + 2 * 0 + 3 * 0.4 + 4 * 0 + 5 * -0.4 + 6 * 5 + 7 * 5)
+    assert scale.grad.item() == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("axis", [None, 0])
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_lsq_backward_equals_the_written_out_gradients(bits, signed, axis):
+    qmin, qmax = grid(bits, signed)
+    scales = np.array([0.0371, 2.0**-5, 0.3], dtype=np.float32)[: 1 if axis is None else 3]
+    zeros = np.array([_zero_point(signed, qmax) + index for index in range(len(scales))]) * (not signed)
+    x = np.stack([grid_values(qmin, qmax, int(z), float(s), seed=index)
+                  for index, (s, z) in enumerate(zip(scales, zeros, strict=True))])
+    upstream = np.random.default_rng(7).standard_normal(x.shape).astype(np.float32)
+    if axis is None:
+        x, upstream, scales, zeros = x[0], upstream[0], scales[0], zeros[0]
+    x_tensor = torch.from_numpy(x).requires_grad_(True)
+    scale = torch.tensor(scales).requires_grad_(True)
+    zero = torch.tensor(zeros, dtype=torch.int32)
+    fake_quantize(x_tensor, scale, zero, IntRange(bits, signed), axis, grad_factor=0.37).backward(torch.from_numpy(upstream))
+    grad_x, grad_scale, magnitude = reference_lsq_gradients(x, scales, zeros, qmin, qmax, upstream, 0.37, axis)
+    np.testing.assert_array_equal(x_tensor.grad.numpy(), grad_x)
+    # float32 summation of a few thousand terms: within 1e-5 of the sum of their magnitudes
+    assert np.all(np.abs(scale.grad.numpy() - grad_scale) <= 1e-5 * magnitude)
+
+
+def test_per_channel_step_gradient_reaches_only_its_channel():
     w = torch.randn(3, 10)
     scale = (w.abs().amax(dim=1) / 7).requires_grad_(True)
-    out = LsqFakeQuantize.apply(w, scale, torch.zeros(3, dtype=torch.int32), qrange, 0, 1.0)
-    out[1].sum().backward()  # only channel 1 receives gradient
+    out = fake_quantize(w, scale, torch.zeros(3, dtype=torch.int32), IntRange(4, True), axis=0)
+    out[1].sum().backward()
     assert scale.grad[0] == 0 and scale.grad[2] == 0 and scale.grad[1] != 0
+
+
+def _step_gradient(quantizer: Quantizer, x: torch.Tensor, upstream: torch.Tensor) -> np.ndarray:
+    quantizer.scale.grad = None
+    quantizer(x).backward(upstream)
+    return quantizer.scale.grad.numpy()
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_weight_step_gradient_scale_counts_the_elements_of_its_step(per_channel):
+    """LSQ's ``g = 1/sqrt(N * qmax)``: N = one channel's elements per channel, all elements per tensor."""
+    qmin, qmax = grid(4, True)
+    weight = torch.randn(8, 3, 3, 3)
+    quantizer = Quantizer(4, signed=True, channels=8 if per_channel else None, init="minmax", role="weight")
+    quantizer.init_from_weight(weight)
+    with torch.no_grad():
+        quantizer.scale.mul_(0.7)  # clipped: both ends and the inside contribute
+    upstream = torch.randn_like(weight)
+    elements = 3 * 3 * 3 if per_channel else 8 * 3 * 3 * 3
+    _, expected, magnitude = reference_lsq_gradients(
+        weight.numpy(), quantizer.scale.detach().numpy(), 0, qmin, qmax, upstream.numpy(),
+        1.0 / math.sqrt(elements * qmax), axis=0 if per_channel else None)
+    assert np.all(np.abs(_step_gradient(quantizer, weight, upstream) - expected) <= 1e-5 * magnitude)
+
+
+def _activation_quantizer(scale: float, zero: int, bits: int = 4) -> Quantizer:
+    quantizer = Quantizer(bits, signed=False)
+    with torch.no_grad():
+        quantizer.scale.fill_(scale)
+        quantizer.zero_point.fill_(zero)
+        quantizer.initialized.fill_(True)
+    return quantizer
+
+
+def test_activation_step_gradient_scale_counts_one_sample():
+    """For activations N is the features of one sample (LSQ's N_F), not the whole batch."""
+    qmin, qmax = grid(4, False)
+    x = torch.rand(16, 4, 5, 5) * 3 - 0.5
+    upstream = torch.randn_like(x)
+    quantizer = _activation_quantizer(0.15, 3)
+    _, expected, magnitude = reference_lsq_gradients(x.numpy(), 0.15, 3, qmin, qmax, upstream.numpy(),
+                                                     1.0 / math.sqrt(4 * 5 * 5 * qmax))
+    assert abs(_step_gradient(quantizer, x, upstream) - expected) <= 1e-5 * magnitude
+
+
+def test_activation_step_gradient_does_not_depend_on_the_batch_size():
+    sample = torch.rand(1, 4, 5, 5) * 3 - 0.5
+    gradients = []
+    for copies in (1, 8):
+        quantizer = _activation_quantizer(0.15, 3)
+        quantizer(sample.repeat(copies, 1, 1, 1)).sum(dim=(1, 2, 3)).mean().backward()  # a batch-mean loss
+        gradients.append(quantizer.scale.grad.item())
+    assert gradients[1] == pytest.approx(gradients[0], rel=1e-6)
+
+
+def test_quantizer_role_is_checked():
+    with pytest.raises(RecipeError, match="role: 'bias' is not allowed; allowed: 'weight', 'activation'"):
+        Quantizer(8, signed=True, role="bias")
 
 
 def test_quantizer_calibration_minmax_covers_range():

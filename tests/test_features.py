@@ -60,7 +60,7 @@ def test_same_widths_need_no_adapter():
     assert isinstance(distiller.adapters["net_4"], nn.Identity)
 
 
-def test_feature_distillation_with_mismatched_widths_trains(small_digits):
+def test_feature_distillation_with_mismatched_widths_lowers_the_feature_loss(small_digits):
     bundle, train, val = small_digits
     torch.manual_seed(0)
     teacher = models.create("tiny_resnet", width=8, **bundle.model_kwargs())

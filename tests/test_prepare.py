@@ -12,9 +12,10 @@ from torch import nn
 from qdistill import models
 from qdistill.errors import ModelError
 from qdistill.io import load_weights, save_weights
-from qdistill.quant import layer_table, prepare
+from qdistill.quant import check_overrides, is_quantized, layer_table, prepare
 from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention
 from qdistill.quant.modules import ActivationQuantizer, QuantAdd, QuantCat, QuantConv2d, QuantLinear
+from qdistill.quant.prepare import activation_quantizers
 from qdistill.testing import BasicBlock, TinyMLP, UntraceableNet
 
 W8 = {"weight_bits": 8, "act_bits": 8, "init": "minmax", "calibration_batches": 2}
@@ -215,8 +216,36 @@ def test_overrides_reach_quantized_ops_and_unknown_patterns_list_them():
         prepare(models.create("tiny_resnet", width=4), {"overrides": {"nothing*": {"act_bits": 8}}})
 
 
+def test_override_check_accepts_and_refuses_exactly_what_prepare_does():
+    model = models.create("tiny_resnet", width=4)
+    on_an_add = {"weight_bits": 4, "act_bits": 4, "overrides": {"layer1.0.add": {"act_bits": 8}, "layer1.*": {"weight_bits": 6}}}
+    table = check_overrides(model, on_an_add)
+    assert table == layer_table(prepare(model, on_an_add))
+    assert table["layer1.0.add"] == {"weight_bits": None, "act_bits": 8} and table["layer1.0.conv1"]["weight_bits"] == 6
+    messages = []
+    for check in (check_overrides, prepare):
+        with pytest.raises(ModelError) as refused:
+            check(model, {"overrides": {"layer1.0.add": {"act_bits": 8}, "nothing*": {"act_bits": 8}}})
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1] and "\n" not in messages[0]
+    assert messages[0].startswith("quant.overrides: pattern 'nothing*' matches no quantizable layer; layers: stem.0, ")
+
+
+@pytest.mark.parametrize("granularity", ["per_channel", "per_tensor"])
+def test_weight_quantizers_count_their_weight_and_activation_quantizers_one_sample(granularity):
+    """LSQ's N: the whole weight per tensor, one output channel per channel, one sample for activations."""
+    student = prepare(models.create("tiny_resnet", width=4), {**W8, "granularity": granularity})
+    layers = [module for module in student.modules() if is_quantized(module)]
+    for layer in layers:
+        weight = layer.weight
+        expected = weight.numel() if granularity == "per_tensor" else weight.numel() // weight.shape[0]
+        assert layer.weight_quantizer.elements_per_step(weight) == expected
+    for quantizer in activation_quantizers(student):
+        assert quantizer.elements_per_step(IMAGES) == 1 * 8 * 8
+
+
 @pytest.mark.parametrize("activation", ["relu6", "gelu", "silu", "hardswish"])
-def test_float_activations_pass_through(activation):
+def test_students_with_float_activations_stay_close_to_the_model(activation):
     model = TinyMLP(64, 10, hidden=(32,), activation=activation)
     assert _relative_error(_calibrated(model), model) < 0.05
 

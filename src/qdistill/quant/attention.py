@@ -47,7 +47,10 @@ class DecomposedMultiheadAttention(nn.Module):
 
     Example:
         >>> attention = DecomposedMultiheadAttention(32, 4, batch_first=True)
-        >>> out, weights = attention(x, x, x)        # x: (B, L, 32); weights (B, L, L), averaged over heads
+        >>> x = torch.randn(2, 5, 32)                # (B, L, E)
+        >>> out, weights = attention(x, x, x)
+        >>> out.shape, weights.shape                 # weights averaged over heads
+        (torch.Size([2, 5, 32]), torch.Size([2, 5, 5]))
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
@@ -145,7 +148,11 @@ def decompose_attention(model: nn.Module) -> dict[str, str]:
     """Replace each ``nn.MultiheadAttention`` of ``model`` in place; returns ``{name: reason}`` for those kept.
 
     Example:
-        >>> kept = decompose_attention(model)    # model.encoder.attn is now a DecomposedMultiheadAttention
+        >>> model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "biased": nn.MultiheadAttention(8, 2, add_bias_kv=True)})
+        >>> decompose_attention(model)
+        {'biased': 'nn.MultiheadAttention with add_bias_kv or add_zero_attn stays float (not decomposed)'}
+        >>> type(model["attn"]).__name__
+        'DecomposedMultiheadAttention'
     """
     kept: dict[str, str] = {}
     for name, module in list(model.named_modules()):
@@ -155,7 +162,8 @@ def decompose_attention(model: nn.Module) -> dict[str, str]:
         if reason is not None:
             kept[name] = reason
             continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DecomposedMultiheadAttention.from_mha(module))
+        if not name:
+            kept["<model>"] = "the model itself is an nn.MultiheadAttention, which cannot be replaced in place; it stays float"
+            continue
+        model.set_submodule(name, DecomposedMultiheadAttention.from_mha(module))
     return kept

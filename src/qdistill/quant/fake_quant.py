@@ -1,11 +1,17 @@
 """Fake quantization math: integer ranges, the LSQ straight-through op, and its ONNX form.
 
-Forward values come from torch's own ``fake_quantize_per_{tensor,channel}_affine`` kernels, so a
-qdistill quantizer is bit-exact with the reference ops for the same scale and zero point. The
-backward pass is the learned-step-size (LSQ, Esser et al. 2020) gradient: straight-through for the
-input inside the range, zero outside, and for the step size
-``d out / d scale = round(x/s) - x/s`` inside, ``qmin - z`` / ``qmax - z`` at the ends,
-multiplied by the gradient scale ``g = 1 / sqrt(N * qmax)``.
+Forward values are ``(clamp(round_half_to_even(x * (1/s)) + z, qmin, qmax) - z) * s`` in float32,
+computed by torch's own ``fake_quantize_per_{tensor,channel}_affine`` kernels. They multiply by the
+float32 reciprocal of the step where ONNX ``QuantizeLinear`` divides; the two agree except for a
+value within one ulp of a half-integer step (about one in a million at 8 bits), which lands one
+step apart.
+
+The backward pass is the learned-step-size (LSQ, Esser et al. 2020) gradient: straight-through for
+the input inside the range, zero outside, and for the step size ``d out / d scale = round(x/s) - x/s``
+inside, ``qmin - z`` / ``qmax - z`` at the ends, multiplied by the gradient scale
+``g = 1 / sqrt(N * qmax)`` (``Quantizer.elements_per_step`` says what ``N`` is). "Inside" means the
+rounded code ``round(x/s) + z`` lies in ``[qmin, qmax]``, the mask torch's kernels compute; the LSQ
+paper clips before rounding, which differs only for ``x`` within half a step beyond either end.
 """
 
 from __future__ import annotations
@@ -151,9 +157,12 @@ def fake_quantize(
     """Quantize-dequantize ``x`` onto ``qrange`` with step ``scale`` (per tensor or along ``axis``).
 
     Example:
-        >>> w = torch.randn(8, 3, 3, 3)
-        >>> scale = w.abs().amax(dim=(1, 2, 3)) / 7
-        >>> fake_quantize(w, scale, torch.zeros(8, dtype=torch.int32), IntRange(4, True), axis=0)
+        >>> w = torch.tensor([[0.3, -1.4, 0.65], [0.02, 0.05, -0.1]])
+        >>> scale = w.abs().amax(dim=1) / 7          # one step per output channel
+        >>> out = fake_quantize(w, scale, torch.zeros(2, dtype=torch.int32), IntRange(4, True), axis=0)
+        >>> (out / scale[:, None]).round()           # the integers it stands for
+        tensor([[ 2., -7.,  3.],
+                [ 1.,  4., -7.]])
     """
     scale = scale.clamp_min(MIN_SCALE)
     if torch.onnx.is_in_onnx_export():

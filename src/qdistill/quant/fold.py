@@ -43,6 +43,8 @@ def graph_pairs(graph: fx.Graph, namespace: nn.Module, prefix: str = "") -> list
     Both modules must be called once only: folding changes the layer at every place it is called.
 
     Example:
+        >>> from qdistill import models
+        >>> model = models.create("tiny_resnet")
         >>> graph_pairs(trace_model(model).graph, model)[:1]
         [('stem.0', 'stem.1')]
     """
@@ -81,7 +83,8 @@ def find_foldable_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], str | 
     own and from ``nn.Sequential`` order.
 
     Example:
-        >>> find_foldable_pairs(tiny_resnet())[0][:2]
+        >>> from qdistill import models
+        >>> find_foldable_pairs(models.create("tiny_resnet"))[0][:2]
         [('stem.0', 'stem.1'), ('layer1.0.conv1', 'layer1.0.bn1')]
     """
     trace = trace_model(model)
@@ -98,8 +101,9 @@ def fold_batchnorms(model: nn.Module) -> list[str]:
     """Fold every foldable BatchNorm of ``model`` in place (replaced by Identity); names folded.
 
     Example:
-        >>> fold_batchnorms(model.eval())
-        ['layer1.0.bn1', 'layer1.0.bn2']
+        >>> from qdistill import models
+        >>> fold_batchnorms(models.create("tiny_resnet").eval())[:3]
+        ['stem.1', 'layer1.0.bn1', 'layer1.0.bn2']
     """
     pairs, _ = find_foldable_pairs(model)
     modules = dict(model.named_modules())

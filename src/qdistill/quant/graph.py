@@ -14,9 +14,13 @@ When the model graph cannot be traced (data-dependent Python, unsupported calls)
 falls back to module graphs alone, and reports the reason.
 
 Example:
+    >>> from qdistill import models
+    >>> model = models.create("tiny_resnet")
     >>> trace = trace_model(model)
-    >>> trace.failure            # None when the whole model traced
-    >>> trace.calls[id(model.layer1[0])]      # how the block was called: [{'x': ('tensor', None)}]
+    >>> trace.failure is None            # the whole model traced
+    True
+    >>> trace.calls[id(model.layer1[0])]      # how the block was called
+    [{'x': ('tensor', None)}]
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def describe_failure(error: BaseException) -> str:
     """One short line for a tracing error (fx raises many exception types).
 
     Example:
-        >>> describe_failure(TypeError("bad\nmore"))
+        >>> describe_failure(TypeError("bad\\nmore"))
         'TypeError: bad'
     """
     first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
@@ -62,9 +66,11 @@ class PrepareTracer(fx.Tracer):
     With ``local=True`` every submodule is a leaf, so only the traced module's own forward appears.
 
     Example:
+        >>> from qdistill import models
         >>> tracer = PrepareTracer()
-        >>> graph = tracer.trace(model)
-        >>> [type(module).__name__ for module, _ in tracer.bound_calls]     # ['Sequential', 'BasicBlock', ...]
+        >>> graph = tracer.trace(models.create("tiny_resnet"))
+        >>> [type(module).__name__ for module, _ in tracer.bound_calls][:3]
+        ['Sequential', 'Sequential', 'BasicBlock']
     """
 
     def __init__(self, local: bool = False) -> None:
@@ -93,8 +99,10 @@ class ModelTrace:
     """The model graph (None when tracing failed, with the reason) and how each module was called.
 
     Example:
-        >>> trace = trace_model(model)
-        >>> trace.graph is None, trace.failure         # (True, 'torch.fx could not trace the model (...)')
+        >>> from qdistill.testing import UntraceableNet
+        >>> trace = trace_model(UntraceableNet())
+        >>> trace.graph is None, trace.failure.startswith("torch.fx could not trace the model (")
+        (True, True)
     """
 
     graph: fx.Graph | None
@@ -123,7 +131,8 @@ def trace_model(model: nn.Module) -> ModelTrace:
     """Trace the whole model (optional forward arguments fixed at their defaults, as ``model(x)`` calls it).
 
     Example:
-        >>> trace_model(model).failure is None
+        >>> from qdistill import models
+        >>> trace_model(models.create("tiny_resnet")).failure is None
         True
     """
     tracer = PrepareTracer()
@@ -158,6 +167,8 @@ def module_plan(module: nn.Module, trace: ModelTrace) -> tuple[dict[str, Any], s
     has no optional parameters are traced (their tensors are the parameters).
 
     Example:
+        >>> from qdistill import models
+        >>> model = models.create("tiny_resnet")
         >>> module_plan(model.layer1[0], trace_model(model))
         ({}, {0})
     """
@@ -184,8 +195,14 @@ class TrainingDependent(Exception):
     """The forward reads ``self.training``, which a traced graph would freeze at one value.
 
     Example:
-        >>> try: trace_module(block_with_dropout_call, {})
-        ... except TrainingDependent as error: error.graph     # the eval-mode graph
+        >>> class Halved(nn.Module):
+        ...     def forward(self, x):
+        ...         return x / 2 if self.training else x
+        >>> try:
+        ...     trace_module(Halved(), {})
+        ... except TrainingDependent as error:
+        ...     print(error, "|", error.graph.python_code("self").src.split("return ")[1].strip())
+        its forward reads self.training, which a traced graph would freeze | x
     """
 
     def __init__(self, message: str, graph: fx.Graph) -> None:
@@ -200,7 +217,9 @@ def trace_module(module: nn.Module, fixed: dict[str, Any]) -> fx.Graph:
     must give the same code; otherwise ``TrainingDependent`` is raised.
 
     Example:
-        >>> print(trace_module(model.layer1[0], {}).python_code("self").src)   # ... add = conv2 + x ...
+        >>> from qdistill.testing import BasicBlock
+        >>> "add = bn2 + x" in trace_module(BasicBlock(4, 4), {}).python_code("self").src
+        True
     """
     was_training = module.training
     codes, graphs = [], []
@@ -258,7 +277,8 @@ def call_counts(graph: fx.Graph) -> dict[str, int]:
     """How many times each module target is called in ``graph``.
 
     Example:
-        >>> call_counts(trace_model(model).graph)["layer1.0.relu"]
+        >>> from qdistill import models
+        >>> call_counts(trace_model(models.create("tiny_resnet")).graph)["layer1.0.relu"]
         2
     """
     counts: dict[str, int] = defaultdict(int)
@@ -277,8 +297,11 @@ def module_graphs(model: nn.Module, trace: ModelTrace,
     reported only when ``matters`` says its (eval-mode) graph holds something to rewrite.
 
     Example:
+        >>> from qdistill import models
+        >>> model = models.create("tiny_resnet")
         >>> graphs, problems = module_graphs(model, trace_model(model))
-        >>> [name for name, *_ in graphs]                    # ['', 'layer1.0', 'layer2.0', ...]
+        >>> [name for name, *_ in graphs], problems
+        (['', 'layer1.0', 'layer2.0', 'layer3.0'], {})
     """
     graphs, problems = [], {}
     for name, module in list(model.named_modules()):
@@ -304,7 +327,7 @@ def torch_module_notes(model: nn.Module) -> dict[str, str]:
     """torch.nn modules with their own residual code that ``prepare`` does not trace into.
 
     Example:
-        >>> torch_module_notes(nn.Sequential(nn.TransformerEncoderLayer(16, 2)))["0"]
+        >>> torch_module_notes(nn.Sequential(nn.TransformerEncoderLayer(16, 2)))["0"]  # doctest: +ELLIPSIS
         'TransformerEncoderLayer is a torch.nn module qdistill does not trace into: ...'
     """
     notes = {}
@@ -319,6 +342,7 @@ def is_torch_layer(module: nn.Module) -> bool:
     """A module of torch itself (``nn.Conv2d``, ``nn.Sequential``, ...), never rewritten.
 
     Example:
+        >>> from qdistill.testing import TinyResNet
         >>> is_torch_layer(nn.Sequential()), is_torch_layer(TinyResNet())
         (True, False)
     """

@@ -144,7 +144,7 @@ class ActivationQuantizer(Quantizer):
     """
 
     def __init__(self, bits: int, init: str = "mse", percentile: float = 99.99, learn_scale: bool = True) -> None:
-        super().__init__(bits, signed=False, init=init, percentile=percentile, learn_scale=learn_scale)
+        super().__init__(bits, signed=False, init=init, percentile=percentile, learn_scale=learn_scale, role="activation")
         self._memo: tuple | None = None
 
     def _memo_key(self, x: torch.Tensor) -> tuple:
@@ -179,7 +179,8 @@ def clear_memos(model: nn.Module, *_: object) -> None:
     """Forget every shared quantizer's last tensors (used as a forward hook, hence ``*_``).
 
     Example:
-        >>> student.register_forward_hook(clear_memos)      # prepare does this
+        >>> model = nn.Sequential(nn.Linear(4, 4))
+        >>> handle = model.register_forward_hook(clear_memos)      # prepare does this
     """
     for module in model.modules():
         if isinstance(module, ActivationQuantizer):

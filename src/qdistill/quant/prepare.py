@@ -84,8 +84,9 @@ def _is_plain_linear(module: nn.Module) -> bool:
 def layer_bits(names: list[str], spec: QuantSpec, strict: bool = True) -> dict[str, tuple[int, int]]:
     """``{name: (weight_bits, act_bits)}``: defaults, then first/last layer, then glob overrides.
 
-    ``strict``: a pattern that matches none of ``names`` is a ``ModelError`` (``prepare`` checks
-    patterns itself, against the quantized ops as well).
+    ``strict``: a pattern that matches none of ``names`` is a ``ModelError``. ``prepare`` checks
+    patterns itself, against the quantized ops as well; to check a recipe before a run, call
+    ``check_overrides``, which accepts exactly what ``prepare`` accepts.
 
     Example:
         >>> layer_bits(["conv", "mid", "head"], QuantSpec(weight_bits=4, act_bits=4))["mid"]
@@ -113,27 +114,28 @@ def _activation_quantizer(spec: QuantSpec, bits: int) -> ActivationQuantizer:
     return ActivationQuantizer(bits, init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale)
 
 
-def _make_layer(layer: nn.Module, weight_bits: int, act_bits: int, spec: QuantSpec) -> nn.Module:
+def _make_layer(layer: nn.Module, weight_bits: int, act_bits: int, spec: QuantSpec, init_weights: bool) -> nn.Module:
     per_channel = spec.granularity == "per_channel"
     weight_quantizer = Quantizer(
         weight_bits, signed=True, channels=layer.weight.shape[0] if per_channel else None,
-        init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale,
+        init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale, role="weight",
     )
     # an embedding's input is indices: nothing to quantize
     input_quantizer = None if isinstance(layer, nn.Embedding) else _activation_quantizer(spec, act_bits)
     quantized = QUANTIZED_CLASS[type(layer) if type(layer) in QUANTIZED_CLASS else nn.Linear]
     student_layer = quantized.from_float(layer, weight_quantizer, input_quantizer)
-    student_layer.weight_quantizer.init_from_weight(layer.weight)
+    if init_weights:
+        student_layer.weight_quantizer.init_from_weight(layer.weight)
     return student_layer
 
 
-def _quantize_layers(student: nn.Module, spec: QuantSpec) -> list[str]:
+def _quantize_layers(student: nn.Module, spec: QuantSpec, init_weights: bool) -> list[str]:
     layers = quantizable_layers(student)
     if not layers:
         raise ModelError("model: no Conv1d/Conv2d/Linear/Embedding layer to quantize; qdistill needs at least one")
     bits = layer_bits([name for name, _ in layers], spec, strict=False)
     for name, layer in layers:
-        student.set_submodule(name, _make_layer(layer, *bits[name], spec))
+        student.set_submodule(name, _make_layer(layer, *bits[name], spec, init_weights))
     return [name for name, _ in layers]
 
 
@@ -199,16 +201,45 @@ def prepare(
     """A fake-quantized copy of ``model``; ``model`` itself is never modified.
 
     Example:
-        >>> student = prepare(teacher, {"weight_bits": 4, "act_bits": 4}, calibration_data=train_loader)
+        >>> from qdistill import models
+        >>> teacher = models.create("tiny_resnet")
+        >>> student = prepare(teacher, {"weight_bits": 4, "act_bits": 4}, calibration_data=[torch.rand(8, 1, 8, 8)])
         >>> student.qdistill_unquantized     # {layer name: reason it stayed float}
+        {}
         >>> layer_table(student)["layer1.0.add"]
         {'weight_bits': None, 'act_bits': 4}
     """
     spec = _as_spec(spec)
+    student = _quantized_copy(model, spec, init_weights=True)
+    if calibration_data is not None:
+        calibrate(student, calibration_data, spec.calibration_batches)
+    return student
+
+
+def check_overrides(model: nn.Module, spec: QuantSpec | dict | None) -> dict[str, dict[str, int | None]]:
+    """Raise the ``ModelError`` that ``prepare(model, spec)`` would raise; else its ``layer_table``.
+
+    It runs ``prepare``'s own steps (so it accepts exactly what ``prepare`` accepts: an override
+    may name a layer or a quantized op such as ``layer1.0.add``) and leaves out only what cannot
+    fail: weight range initialisation and calibration. Meant as a check before a run starts.
+
+    Example:
+        >>> from qdistill import models
+        >>> check_overrides(models.create("tiny_resnet"), {"overrides": {"layer1.0.add": {"act_bits": 8}}})["layer1.0.add"]
+        {'weight_bits': None, 'act_bits': 8}
+        >>> check_overrides(models.create("tiny_resnet"), {"overrides": {"nothing*": {"act_bits": 8}}})  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        qdistill.errors.ModelError: quant.overrides: pattern 'nothing*' matches no quantizable layer; layers: stem.0, ...
+    """
+    return layer_table(_quantized_copy(model, _as_spec(spec), init_weights=False))
+
+
+def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool) -> nn.Module:
+    """Steps 1-5 of ``prepare`` on a copy of ``model``; weight step sizes set only with ``init_weights``."""
     student = copy.deepcopy(model).eval()
     kept_attention = decompose_attention(student)
     folded = fold_batchnorms(student)
-    layer_names = _quantize_layers(student, spec)
+    layer_names = _quantize_layers(student, spec, init_weights)
     notes = _quantize_graph(student, spec, layer_names)
     _to_model_device(student)
     student.qdistill_unquantized = {**_unquantized(student), **kept_attention, **notes}
@@ -216,8 +247,6 @@ def prepare(
     # shared quantizers remember their last tensors only within one forward pass
     student.register_forward_pre_hook(clear_memos)
     student.register_forward_hook(clear_memos)
-    if calibration_data is not None:
-        calibrate(student, calibration_data, spec.calibration_batches)
     return student
 
 
@@ -232,6 +261,7 @@ def activation_quantizers(student: nn.Module) -> list[Quantizer]:
     """Every quantizer of ``student`` that is not a weight quantizer (each shared one once).
 
     Example:
+        >>> from qdistill import models
         >>> len(activation_quantizers(prepare(models.create("tiny_resnet"))))
         14
     """
@@ -243,7 +273,9 @@ def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> i
     """Initialise activation ranges from up to ``max_batches`` batches; returns batches used.
 
     Example:
-        >>> calibrate(student, train_loader, max_batches=8)
+        >>> from qdistill import models
+        >>> student = prepare(models.create("tiny_mlp"))
+        >>> calibrate(student, [torch.rand(4, 1, 8, 8)] * 10, max_batches=8)
         8
     """
     quantizers = activation_quantizers(student)
@@ -271,8 +303,10 @@ def layer_table(student: nn.Module) -> dict[str, dict[str, int | None]]:
     Ops without weights (``QuantAdd``, ``QuantCat``, average pools) have ``weight_bits: None``.
 
     Example:
-        >>> layer_table(student)["features.0"]
-        {'weight_bits': 8, 'act_bits': 8}
+        >>> from qdistill import models
+        >>> table = layer_table(prepare(models.create("tiny_resnet"), {"weight_bits": 4, "act_bits": 4}))
+        >>> table["stem.0"], table["layer1.0.conv1"], table["layer1.0.add"]     # first layer: first_last_bits
+        ({'weight_bits': 8, 'act_bits': 8}, {'weight_bits': 4, 'act_bits': 4}, {'weight_bits': None, 'act_bits': 4})
     """
     table: dict[str, dict[str, int | None]] = {}
     for name, module in student.named_modules():

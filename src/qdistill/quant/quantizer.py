@@ -10,14 +10,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qdistill.errors import RecipeError
 from qdistill.quant.fake_quant import IntRange, fake_quantize, lsq_grad_factor
 from qdistill.quant.ranges import activation_params, weight_scale
 
 SAMPLE_SIZE = 1 << 16  # activation values kept for MSE/percentile calibration
+ROLES = ("weight", "activation")
 
 
 class Quantizer(nn.Module):
-    """Fake quantizer for weights (symmetric, per channel) or activations (asymmetric, per tensor).
+    """Fake quantizer for weights (symmetric, per channel or per tensor) or activations (asymmetric, per tensor).
+
+    ``role`` (``"weight"`` or ``"activation"``; by default ``"weight"`` when ``channels`` is given)
+    decides ``N`` in LSQ's gradient scale ``g = 1 / sqrt(N * qmax)``, the number of elements one
+    step size applies to:
+
+    - weights: every element the step size quantizes, i.e. the whole tensor per tensor and one
+      output channel's elements per channel (the LSQ paper's ``N_W``);
+    - activations: the elements of *one sample* (``x.numel() / x.shape[0]``, the first dimension
+      being the batch), the paper's ``N_F`` (features of the layer). The step-size gradient is a
+      sum over the batch of per-element terms whose loss is a batch mean, so it already is a
+      per-sample average; counting the batch in ``N`` as well would shrink the step's updates by
+      ``sqrt(batch size)`` and make them depend on the batch size.
 
     Example:
         >>> weight_q = Quantizer(bits=4, signed=True, channels=16)        # per-channel weights
@@ -33,9 +47,13 @@ class Quantizer(nn.Module):
         init: str = "mse",
         percentile: float = 99.99,
         learn_scale: bool = True,
+        role: str | None = None,
     ) -> None:
         super().__init__()
         self.qrange = IntRange(bits, signed)
+        self.role = role or ("weight" if channels is not None else "activation")
+        if self.role not in ROLES:
+            raise RecipeError(f"role: {role!r} is not allowed; allowed: {', '.join(map(repr, ROLES))}")
         self.axis = 0 if channels is not None else None
         self.init_method = init
         self.percentile = percentile
@@ -54,7 +72,7 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = "per_channel" if self.axis is not None else "per_tensor"
-        return f"bits={self.bits}, signed={self.qrange.signed}, {kind}, init={self.init_method}"
+        return f"bits={self.bits}, signed={self.qrange.signed}, {kind}, {self.role}, init={self.init_method}"
 
     def observe(self) -> None:
         """Start calibration: record statistics and pass values through unchanged."""
@@ -96,14 +114,27 @@ class Quantizer(nn.Module):
             values = values[index]
         self._samples.append(values.cpu())
 
+    def elements_per_step(self, x: torch.Tensor) -> int:
+        """LSQ's ``N`` for ``x``: the elements one step size applies to (one sample's, for activations).
+
+        Example:
+            >>> Quantizer(4, signed=True, channels=8).elements_per_step(torch.zeros(8, 3, 3, 3))
+            27
+            >>> Quantizer(4, signed=False).elements_per_step(torch.zeros(32, 16, 5, 5))   # one sample
+            400
+        """
+        per_step = x.numel() // self.scale.numel()
+        if self.role == "activation" and x.dim() > 0 and x.shape[0] > 0:
+            per_step //= x.shape[0]
+        return per_step
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observing:
             self._record(x)
             return x
         if not bool(self.initialized):
             return x
-        per_scale = x.numel() // self.scale.numel() if self.axis is not None else x[0].numel()
-        grad_factor = lsq_grad_factor(per_scale, self.qrange)
+        grad_factor = lsq_grad_factor(self.elements_per_step(x), self.qrange)
         return fake_quantize(x, self.scale, self.zero_point, self.qrange, self.axis, grad_factor)
 
 

@@ -7,17 +7,26 @@ keeps its class (a subclass with the generated forward), attributes, children an
 so forward hooks, feature distillation and checkpoints see the same model.
 
 Example:
-    >>> rewrite_functional_ops(student, trace_model(student), lambda: ActivationQuantizer(8))
-    {}                                   # {module name: why it could not be rewritten}
-    >>> student.layer1[0].add
-    QuantAdd(...)
+    >>> from qdistill import models
+    >>> from qdistill.quant.graph import trace_model
+    >>> from qdistill.quant.modules import ActivationQuantizer
+    >>> model = models.create("tiny_resnet")
+    >>> added, problems = rewrite_functional_ops(model, trace_model(model), lambda: ActivationQuantizer(8))
+    >>> problems                         # {module name: why it could not be rewritten}
+    {}
+    >>> type(model.layer1[0].add).__name__, type(model.layer1[0]).__name__
+    ('QuantAdd', 'BasicBlock')
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import operator
+import types
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -98,6 +107,10 @@ def rewrite_module(module: nn.Module, graph: fx.Graph, tensors: set[fx.Node],
     """Turn the tensor additions/concatenations of ``module``'s own forward into quantized ops; names added.
 
     Example:
+        >>> from qdistill.quant.graph import trace_module
+        >>> from qdistill.quant.modules import ActivationQuantizer
+        >>> from qdistill.testing import BasicBlock
+        >>> block = BasicBlock(4, 4)
         >>> graph = trace_module(block, {})
         >>> rewrite_module(block, graph, tensor_nodes(graph), lambda: ActivationQuantizer(8))
         ['add']
@@ -123,19 +136,72 @@ def rewrite_module(module: nn.Module, graph: fx.Graph, tensors: set[fx.Node],
 def install_forward(module: nn.Module, graph: fx.Graph) -> None:
     """Give ``module`` the forward generated from ``graph`` (a subclass of its class; nothing else changes).
 
+    The subclass can be pickled and deep-copied with the module (``torch.save(student)``): it is
+    rebuilt from ``(original class, generated source, its globals)`` by ``restore_rewritten``.
+
     Example:
-        >>> install_forward(block, graph)
-        >>> isinstance(block, BasicBlock), print(block.qdistill_forward_code)
+        >>> from qdistill.quant.graph import trace_module
+        >>> from qdistill.testing import BasicBlock
+        >>> block = BasicBlock(4, 4)
+        >>> install_forward(block, trace_module(block, {}))
+        >>> isinstance(block, BasicBlock), "add = bn2 + x" in block.qdistill_forward_code
+        (True, True)
     """
-    original = type(module)
+    original = getattr(type(module), "qdistill_original", type(module))  # a rewritten module rewritten again
     code = graph.python_code(root_module="self")
-    namespace = dict(code.globals)
-    exec(compile(code.src, f"<qdistill: {original.__qualname__}.forward with quantized ops>", "exec"), namespace)
-    forward = _same_signature(namespace["forward"], original.forward)
+    module.__class__ = rewritten_class(original, code.src, dict(code.globals))
+
+
+def rewritten_class(original: type[nn.Module], source: str, namespace: dict[str, Any]) -> type[nn.Module]:
+    """The subclass of ``original`` whose forward is the function ``forward`` defined by ``source``.
+
+    ``namespace`` holds the globals ``source`` refers to (``torch``, functions it calls). The class
+    keeps ``original``'s name, module and qualified name, so ``repr`` and error messages read as before.
+
+    Example:
+        >>> relu6 = rewritten_class(nn.ReLU, "def forward(self, x): return x.clamp(0, 6)", {})
+        >>> relu6()(torch.tensor([-1.0, 8.0])), relu6.__mro__[1] is nn.ReLU, relu6.__name__
+        (tensor([0., 6.]), True, 'ReLU')
+    """
+    scope = dict(namespace)
+    exec(compile(source, f"<qdistill: {original.__qualname__}.forward with quantized ops>", "exec"), scope)
+    forward = _same_signature(scope["forward"], original.forward)
     forward.__doc__ = original.forward.__doc__
     attributes = {"forward": forward, "__module__": original.__module__, "__qualname__": original.__qualname__,
-                  "qdistill_forward_code": code.src}
-    module.__class__ = type(original.__name__, (original,), attributes)
+                  "qdistill_forward_code": source, "qdistill_original": original,
+                  "qdistill_forward_globals": dict(namespace), "__reduce_ex__": _reduce_rewritten}
+    return type(original.__name__, (original,), attributes)
+
+
+@dataclass(frozen=True)
+class ImportedModule:
+    """A Python module in a pickled forward's globals, stored by name and imported again on load."""
+
+    name: str
+
+
+def _reduce_rewritten(module: nn.Module, protocol: int) -> tuple:
+    # the generated class is not importable by its name: pickle (and deepcopy) rebuild it instead
+    cls = type(module)
+    namespace = {name: ImportedModule(value.__name__) if isinstance(value, types.ModuleType) else value
+                 for name, value in cls.qdistill_forward_globals.items()}
+    return restore_rewritten, (cls.qdistill_original, cls.qdistill_forward_code, namespace), module.__getstate__()
+
+
+def restore_rewritten(original: type[nn.Module], source: str, namespace: dict[str, Any]) -> nn.Module:
+    """An empty instance of the rewritten class (pickle then sets its state); saved files refer to this name.
+
+    ``torch.load(path, weights_only=False)`` calls it for every rewritten module of a saved student.
+
+    Example:
+        >>> module = restore_rewritten(nn.ReLU, "def forward(self, x): return x.clamp(0, 6)", {})
+        >>> type(module).qdistill_forward_code, type(module).qdistill_original is nn.ReLU
+        ('def forward(self, x): return x.clamp(0, 6)', True)
+    """
+    namespace = {name: importlib.import_module(value.name) if isinstance(value, ImportedModule) else value
+                 for name, value in namespace.items()}
+    cls = rewritten_class(original, source, namespace)
+    return cls.__new__(cls)
 
 
 def _same_signature(generated, original):
@@ -160,7 +226,11 @@ def rewrite_functional_ops(model: nn.Module, trace: ModelTrace,
     ``reason`` says why a module's forward could not be rewritten (its additions stay float).
 
     Example:
-        >>> rewrite_functional_ops(student, trace_model(student), lambda: ActivationQuantizer(8))
+        >>> from qdistill import models
+        >>> from qdistill.quant.graph import trace_model
+        >>> from qdistill.quant.modules import ActivationQuantizer
+        >>> model = models.create("tiny_resnet")
+        >>> rewrite_functional_ops(model, trace_model(model), lambda: ActivationQuantizer(8))
         (['layer1.0.add', 'layer2.0.add', 'layer3.0.add'], {})
     """
     graphs, problems = module_graphs(model, trace, matters=_has_functional_ops)

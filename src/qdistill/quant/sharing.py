@@ -9,8 +9,11 @@ Here all those inputs ("slots") get one shared ``ActivationQuantizer``, at the w
 width among them; its memo makes the repeated calls one Q/DQ pair in the exported graph.
 
 Example:
-    >>> share_quantizers(trace_model(student).graph, student, make_quantizer)   # groups merged
-    3
+    >>> from qdistill import models
+    >>> from qdistill.quant import prepare
+    >>> block = prepare(models.create("tiny_resnet")).layer1[0]       # prepare calls share_quantizers
+    >>> block.conv1.input_quantizer is block.add.input1_quantizer     # the block's input feeds both
+    True
 """
 
 from __future__ import annotations
@@ -41,8 +44,10 @@ def module_input_slots(module: nn.Module, position: int | str) -> list[Slot]:
     """The quantizer slots that receive ``module``'s input at ``position`` (an index or a keyword).
 
     Example:
-        >>> module_input_slots(student.layer1[0].add, 1)
-        [(QuantAdd(...), 'input1_quantizer')]
+        >>> from qdistill.quant.modules import ActivationQuantizer, QuantAdd
+        >>> add = QuantAdd([ActivationQuantizer(8), ActivationQuantizer(8)])
+        >>> [(owner is add, attribute) for owner, attribute in module_input_slots(add, 1)]
+        [(True, 'input1_quantizer')]
     """
     if isinstance(module, DecomposedMultiheadAttention):
         return _attention_slots(module, position)
@@ -104,9 +109,19 @@ def share_quantizers(graph: fx.Graph, namespace: nn.Module, make_quantizer: Call
     ``namespace`` is the module the graph's call targets are relative to (the traced module).
 
     Example:
-        >>> share_quantizers(trace_model(student).graph, student, lambda bits: ActivationQuantizer(bits))
-        >>> student.layer1[0].conv1.input_quantizer is student.layer1[0].add.input1_quantizer
-        True
+        >>> from qdistill.quant.graph import trace_model
+        >>> from qdistill.quant.modules import ActivationQuantizer, QuantAdd
+        >>> class Doubled(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.add = QuantAdd([ActivationQuantizer(8), ActivationQuantizer(4)])
+        ...     def forward(self, x):
+        ...         return self.add(x, x)      # one tensor feeds both inputs
+        >>> model = Doubled()
+        >>> share_quantizers(trace_model(model).graph, model, lambda bits: ActivationQuantizer(bits))
+        1
+        >>> model.add.input0_quantizer is model.add.input1_quantizer, model.add.act_bits
+        (True, 8)
     """
     groups = _SlotGroups()
     for node in graph.nodes:
