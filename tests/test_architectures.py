@@ -17,11 +17,13 @@ from qdistill.evaluate import evaluate
 from qdistill.export.latency import make_session
 from qdistill.export.onnx import export_onnx
 from qdistill.io import save_weights
-from qdistill.pipeline import build_student, prepare_data, run_recipe
+from qdistill.models import TINY_MODELS
 from qdistill.quant import layer_table, prepare
 from qdistill.recipe import DataSpec, Recipe, TrainSpec
-from qdistill.testing import TEST_MODELS, UntraceableNet
+from qdistill.runs.recipe_run import run_recipe
+from qdistill.runs.stages import build_student, prepare_data
 from qdistill.train import Supervised, fit
+from support import UntraceableNet
 
 SMALL = {"tiny_resnet": {"width": 4}, "tiny_mobilenetv2": {"width": 8}, "tiny_transformer": {"dim": 16, "heads": 2},
          "tiny_mlp": {"hidden": [32, 16]}}
@@ -32,11 +34,11 @@ FAST = {"init": "minmax", "calibration_batches": 2}
 @pytest.fixture(scope="module")
 def small_digits():
     bundle = load_data(DataSpec(name="digits", limit=320))
-    train, val = make_loaders(bundle, 32, 0)
+    train, val, _ = make_loaders(bundle, 32, 0)
     return bundle, train, val
 
 
-@pytest.mark.parametrize("name", TEST_MODELS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_built_in_names_take_the_data_arguments(name, small_digits):
     bundle, _, _ = small_digits
     assert name in models.names()
@@ -106,7 +108,7 @@ def test_student_from_a_factory_starts_from_its_checkpoint_weights(small_digits,
     scratch = models.create("tiny_mobilenetv2", width=8, **small_digits[0].model_kwargs())
     save_weights(tmp_path / "student.safetensors", scratch.state_dict())
     recipe = Recipe(data={"name": "digits", "limit": 320},
-                    student={"factory": "qdistill.testing:tiny_mobilenetv2", "kwargs": {"width": 8},
+                    student={"factory": "qdistill.models.tiny:tiny_mobilenetv2", "kwargs": {"width": 8},
                              "checkpoint": str(tmp_path / "student.safetensors")})
     student = build_student(recipe, prepare_data(recipe))
     for key, tensor in scratch.state_dict().items():
@@ -134,7 +136,7 @@ ACCEPTANCE = {"tiny_resnet": (12, 5), "tiny_mobilenetv2": (12, 5), "tiny_transfo
 @pytest.fixture(scope="module")
 def digits_teachers():
     bundle = load_data(DataSpec(name="digits"))
-    train, val = make_loaders(bundle, 32, 0)
+    train, val, _ = make_loaders(bundle, 32, 0)
     teachers = {}
 
     def get(name: str) -> tuple[nn.Module, float]:
@@ -150,7 +152,7 @@ def digits_teachers():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, bits", [(name, bits) for name in TEST_MODELS for bits in (8, 4)])
+@pytest.mark.parametrize("name, bits", [(name, bits) for name in TINY_MODELS for bits in (8, 4)])
 def test_acceptance_teacher_then_qat_kd_student_then_int8_export(name, bits, digits_teachers, tmp_path):
     bundle, train, val, teacher_of = digits_teachers
     teacher, teacher_accuracy = teacher_of(name)

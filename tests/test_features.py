@@ -11,8 +11,8 @@ from torch import nn
 import qdistill as qd
 from qdistill import models
 from qdistill.data import load_data, make_loaders
-from qdistill.distill import Distiller, KDLoss
 from qdistill.errors import ModelError
+from qdistill.kd import Distiller, KDLoss
 from qdistill.quant import prepare
 from qdistill.recipe import DataSpec, FeatureHint, Recipe
 
@@ -23,7 +23,7 @@ IMAGES = torch.rand(8, 1, 8, 8)
 @pytest.fixture(scope="module")
 def small_digits():
     bundle = load_data(DataSpec(name="digits", limit=256))
-    train, val = make_loaders(bundle, 32, 0)
+    train, val, _ = make_loaders(bundle, 32, 0)
     return bundle, train, val
 
 

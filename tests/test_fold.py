@@ -7,9 +7,10 @@ import torch
 from torch import nn
 
 from qdistill import models
+from qdistill.models import TINY_MODELS
+from qdistill.models.tiny import BasicBlock
 from qdistill.quant import fold_batchnorms, fold_into, prepare
 from qdistill.quant.fold import find_foldable_pairs
-from qdistill.testing import TEST_MODELS, BasicBlock
 
 ATOL = 1e-5
 
@@ -44,7 +45,7 @@ def test_fold_into_is_exact(layer, norm, shape):
     assert torch.allclose(layer(x), expected, atol=ATOL)
 
 
-@pytest.mark.parametrize("name", TEST_MODELS)
+@pytest.mark.parametrize("name", TINY_MODELS)
 def test_folded_model_equals_unfolded_in_eval(name):
     model = _randomise_norms(models.create(name, in_channels=1, num_classes=10, image_size=8))
     folded = _randomise_norms(models.create(name, in_channels=1, num_classes=10, image_size=8))

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qdistill.kd import KDLoss
 from qdistill.errors import RecipeError
+from qdistill.kd import KDLoss
 
 
 def test_kd_loss_hand_computed():

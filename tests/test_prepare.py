@@ -12,11 +12,12 @@ from torch import nn
 from qdistill import models
 from qdistill.errors import ModelError
 from qdistill.io import load_weights, save_weights
+from qdistill.models.tiny import BasicBlock, TinyMLP
 from qdistill.quant import check_overrides, is_quantized, layer_table, prepare
 from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention
 from qdistill.quant.modules import ActivationQuantizer, QuantAdd, QuantCat, QuantConv2d, QuantLinear
 from qdistill.quant.prepare import activation_quantizers
-from qdistill.testing import BasicBlock, TinyMLP, UntraceableNet
+from support import UntraceableNet
 
 W8 = {"weight_bits": 8, "act_bits": 8, "init": "minmax", "calibration_batches": 2}
 IMAGES = torch.rand(16, 1, 8, 8)

@@ -17,7 +17,7 @@ from qdistill.errors import DataError
 from qdistill.evaluate import evaluate
 from qdistill.models import build_model
 from qdistill.models.outputs import class_logits
-from qdistill.quant import prepare
+from qdistill.quant.prepare import check_overrides
 from qdistill.recipe import Recipe
 from qdistill.runs.rundir import RunDir, load_teacher, save_teacher
 from qdistill.train import CheckpointPlan, Supervised, fingerprint, fit
@@ -73,8 +73,8 @@ def obtain_teacher(recipe: Recipe, data: RunData, run: RunDir, resume: bool, sho
 
 
 def check_quant_layers(recipe: Recipe, data: RunData, teacher: nn.Module) -> None:
-    """The recipe's quantization settings must fit the student before training: ``prepare`` itself is the check."""
-    prepare(build_student(recipe, data) or teacher, recipe.quant)
+    """The recipe's quantization settings must fit the student before training (the rule ``prepare`` applies)."""
+    check_overrides(build_student(recipe, data) or teacher, recipe.quant)
 
 
 def check_classes(teacher: nn.Module, data: RunData) -> None:
