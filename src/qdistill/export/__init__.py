@@ -26,6 +26,7 @@ from qdistill.export.onnx import (
     diagnose_layers,
     export_float_onnx,
     export_onnx,
+    integer_kernels,
     verify_onnx,
 )
 from qdistill.export.packed import fp32_safetensors_bytes, load_packed, pack_bits, save_packed, unpack_bits
@@ -73,7 +74,7 @@ def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: I
     section["torch_fp32_latency_us_per_sample"] = all_threads["torch_fp32"]
     section["latency_threads"] = {"1": latency["1"], "all": latency["all"], "all_threads": latency["all_threads"]}
     section["fp32_file_bytes"] = fp32["file_bytes"]
-    for key in ("student_accuracy", "samples", "integer_ops", "opset"):
+    for key in ("student_accuracy", "samples", "integer_ops", "integer_ops_other", "opset"):
         if key in info:
             section[key] = info[key]
     return section
@@ -149,10 +150,11 @@ def _onnx_lines(onnx_section: dict[str, Any]) -> list[str]:
         lines.append("  parity    " + (f"accuracy {accuracy:.2%}, " if accuracy is not None else "")
                      + f"agreement {onnx_section['agreement_with_student']:.2%}, "
                      f"max |logit diff| {onnx_section['max_abs_logit_diff']:.3g}")
-    kernels = onnx_section.get("integer_ops", {})
-    if kernels:
-        counts = {op: list(kernels.values()).count(op) for op in dict.fromkeys(kernels.values())}
-        lines.append(f"  kernels   {len(kernels)} layers: " + ", ".join(f"{n} {op}" for op, n in counts.items()))
+    for label, key in (("layers", "integer_ops"), ("other ops", "integer_ops_other")):
+        kernels = onnx_section.get(key, {})
+        if kernels:
+            counts = {op: list(kernels.values()).count(op) for op in dict.fromkeys(kernels.values())}
+            lines.append(f"  kernels   {len(kernels)} {label}: " + ", ".join(f"{n} {op}" for op, n in counts.items()))
     threads = onnx_section.get("latency_threads", {})
     if threads:
         lines.append("  µs/sample at batch 1/64 (ONNX Runtime int8, fp32; PyTorch eager fp32):")
@@ -185,6 +187,6 @@ def format_export_summary(section: dict[str, Any]) -> str:
 
 __all__ = [
     "ONNX_FILE", "PACKED_FILE", "check_integer_kernels", "diagnose_layers", "export_all", "export_directory",
-    "export_float_onnx", "export_onnx", "float_copy", "format_export_summary", "load_packed", "pack_bits",
+    "export_float_onnx", "export_onnx", "float_copy", "format_export_summary", "integer_kernels", "load_packed", "pack_bits",
     "save_packed", "unpack_bits", "verify_onnx",
 ]

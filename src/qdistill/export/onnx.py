@@ -11,7 +11,16 @@
    PyTorch on zero input, and gives output layers an explicit integer form.
 3. ONNX Runtime optimises the file (``ORT_ENABLE_EXTENDED``, saved with
    ``optimized_model_filepath``); every quantized layer's int8 weight must feed an integer kernel
-   (QLinearConv, QGemm, ConvInteger, MatMulInteger, ...) or ``ExportError`` names the layer.
+   (QLinearConv, QGemm, ConvInteger, MatMulInteger, ...), and every quantized op without weights
+   must be an integer kernel writing its quantized output (``QuantAdd``: QLinearAdd, ``QuantCat``:
+   QLinearConcat, ``QuantAvgPool2d``: QLinearAveragePool, ``QuantAdaptiveAvgPool2d``:
+   QLinearGlobalAveragePool, or QLinearAveragePool at other output sizes), or ``ExportError``
+   names the layer or op. Exempt, because they are not quantized ops: ``QuantLayerNorm`` (ONNX
+   Runtime has no integer LayerNorm; its statistics are per sample, so it computes in float and
+   only its *input* is quantized, which lets the residual Add before it fuse into QLinearAdd),
+   and what ``prepare`` leaves float and lists in ``student.qdistill_unquantized`` or never
+   quantizes: softmax and the attention score/value matmuls, mean pooling written as
+   ``x.mean()``, GELU and other activations between quantizers.
 4. Parity gate on the validation loader: top-1 agreement with the student >= 99.9% and accuracy
    within 0.1 pp; on failure each layer's output is compared with the student's (truncated
    graphs vs forward hooks) and the error names the first layer that diverges.
@@ -45,9 +54,18 @@ from qdistill.errors import ExportError
 from qdistill.evaluate import predict
 from qdistill.export.latency import make_session
 from qdistill.export.packed import IntegerWeight, weight_integers
-from qdistill.export.qdq_graph import INTEGER_OPS, LAYER_MARKER, LayerInfo, _prune, rewrite_for_int8
+from qdistill.export.qdq_graph import (
+    INTEGER_OPS,
+    LAYER_MARKER,
+    OP_KERNELS,
+    OP_MARKER,
+    LayerInfo,
+    OpInfo,
+    _prune,
+    rewrite_for_int8,
+)
 from qdistill.io import atomic_write
-from qdistill.quant.modules import is_quantized
+from qdistill.quant.modules import QUANTIZED_OPS, is_quantized
 from qdistill.version import __version__
 
 OPSET = 13
@@ -57,6 +75,7 @@ ACCURACY_GATE = 0.001  # 0.1 percentage points
 DIVERGENCE_SQNR_DB = 30.0  # below this a layer's output no longer tracks the student's
 DIAGNOSIS_SAMPLES = 256
 LAYERS_KEY = "qdistill_layers"
+OPS_KEY = "qdistill_ops"
 
 
 class _DequantizeWeight(torch.autograd.Function):
@@ -75,6 +94,25 @@ class _DequantizeWeight(torch.autograd.Function):
             attributes["axis_i"] = axis
         constants = [g.op("Constant", value_t=torch.from_numpy(array)) for array in (ints, scale, zero_point)]
         return g.op("DequantizeLinear", *constants, **attributes)
+
+
+class _MarkOp(torch.autograd.Function):
+    """Passes a quantized op's result on; in ONNX, an ``Identity`` carrying the op's module name."""
+
+    @staticmethod
+    def forward(ctx, output, op_name):
+        return output.clone()
+
+    @staticmethod
+    def symbolic(g, output, op_name):
+        return g.op("Identity", output, **{f"{OP_MARKER}_s": op_name})  # read and removed by rewrite_for_int8
+
+
+def _mark_ops(export_model: nn.Module) -> None:
+    """Each quantized op without weights marks its output, so the rewrite can find and check it."""
+    for name, module in export_model.named_modules():
+        if isinstance(module, QUANTIZED_OPS):
+            module.register_forward_hook(lambda module, args, output, name=name: _MarkOp.apply(output, name))
 
 
 def _shape(ints: np.ndarray, axis: int | None) -> list[int]:
@@ -138,6 +176,7 @@ def _export_copy(student: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any
         bits[name]["weight_int_multiplier"] = layer.weight_quantizer.multiplier
     if not bits:
         raise ExportError("student: no quantized layer found; export_onnx needs a model made by qdistill.quant.prepare")
+    _mark_ops(export_model)
     return export_model, bits
 
 
@@ -172,39 +211,33 @@ def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET)
         raw = Path(folder) / "raw.onnx"
         _torchscript_export(export_model, _example(example_input), raw, opset)
         model = onnx.load(str(raw))
-    layers = rewrite_for_int8(model)
+    layers, ops = rewrite_for_int8(model)
     missing = sorted(set(bits) - set(layers))
     if missing:
         raise ExportError(f"layers {missing} did not appear in the exported graph (not called in forward?); every quantized layer must run")
     table = [{**info.as_dict(), **bits[name]} for name, info in layers.items()]
-    helper.set_model_props(model, {LAYERS_KEY: json.dumps(table), "qdistill_version": __version__})
+    helper.set_model_props(model, {LAYERS_KEY: json.dumps(table), OPS_KEY: json.dumps([op.as_dict() for op in ops.values()]),
+                                   "qdistill_version": __version__})
     model.producer_name, model.doc_string = "qdistill", "int8 QDQ model written by qdistill.export_onnx"
     onnx.checker.check_model(model)
     return model
 
 
-def _layer_table(model: onnx.ModelProto) -> list[dict[str, Any]]:
+def _metadata(model: onnx.ModelProto, key: str) -> list[dict[str, Any]] | None:
     for prop in model.metadata_props:
-        if prop.key == LAYERS_KEY:
+        if prop.key == key:
             return json.loads(prop.value)
-    raise ExportError(f"ONNX file has no {LAYERS_KEY!r} metadata; it was not written by qdistill.export_onnx")
+    return None
 
 
-def check_integer_kernels(path: str | Path) -> dict[str, str]:
-    """``{layer: integer op}`` after ONNX Runtime's optimisation; ``ExportError`` if one runs in float.
+def _layer_table(model: onnx.ModelProto) -> list[dict[str, Any]]:
+    table = _metadata(model, LAYERS_KEY)
+    if table is None:
+        raise ExportError(f"ONNX file has no {LAYERS_KEY!r} metadata; it was not written by qdistill.export_onnx")
+    return table
 
-    A layer runs in integers when its int8 weight initializer feeds an integer kernel in the
-    optimised graph; a float layer has it feed a ``DequantizeLinear`` (or folded away).
 
-    Example:
-        >>> check_integer_kernels("out/model.onnx")
-        {'features.0': 'QLinearConv', 'features.3': 'QLinearConv', 'classifier.2': 'QGemm', ...}
-    """
-    table = _layer_table(onnx.load(str(path)))
-    with tempfile.TemporaryDirectory() as folder:
-        optimized_path = Path(folder) / "optimized.onnx"
-        make_session(path, level="extended", optimized_path=optimized_path)
-        optimized = onnx.load(str(optimized_path))
+def _layer_kernels(table: list[dict[str, Any]], optimized: onnx.ModelProto) -> dict[str, str]:
     kernels: dict[str, str] = {}
     for entry in table:
         if entry["op"] == "Gather":
@@ -218,6 +251,60 @@ def check_integer_kernels(path: str | Path) -> dict[str, str]:
                               "every quantized layer must use an integer kernel (QLinearConv, QGemm, ConvInteger, MatMulInteger)")
         kernels[entry["name"]] = integer[0]
     return kernels
+
+
+def _op_kernels(table: list[dict[str, Any]], optimized: onnx.ModelProto) -> dict[str, str]:
+    producers = {output: node for node in optimized.graph.node for output in node.output}
+    kernels: dict[str, str] = {}
+    for entry in table:
+        op = OpInfo(**entry)
+        allowed = OP_KERNELS.get(op.op, ())
+        if op.quantized_output is None:
+            raise ExportError(f"quantized op {op.name!r} ({op.op}) cannot run in integers: its result feeds no "
+                              "quantizer, so ONNX Runtime has no output scale for an integer kernel; every quantized op "
+                              "must feed a quantized layer or op")
+        producer = producers.get(op.quantized_output)
+        kernel = producer.op_type if producer is not None else "nothing (folded away)"
+        if kernel not in allowed:
+            expected = " or ".join(allowed) or "an integer kernel"
+            raise ExportError(f"ONNX Runtime runs quantized op {op.name!r} ({op.op}) in float (its integer output is "
+                              f"written by {kernel}); every quantized op must run as an integer kernel ({expected})")
+        kernels[op.name] = kernel
+    return kernels
+
+
+def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """``({layer: integer op}, {op: integer op})`` after ONNX Runtime's optimisation; ``ExportError``
+    if a quantized layer or a quantized op without weights (add, concat, pool) runs in float.
+
+    A layer runs in integers when its int8 weight initializer feeds an integer kernel in the
+    optimised graph; an op when the integer tensor its result is quantized to is written by its
+    integer kernel (``OP_KERNELS``) rather than by a ``QuantizeLinear`` after a float op.
+
+    Example:
+        >>> layers, ops = integer_kernels("out/model.onnx")
+        >>> ops
+        {'layer1.0.add': 'QLinearAdd', ..., 'pool': 'QLinearGlobalAveragePool'}
+    """
+    model = onnx.load(str(path))
+    layer_table, op_table = _layer_table(model), _metadata(model, OPS_KEY) or []
+    with tempfile.TemporaryDirectory() as folder:
+        optimized_path = Path(folder) / "optimized.onnx"
+        make_session(path, level="extended", optimized_path=optimized_path)
+        optimized = onnx.load(str(optimized_path))
+    return _layer_kernels(layer_table, optimized), _op_kernels(op_table, optimized)
+
+
+def check_integer_kernels(path: str | Path) -> dict[str, str]:
+    """``{layer: integer op}`` after ONNX Runtime's optimisation; ``ExportError`` if a layer or op runs in float.
+
+    See ``integer_kernels``, which also returns the ops' kernels.
+
+    Example:
+        >>> check_integer_kernels("out/model.onnx")
+        {'features.0': 'QLinearConv', 'features.3': 'QLinearConv', 'classifier.2': 'QGemm', ...}
+    """
+    return integer_kernels(path)[0]
 
 
 def onnx_predict(session, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -365,7 +452,8 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
                 opset: int = OPSET) -> dict[str, Any]:
     """Export ``student`` to an int8 ONNX file whose integer kernels and parity are checked.
 
-    Returns ``{path, file_bytes, integer_ops, opset}`` plus, with ``verify_on``, ``accuracy``,
+    Returns ``{path, file_bytes, integer_ops, integer_ops_other, opset}`` (``integer_ops``: each
+    quantized layer's kernel; ``integer_ops_other``: each quantized add/concat/pool's) plus, with ``verify_on``, ``accuracy``,
     ``student_accuracy``, ``agreement_with_student``, ``max_abs_logit_diff`` and ``samples``.
     Raises ``ExportError`` (and writes nothing) when a layer runs in float or the gate fails.
 
@@ -379,7 +467,7 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
 
     def write_and_check(temporary: Path) -> None:
         onnx.save(model, str(temporary))
-        info["integer_ops"] = check_integer_kernels(temporary)
+        info["integer_ops"], info["integer_ops_other"] = integer_kernels(temporary)
         if verify_on is not None:
             info.update(verify_onnx(temporary, student, verify_on))
 
@@ -399,6 +487,6 @@ def export_float_onnx(model: nn.Module, path: str | Path, example_input: Any, op
 
 
 __all__ = [
-    "LayerInfo", "build_int8_model", "check_integer_kernels", "diagnose_layers", "export_float_onnx", "export_onnx",
-    "onnx_predict", "parity_metrics", "verify_onnx",
+    "LayerInfo", "OpInfo", "build_int8_model", "check_integer_kernels", "diagnose_layers", "export_float_onnx",
+    "export_onnx", "integer_kernels", "onnx_predict", "parity_metrics", "verify_onnx",
 ]
