@@ -14,7 +14,7 @@ from torch import nn
 from qdistill.errors import ExportError
 from qdistill.export import export_all, export_onnx, format_export_summary, verify_onnx
 from qdistill.export.latency import make_session
-from qdistill.export.onnx import check_integer_kernels
+from qdistill.export.onnx import LOGIT_SQNR_GATE_DB, check_integer_kernels
 from qdistill.export.qdq_graph import INTEGER_OPS, toposort
 from qdistill.quant import is_quantized, prepare
 from qdistill.recipe import ExportSpec
@@ -51,6 +51,7 @@ def test_every_layer_runs_an_integer_kernel_and_matches_the_student(digits, digi
     assert info["agreement_with_student"] >= 0.999
     assert abs(info["accuracy"] - info["student_accuracy"]) <= 0.001
     assert info["max_abs_logit_diff"] < 0.5
+    assert info["parity_checked"] and info["logit_sqnr_db"] >= LOGIT_SQNR_GATE_DB + 20  # honest: far above the bound
     assert info["file_bytes"] == (tmp_path / "model.onnx").stat().st_size
 
 
@@ -137,12 +138,11 @@ def test_a_layer_left_in_float_is_an_error(w4_export, tmp_path):
         check_integer_kernels(tmp_path / "float_layer.onnx")
 
 
-def test_failed_gate_writes_no_file(digits, digits_teacher, tmp_path, monkeypatch):
+def test_failed_gate_writes_no_file(digits, digits_teacher, tmp_path):
     bundle, train, val = digits
     student = _student(digits_teacher, train, 8)
-    monkeypatch.setattr("qdistill.export.onnx.AGREEMENT_GATE", 1.01)  # unreachable: the gate must fail
-    with pytest.raises(ExportError, match="parity gate failed"):
-        export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1], verify_on=val)
+    with pytest.raises(ExportError, match="parity gate failed: logit SQNR"):  # an unreachable bound: the gate must fail
+        export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1], verify_on=val, sqnr_gate_db=1e9)
     assert not (tmp_path / "model.onnx").exists()
 
 
@@ -171,8 +171,10 @@ def test_export_all_section_and_summary(digits, digits_teacher, tmp_path):
     section = export_all(student, tmp_path, bundle.train_x[:1], val, ExportSpec(onnx=True, packed=True),
                          latency_budget_s=0.01)
     onnx_section, packed = section["onnx"], section["packed"]
-    for key in ("path", "file_bytes", "accuracy", "agreement_with_student", "max_abs_logit_diff"):
+    for key in ("path", "file_bytes", "accuracy", "agreement_with_student", "max_abs_logit_diff", "logit_sqnr_db",
+                "logit_sqnr_gate_db", "near_tie_flips"):
         assert key in onnx_section
+    assert onnx_section["parity_checked"] is True and onnx_section["logit_sqnr_gate_db"] == LOGIT_SQNR_GATE_DB
     for key in ("latency_us_per_sample", "fp32_latency_us_per_sample"):
         assert set(onnx_section[key]) == {"batch1", "batch64"} and min(onnx_section[key].values()) > 0
     assert set(onnx_section["latency_threads"]["1"]) == {"int8", "fp32", "torch_fp32"}
@@ -182,6 +184,7 @@ def test_export_all_section_and_summary(digits, digits_teacher, tmp_path):
     summary = format_export_summary(section)
     assert "agreement 100" in summary or "agreement 99" in summary
     assert "smaller than fp32" in summary and "µs/sample" in summary and "QLinearConv" in summary
+    assert f"(bound {LOGIT_SQNR_GATE_DB:g} dB)" in summary
     json.dumps(section)  # report.json must be able to hold it
     assert export_all(student, tmp_path / "none", bundle.train_x[:1], val, ExportSpec(onnx=False, packed=False)) == {}
 

@@ -12,7 +12,6 @@ from onnx import helper, numpy_helper
 from torch import nn
 
 from qdistill import models
-from qdistill.data import load_data, make_loaders
 from qdistill.errors import ExportError
 from qdistill.export import export_all, format_export_summary
 from qdistill.export import onnx as export_onnx_module
@@ -21,7 +20,7 @@ from qdistill.export.onnx import check_integer_kernels, export_onnx
 from qdistill.export.qdq_graph import toposort
 from qdistill.quant import prepare
 from qdistill.quant.modules import QuantAdaptiveAvgPool2d, QuantAdd, QuantAvgPool2d, QuantCat
-from qdistill.recipe import DataSpec, ExportSpec
+from qdistill.recipe import ExportSpec
 
 # what ONNX Runtime's CPU provider fuses each quantized op into (independent of the code under test)
 EXPECTED_KERNEL = {QuantAdd: "QLinearAdd", QuantCat: "QLinearConcat", QuantAvgPool2d: "QLinearAveragePool",
@@ -60,13 +59,6 @@ class CatAtTheEnd(nn.Module):
         return torch.cat([self.a(x), self.b(x)], dim=1)
 
 
-@pytest.fixture(scope="module")
-def small_digits():
-    bundle = load_data(DataSpec(name="digits", limit=320))
-    train, val = make_loaders(bundle, 32, 0)
-    return bundle, train, val
-
-
 def _student(model: nn.Module, train, bits: int) -> nn.Module:
     return prepare(model, {"weight_bits": bits, "act_bits": bits, "init": "minmax", "calibration_batches": 2},
                    calibration_data=train)
@@ -79,8 +71,8 @@ def _model(name: str, bundle) -> nn.Module:
 
 @pytest.mark.parametrize("name, bits", [("cat_pool", 8), ("cat_pool", 4), ("tiny_resnet", 8), ("tiny_resnet", 4),
                                         ("tiny_mobilenetv2", 4), ("tiny_transformer", 8), ("tiny_transformer", 4)])
-def test_every_quantized_op_runs_its_integer_kernel(name, bits, small_digits, tmp_path):
-    bundle, train, _ = small_digits
+def test_every_quantized_op_runs_its_integer_kernel(name, bits, digits, tmp_path):
+    bundle, train, _ = digits
     student = _student(_model(name, bundle), train, bits)
     info = export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1])
     expected = {op_name: EXPECTED_KERNEL[type(module)] for op_name, module in student.named_modules()
@@ -106,8 +98,8 @@ def _insert_float_mul_after(model: onnx.ModelProto, node_name: str) -> None:
     toposort(model.graph)
 
 
-def test_a_float_mul_before_an_adds_quantizer_fails_naming_the_add(small_digits, tmp_path):
-    bundle, train, _ = small_digits
+def test_a_float_mul_before_an_adds_quantizer_fails_naming_the_add(digits, tmp_path):
+    bundle, train, _ = digits
     student = _student(_model("tiny_resnet", bundle), train, 8)
     export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1])
     model = onnx.load(str(tmp_path / "model.onnx"))
@@ -118,9 +110,9 @@ def test_a_float_mul_before_an_adds_quantizer_fails_naming_the_add(small_digits,
 
 
 @pytest.mark.parametrize("op_name, op_type", [("layer1.0.add", "Add"), ("pool", "GlobalAveragePool")])
-def test_export_fails_and_writes_nothing_when_a_quantized_op_runs_in_float(small_digits, tmp_path, monkeypatch,
+def test_export_fails_and_writes_nothing_when_a_quantized_op_runs_in_float(digits, tmp_path, monkeypatch,
                                                                             op_name, op_type):
-    bundle, train, val = small_digits
+    bundle, train, val = digits
     student = _student(_model("tiny_resnet", bundle), train, 8)
     rewrite = export_onnx_module.rewrite_for_int8
 
@@ -135,8 +127,8 @@ def test_export_fails_and_writes_nothing_when_a_quantized_op_runs_in_float(small
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_a_quantized_op_whose_result_feeds_no_quantizer_is_refused(small_digits, tmp_path):
-    bundle, train, _ = small_digits
+def test_a_quantized_op_whose_result_feeds_no_quantizer_is_refused(digits, tmp_path):
+    bundle, train, _ = digits
     student = _student(CatAtTheEnd(), train, 8)
     assert isinstance(student.cat, QuantCat)
     with pytest.raises(ExportError, match=r"quantized op 'cat' \(Concat\) cannot run in integers: its result feeds no quantizer"):
@@ -144,8 +136,8 @@ def test_a_quantized_op_whose_result_feeds_no_quantizer_is_refused(small_digits,
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_report_section_and_summary_list_the_ops_kernels(small_digits, tmp_path):
-    bundle, train, val = small_digits
+def test_report_section_and_summary_list_the_ops_kernels(digits, tmp_path):
+    bundle, train, val = digits
     student = _student(_model("tiny_resnet", bundle), train, 8)
     section = export_all(student, tmp_path, bundle.train_x[:1], val, ExportSpec(onnx=True, packed=False),
                          latency_budget_s=0.01)

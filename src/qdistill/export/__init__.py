@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,7 +58,17 @@ def float_copy(student: nn.Module) -> nn.Module:
     return model
 
 
-def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: Iterable[Any],
+PARITY_KEYS = ("accuracy", "agreement_with_student", "max_abs_logit_diff", "flips", "near_tie_flips", "near_tie_margin",
+               "logit_sqnr_db", "logit_sqnr_db_all", "logit_sqnr_left_out_samples", "logit_sqnr_gate_db",
+               "accuracy_near_ties_excused")
+
+
+def _json_number(value: Any) -> Any:
+    """report.json holds no Infinity: an SQNR of equal logits (infinite) is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: Iterable[Any] | None,
                   float_model: nn.Module, budget_s: float) -> dict[str, Any]:
     info = export_onnx(student, out_dir / ONNX_FILE, example, verify_on=val_loader)
     with tempfile.TemporaryDirectory() as folder:
@@ -65,9 +76,10 @@ def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: I
         sample = example[0] if isinstance(example, (list, tuple)) else example
         latency = measure_latency({"int8": info["path"], "fp32": fp32["path"]}, float_model, sample, budget_s=budget_s)
     section = {key: info[key] for key in ("path", "file_bytes") if key in info}
-    for key in ("accuracy", "agreement_with_student", "max_abs_logit_diff"):
+    section["parity_checked"] = info["parity_checked"]
+    for key in PARITY_KEYS:
         if key in info:
-            section[key] = info[key]
+            section[key] = _json_number(info[key])
     all_threads = latency["all"]
     section["latency_us_per_sample"] = all_threads["int8"]
     section["fp32_latency_us_per_sample"] = all_threads["fp32"]
@@ -80,13 +92,15 @@ def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: I
     return section
 
 
-def export_all(student: nn.Module, out_dir: str | Path, example_input: Any, val_loader: Iterable[Any],
+def export_all(student: nn.Module, out_dir: str | Path, example_input: Any, val_loader: Iterable[Any] | None,
                export_spec: ExportSpec, float_model: nn.Module | None = None,
                latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
     """Write ``model.onnx`` and/or ``student.qpack.safetensors``; returns report.json's ``export`` section.
 
     ``float_model`` is the fp32 baseline for latency and file size (default: the student's own
     float copy, same architecture). Keys ``onnx``/``packed`` follow ``export_spec``; ``{}`` if neither.
+    With ``val_loader`` None the ONNX file is written without the parity gate and its section
+    says ``parity_checked: false``.
 
     Example:
         >>> export_all(result.student, "out/", train_x[:1], val_loader, ExportSpec(onnx=True, packed=True))
@@ -145,11 +159,20 @@ def _onnx_lines(onnx_section: dict[str, Any]) -> list[str]:
     if "fp32_file_bytes" in onnx_section:
         size += f" (fp32 ONNX {onnx_section['fp32_file_bytes']:,})"
     lines = [f"ONNX int8   {onnx_section['path']}", size]
-    if "agreement_with_student" in onnx_section:
+    if onnx_section.get("parity_checked") is False:
+        lines.append("  parity    not checked (no validation data)")
+    elif "agreement_with_student" in onnx_section:
         accuracy = onnx_section.get("accuracy")
+        near_ties = onnx_section.get("near_tie_flips", 0)
         lines.append("  parity    " + (f"accuracy {accuracy:.2%}, " if accuracy is not None else "")
-                     + f"agreement {onnx_section['agreement_with_student']:.2%}, "
-                     f"max |logit diff| {onnx_section['max_abs_logit_diff']:.3g}")
+                     + f"agreement {onnx_section['agreement_with_student']:.2%}"
+                     + (f" ({near_ties} near-tie flips)" if near_ties else ""))
+        logits = f"max |diff| {onnx_section['max_abs_logit_diff']:.3g}"
+        if "logit_sqnr_db" in onnx_section:
+            sqnr = onnx_section["logit_sqnr_db"]  # None: equal logits (infinite SQNR)
+            logits = (f"SQNR {'inf' if sqnr is None else f'{sqnr:.1f}'} dB "
+                      f"(bound {onnx_section['logit_sqnr_gate_db']:g} dB), {logits}")
+        lines.append(f"  logits    {logits}")
     for label, key in (("layers", "integer_ops"), ("other ops", "integer_ops_other")):
         kernels = onnx_section.get(key, {})
         if kernels:
