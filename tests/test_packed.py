@@ -1,4 +1,8 @@
-"""Packed low-bit files: bit-stream packing, bit-exact round trips at every width, bad files."""
+"""Packed low-bit files: bit-stream packing, bit-exact round trips at every width, bad files.
+
+Issue 9 item 4 (the tests after ``SPECS``): the header records every quantizer's bit width, so
+residual models load bit-exact from their float architecture.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from qdistill import models
 from qdistill.errors import FileFormatError, ModelError
 from qdistill.export import load_packed, pack_bits, save_packed, unpack_bits
 from qdistill.export.packed import HEADER_KEY, fp32_safetensors_bytes
 from qdistill.quant import prepare
+from qdistill.quant.quantizer import Quantizer
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -58,7 +64,7 @@ def test_header_and_sizes(digits, digits_teacher, tmp_path):
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads(handle.metadata()[HEADER_KEY])
         packed = handle.get_tensor("classifier.2.weight.packed")
-    assert header["format_version"] == 1 and header["qdistill_version"]
+    assert header["format_version"] == 2 and header["qdistill_version"]
     assert header["layers"]["classifier.2"]["weight_bits"] == 2
     assert packed.dtype == torch.uint8 and packed.numel() == 128 * 256 * 2 // 8  # four 2-bit values per byte
     assert info["file_bytes"] * 8 < fp32_safetensors_bytes(digits_teacher)
@@ -106,7 +112,7 @@ def _rewrite_header(path, change):
 
 def test_unknown_version(packed_file, digits_teacher):
     _rewrite_header(packed_file, lambda header: header.update(format_version=99))
-    with pytest.raises(FileFormatError, match="format_version 99 is not supported; allowed: 1"):
+    with pytest.raises(FileFormatError, match="format_version 99 is not supported; allowed: 1, 2$"):
         load_packed(packed_file, model=digits_teacher)
 
 
@@ -121,3 +127,121 @@ def test_bit_width_mismatch_with_the_skeleton(packed_file, digits, digits_teache
     _, train, _ = digits
     with pytest.raises(ModelError, match="4-bit in the file but 8-bit in the model"):
         load_packed(packed_file, model=_student(digits_teacher, train, 8))
+
+
+SPECS = {
+    "W8A8": {"weight_bits": 8, "act_bits": 8, "first_last_bits": None},
+    "W4A4": {"weight_bits": 4, "act_bits": 4, "first_last_bits": None},
+    # bits differ per layer and per op: 8-bit stem and fc, 3/6-bit layer2 (its add too), a 5-bit pool input
+    "W4A4 mixed": {"weight_bits": 4, "act_bits": 4, "first_last_bits": 8,
+                   "overrides": {"layer2.*": {"weight_bits": 3, "act_bits": 6}, "pool": {"act_bits": 5}}},
+}
+
+
+def _resnet(bundle, **kwargs):
+    torch.manual_seed(0)
+    return models.create("tiny_resnet", **bundle.model_kwargs(), width=4, **kwargs)
+
+
+def _prepared(float_model, train, spec: dict):
+    return prepare(float_model, {**spec, "init": "minmax", "calibration_batches": 2}, calibration_data=train).eval()
+
+
+def _bits(model) -> dict[str, int]:
+    return {name: module.bits for name, module in model.named_modules(remove_duplicate=False) if isinstance(module, Quantizer)}
+
+
+def _header(path) -> dict:
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()[HEADER_KEY])
+
+
+def _as_version_1(header: dict) -> None:
+    del header["quantizers"]
+    header["format_version"] = 1
+
+
+@pytest.mark.parametrize("label", list(SPECS))
+def test_residual_model_loads_bit_exact_from_the_float_architecture(label, digits, tmp_path):
+    bundle, train, _ = digits
+    float_model = _resnet(bundle)
+    student = _prepared(float_model, train, SPECS[label])
+    path = tmp_path / "student.qpack.safetensors"
+    save_packed(student, path)
+    loaded = load_packed(path, model=float_model)
+    assert _bits(loaded) == _bits(student)
+    inputs = bundle.val_x[:128]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs), student(inputs), atol=0, rtol=0)
+
+
+def test_the_header_records_every_quantizer_under_every_path(digits, tmp_path):
+    bundle, train, _ = digits
+    student = _prepared(_resnet(bundle), train, SPECS["W4A4 mixed"])
+    save_packed(student, tmp_path / "student.qpack.safetensors")
+    table = _header(tmp_path / "student.qpack.safetensors")["quantizers"]
+    assert {name: entry["bits"] for name, entry in table.items()} == _bits(student)
+    assert table["layer2.0.add.input0_quantizer"]["bits"] == 6 and table["pool.input_quantizer"]["bits"] == 5
+    # the residual block's input feeds conv1 and the add through one shared quantizer
+    assert table["layer1.0.add.input1_quantizer"]["instance"] == table["layer1.0.conv1.input_quantizer"]["instance"]
+
+
+def test_a_version_1_file_loads_where_it_records_every_bit_width(digits, digits_teacher, tmp_path):
+    bundle, train, _ = digits
+    student = _prepared(digits_teacher, train, {"weight_bits": 4, "act_bits": 4, "first_last_bits": 8})
+    path = tmp_path / "v1.qpack.safetensors"
+    save_packed(student, path)
+    _rewrite_header(path, _as_version_1)
+    inputs = bundle.val_x[:64]
+    with torch.no_grad():
+        torch.testing.assert_close(load_packed(path, model=digits_teacher)(inputs), student(inputs), atol=0, rtol=0)
+
+
+def test_a_version_1_residual_file_is_refused_from_the_float_model_and_loads_into_the_prepared(digits, tmp_path):
+    bundle, train, _ = digits
+    float_model = _resnet(bundle)
+    student = _prepared(float_model, train, SPECS["W8A8"])
+    path = tmp_path / "v1.qpack.safetensors"
+    save_packed(student, path)
+    _rewrite_header(path, _as_version_1)
+    with pytest.raises(FileFormatError, match=r"format_version 1 records only the layers' bit widths, not those of "
+                                              r"quantizer 'layer1\.0\.add\.input0_quantizer'; load it into the prepared"):
+        load_packed(path, model=float_model)
+    inputs = bundle.val_x[:64]
+    with torch.no_grad():
+        torch.testing.assert_close(load_packed(path, model=student)(inputs), student(inputs), atol=0, rtol=0)
+
+
+def test_a_file_of_another_architecture_is_refused_naming_the_quantizer(digits, tmp_path):
+    bundle, train, _ = digits
+    path = tmp_path / "student.qpack.safetensors"
+    save_packed(_prepared(_resnet(bundle), train, SPECS["W4A4"]), path)
+    deeper = _resnet(bundle, blocks=(1, 2, 1))  # has every layer of the file, and layer2.1 more
+    with pytest.raises(ModelError, match=r"the model has quantizer 'layer2\.1\.conv1\.weight_quantizer', which the "
+                                         r"file does not record; the file was saved from another architecture"):
+        load_packed(path, model=deeper)
+
+
+def test_a_skeleton_with_other_op_bits_is_refused(digits, tmp_path):
+    bundle, train, _ = digits
+    path = tmp_path / "student.qpack.safetensors"
+    save_packed(_prepared(_resnet(bundle), train, SPECS["W4A4 mixed"]), path)
+    skeleton = _prepared(_resnet(bundle), train, {**SPECS["W4A4 mixed"], "overrides": {"layer2.*": {"weight_bits": 3}}})
+    with pytest.raises(ModelError, match=r"quantizer 'layer2\.0\.conv1\.input_quantizer' is 6-bit in the file but 4-bit in the model"):
+        load_packed(path, model=skeleton)
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    ({"instance": 999}, ModelError, r"are one shared quantizer in the model but separate ones in the file"),
+    ({"bits": 6}, FileFormatError, r"gives shared quantizer 'layer1\.0\.(add\.input1|conv1\.input)_quantizer' two bit "
+                                   r"widths \(corrupt header\)"),
+])
+def test_an_edited_quantizer_table_that_the_float_model_cannot_rebuild_is_refused(digits, tmp_path, edit, error, message):
+    bundle, train, _ = digits
+    float_model = _resnet(bundle)
+    path = tmp_path / "student.qpack.safetensors"
+    save_packed(_prepared(float_model, train, SPECS["W4A4"]), path)
+    # this path and layer1.0.conv1.input_quantizer are one shared quantizer in the student
+    _rewrite_header(path, lambda header: header["quantizers"]["layer1.0.add.input1_quantizer"].update(edit))
+    with pytest.raises(error, match=message):
+        load_packed(path, model=float_model)
