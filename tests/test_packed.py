@@ -245,3 +245,14 @@ def test_an_edited_quantizer_table_that_the_float_model_cannot_rebuild_is_refuse
     _rewrite_header(path, lambda header: header["quantizers"]["layer1.0.add.input1_quantizer"].update(edit))
     with pytest.raises(error, match=message):
         load_packed(path, model=float_model)
+
+
+def test_layers_mixing_per_channel_and_per_tensor_weights_are_refused_from_the_float_model(digits, tmp_path):
+    bundle, train, _ = digits
+    float_model = _resnet(bundle)
+    path = tmp_path / "student.qpack.safetensors"
+    save_packed(_prepared(float_model, train, SPECS["W4A4"]), path)
+    _rewrite_header(path, lambda header: header["layers"]["fc"].update(axis=None))
+    with pytest.raises(ModelError, match=r"its layers mix per-channel and per-tensor weights, which prepare cannot "
+                                         r"rebuild from a float model; pass the prepared student as model"):
+        load_packed(path, model=float_model)
