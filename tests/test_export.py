@@ -178,6 +178,9 @@ def test_export_all_section_and_summary(digits, digits_teacher, tmp_path):
     for key in ("latency_us_per_sample", "fp32_latency_us_per_sample"):
         assert set(onnx_section[key]) == {"batch1", "batch64"} and min(onnx_section[key].values()) > 0
     assert set(onnx_section["latency_threads"]["1"]) == {"int8", "fp32", "torch_fp32"}
+    method = onnx_section["latency_method"]  # how the numbers were taken: real batches, interleaved rounds
+    assert method["samples"] == "distinct" and method["batch_sizes"] == [1, 64] and method["rounds"] >= 3
+    assert method["threads"] == {"1": 1, "all": onnx_section["latency_threads"]["all_threads"]}
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "student.qpack.safetensors").is_file()
     assert packed["file_bytes"] == (tmp_path / "student.qpack.safetensors").stat().st_size
     assert packed["file_bytes"] * 3 < packed["fp32_file_bytes"]

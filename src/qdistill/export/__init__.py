@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from qdistill.errors import FileFormatError, RecipeError
-from qdistill.export.latency import BUDGET_SECONDS, measure_latency
+from qdistill.export.latency import BATCHES, BUDGET_SECONDS, first_samples, measure_latency
 from qdistill.export.onnx import (
     check_integer_kernels,
     diagnose_layers,
@@ -71,10 +71,11 @@ def _json_number(value: Any) -> Any:
 def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: Iterable[Any] | None,
                   float_model: nn.Module, budget_s: float) -> dict[str, Any]:
     info = export_onnx(student, out_dir / ONNX_FILE, example, verify_on=val_loader)
+    # latency on real batches: validation inputs (else the example inputs), cycled only if too few
+    samples = first_samples(val_loader if val_loader is not None else [example], max(BATCHES))
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_float_onnx(float_model, Path(folder) / "fp32.onnx", example)
-        sample = example[0] if isinstance(example, (list, tuple)) else example
-        latency = measure_latency({"int8": info["path"], "fp32": fp32["path"]}, float_model, sample, budget_s=budget_s)
+        latency = measure_latency({"int8": info["path"], "fp32": fp32["path"]}, float_model, samples, budget_s=budget_s)
     section = {key: info[key] for key in ("path", "file_bytes") if key in info}
     section["parity_checked"] = info["parity_checked"]
     for key in PARITY_KEYS:
@@ -85,6 +86,7 @@ def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: I
     section["fp32_latency_us_per_sample"] = all_threads["fp32"]
     section["torch_fp32_latency_us_per_sample"] = all_threads["torch_fp32"]
     section["latency_threads"] = {"1": latency["1"], "all": latency["all"], "all_threads": latency["all_threads"]}
+    section["latency_method"] = latency["method"]
     section["fp32_file_bytes"] = fp32["file_bytes"]
     for key in ("student_accuracy", "samples", "integer_ops", "integer_ops_other", "opset"):
         if key in info:

@@ -79,7 +79,7 @@ from torch import nn
 from qdistill.batch import split_batch
 from qdistill.errors import ExportError
 from qdistill.evaluate import predict
-from qdistill.export.latency import make_session
+from qdistill.export.latency import first_samples, make_session
 from qdistill.export.packed import IntegerWeight, weight_integers
 from qdistill.export.qdq_graph import (
     INTEGER_OPS,
@@ -457,17 +457,6 @@ def verify_onnx(path: str | Path, student: nn.Module, loader: Iterable[Any],
     raise error
 
 
-def _first_samples(loader: Iterable[Any], count: int) -> torch.Tensor:
-    chunks, total = [], 0
-    for batch in loader:
-        inputs, _ = split_batch(batch)
-        chunks.append(inputs.detach().cpu().float())
-        total += len(inputs)
-        if total >= count:
-            break
-    return torch.cat(chunks)[:count]
-
-
 def _student_layer_outputs(student: nn.Module, inputs: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
     outputs: dict[str, np.ndarray] = {}
     hooks = [student.get_submodule(name).register_forward_hook(
@@ -511,7 +500,7 @@ def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
     """
     model = onnx.load(str(path))
     table = _layer_table(model)
-    inputs = _first_samples(loader, samples)
+    inputs = first_samples(loader, samples)
     reference = _student_layer_outputs(student, inputs, [entry["name"] for entry in table])
     results = []
     for entry in table:
