@@ -290,8 +290,8 @@ def _op_kernels(table: list[dict[str, Any]], optimized: onnx.ModelProto) -> dict
         allowed = OP_KERNELS.get(op.op, ())
         if op.quantized_output is None:
             raise ExportError(f"quantized op {op.name!r} ({op.op}) cannot run in integers: its result feeds no "
-                              "quantizer, so ONNX Runtime has no output scale for an integer kernel; every quantized op "
-                              "must feed a quantized layer or op")
+                              f"quantizer (it feeds {op.feeds or 'nothing'} in float), so ONNX Runtime has no output scale "
+                              "for an integer kernel; every quantized op must feed one quantized layer or op")
         producer = producers.get(op.quantized_output)
         kernel = producer.op_type if producer is not None else "nothing (folded away)"
         if kernel not in allowed:

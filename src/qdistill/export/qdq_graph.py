@@ -94,6 +94,7 @@ class OpInfo:
     op: str
     output: str
     quantized_output: str | None = None
+    feeds: str = ""  # what its result feeds when that is not one QuantizeLinear (for the error message)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -205,6 +206,8 @@ def _op_quantized_outputs(graph: onnx.GraphProto, ops: dict[str, OpInfo]) -> Non
         users = [user for user in index.consumers[info.output] if user.op_type != "Shape"]
         if len(users) == 1 and users[0].op_type == "QuantizeLinear" and info.output not in index.outputs:
             info.quantized_output = users[0].output[0]
+        else:
+            info.feeds = ", ".join([user.op_type for user in users] + (["the graph output"] if info.output in index.outputs else []))
 
 
 def _name_weight(graph: onnx.GraphProto, dequantize: onnx.NodeProto, name: str) -> LayerInfo:
