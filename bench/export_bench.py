@@ -10,11 +10,12 @@ Printed: accuracy, agreement, file bytes, latency (µs/sample, batch 1 and 64, 1
 threads), packed file sizes, and the targets: int8 ONNX at batch 64 >= 1.5x faster than fp32 ONNX
 and no slower than quantize_static; packed W4 >= 7x and W2 >= 13x smaller than fp32 safetensors.
 
-Latency: every model is measured once per round (median of repeats after warm-up, ``--budget``
-seconds each), and each number is the median over ``--rounds`` rounds. A teacher saved in
+Latency (``qdistill.export.latency``): batches of distinct validation images; every model is
+timed once per round, the order reversed every other round, ``--budget`` seconds per number split
+over ``--rounds`` rounds; each number is the best of the rounds' medians. A teacher saved in
 ``--out`` by an earlier run is reused; delete ``teacher.safetensors`` there to retrain it.
 
-Usage: ``python bench/export_bench.py [--out out/export_bench] [--student-epochs 5] [--budget 0.5] [--rounds 3]``
+Usage: ``python bench/export_bench.py [--out out/export_bench] [--student-epochs 5] [--budget 1.5] [--rounds 5]``
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def _students(teacher, train, val, bundle, out: Path, epochs: int) -> dict[str, 
         info["seconds"] = round(time.perf_counter() - started, 1)
         results[label] = info
         print(f"{label}: student accuracy {info['student_accuracy']:.2%}, ONNX {info['accuracy']:.2%}, agreement "
-              f"{info['agreement_with_student']:.2%}, max |logit diff| {info['max_abs_logit_diff']:.3g} "
+              f"{info['agreement_with_student']:.2%}, logit SQNR {info['logit_sqnr_db']:.1f} dB, "
+              f"max |logit diff| {info['max_abs_logit_diff']:.3g} "
               f"({info['seconds']:.0f} s); kernels {sorted(set(info['integer_ops'].values()))}")
     return results
 
@@ -151,14 +153,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="out/export_bench")
     parser.add_argument("--student-epochs", type=int, default=5)
-    parser.add_argument("--budget", type=float, default=0.5, help="seconds of repeats per latency number and round")
-    parser.add_argument("--rounds", type=int, default=3, help="latency rounds (median over rounds)")
+    parser.add_argument("--budget", type=float, default=1.5, help="seconds of timed runs per latency number, all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved latency rounds (best of the rounds' medians)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     bundle = load_data(DataSpec(name="mnist5k"))
-    train, val = make_loaders(bundle, 64, 0)
+    train, val, _ = make_loaders(bundle, 64, 0)
     labels = bundle.val_y.numpy()
     teacher = _teacher(bundle, train, out)
     teacher_accuracy = qd.evaluate(teacher, val)["accuracy"]
@@ -167,7 +169,7 @@ def main() -> None:
     ort_static = _ort_static(Path(fp32["path"]), out / "ort_quantize_static.onnx", bundle)
     students = _students(teacher, train, val, bundle, out, args.student_epochs)
     files = {"fp32": fp32["path"], "ort_static": ort_static["path"], **{k: v["path"] for k, v in students.items()}}
-    latency = measure_latency(files, teacher, bundle.train_x[:1], budget_s=args.budget, rounds=args.rounds)
+    latency = measure_latency(files, teacher, bundle.val_x[:64], budget_s=args.budget, rounds=args.rounds)
     fp32_bytes = fp32_safetensors_bytes(teacher)
     print(f"\n{'model':<28}{'accuracy':>9}{'file bytes':>12}  {'µs/sample 1 thread b1 / b64':>27}   "
           f"{latency['all_threads']} threads b1 / b64")

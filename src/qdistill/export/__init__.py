@@ -4,13 +4,14 @@
 ``export`` section (``qdistill.runs.deploy`` calls it for a run folder).
 
 Example:
-    >>> section = export_all(result.student, "out/", train_x[:1], val_loader, recipe.export)
-    >>> print(format_export_summary(section))
+    >>> section = export_all(student, example, val_loader, onnx_path="out/model.onnx")  # doctest: +SKIP
+    >>> print(format_export_summary(section))                                            # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,21 +19,18 @@ from typing import Any
 
 from torch import nn
 
-from qdistill.export.latency import BUDGET_SECONDS, measure_latency
+from qdistill.export.latency import BATCHES, BUDGET_SECONDS, first_samples, measure_latency
 from qdistill.export.onnx import (
     check_integer_kernels,
     diagnose_layers,
     export_float_onnx,
     export_onnx,
+    integer_kernels,
     verify_onnx,
 )
 from qdistill.export.packed import fp32_safetensors_bytes, load_packed, pack_bits, save_packed, unpack_bits
 from qdistill.quant.modules import is_quantized
 from qdistill.quant.quantizer import Quantizer
-from qdistill.recipe import ExportSpec
-
-ONNX_FILE = "model.onnx"
-PACKED_FILE = "student.qpack.safetensors"
 
 
 def float_copy(student: nn.Module) -> nn.Module:
@@ -52,48 +50,62 @@ def float_copy(student: nn.Module) -> nn.Module:
     return model
 
 
-def _onnx_section(student: nn.Module, out_dir: Path, example: Any, val_loader: Iterable[Any],
+PARITY_KEYS = ("accuracy", "agreement_with_student", "max_abs_logit_diff", "flips", "near_tie_flips", "near_tie_margin",
+               "logit_sqnr_db", "logit_sqnr_db_all", "logit_sqnr_left_out_samples", "logit_sqnr_gate_db",
+               "accuracy_near_ties_excused")
+
+
+def _json_number(value: Any) -> Any:
+    """report.json holds no Infinity: an SQNR of equal logits (infinite) is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _onnx_section(student: nn.Module, path: Path, example: Any, val_loader: Iterable[Any] | None,
                   float_model: nn.Module, budget_s: float) -> dict[str, Any]:
-    info = export_onnx(student, out_dir / ONNX_FILE, example, verify_on=val_loader)
+    info = export_onnx(student, path, example, verify_on=val_loader)
+    # latency on real batches: validation inputs (else the example inputs), cycled only if too few
+    samples = first_samples(val_loader if val_loader is not None else [example], max(BATCHES))
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_float_onnx(float_model, Path(folder) / "fp32.onnx", example)
-        sample = example[0] if isinstance(example, (list, tuple)) else example
-        latency = measure_latency({"int8": info["path"], "fp32": fp32["path"]}, float_model, sample, budget_s=budget_s)
+        latency = measure_latency({"int8": info["path"], "fp32": fp32["path"]}, float_model, samples, budget_s=budget_s)
     section = {key: info[key] for key in ("path", "file_bytes") if key in info}
-    for key in ("accuracy", "agreement_with_student", "max_abs_logit_diff"):
+    section["parity_checked"] = info["parity_checked"]
+    for key in PARITY_KEYS:
         if key in info:
-            section[key] = info[key]
+            section[key] = _json_number(info[key])
     all_threads = latency["all"]
     section["latency_us_per_sample"] = all_threads["int8"]
     section["fp32_latency_us_per_sample"] = all_threads["fp32"]
     section["torch_fp32_latency_us_per_sample"] = all_threads["torch_fp32"]
     section["latency_threads"] = {"1": latency["1"], "all": latency["all"], "all_threads": latency["all_threads"]}
+    section["latency_method"] = latency["method"]
     section["fp32_file_bytes"] = fp32["file_bytes"]
-    for key in ("student_accuracy", "samples", "integer_ops", "opset"):
+    for key in ("student_accuracy", "samples", "integer_ops", "integer_ops_other", "opset"):
         if key in info:
             section[key] = info[key]
     return section
 
 
-def export_all(student: nn.Module, out_dir: str | Path, example_input: Any, val_loader: Iterable[Any],
-               export_spec: ExportSpec, float_model: nn.Module | None = None,
-               latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
-    """Write ``model.onnx`` and/or ``student.qpack.safetensors``; returns report.json's ``export`` section.
+def export_all(student: nn.Module, example_input: Any, val_loader: Iterable[Any] | None, *,
+               onnx_path: str | Path | None = None, packed_path: str | Path | None = None,
+               float_model: nn.Module | None = None, latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
+    """Write the int8 ONNX file and/or the packed file at the paths given; returns report.json's ``export`` section.
 
+    The caller names the files (a run folder's names belong to ``qdistill.runs.rundir``); a path
+    left None is not written, and its key is absent (``{}`` when neither is given).
     ``float_model`` is the fp32 baseline for latency and file size (default: the student's own
-    float copy, same architecture). Keys ``onnx``/``packed`` follow ``export_spec``; ``{}`` if neither.
+    float copy, same architecture). With ``val_loader`` None the ONNX file is written without the
+    parity gate and its section says ``parity_checked: false``.
 
     Example:
-        >>> export_all(result.student, "out/", train_x[:1], val_loader, ExportSpec(onnx=True, packed=True))
+        >>> export_all(student, example, val_loader, onnx_path="out/model.onnx")  # doctest: +SKIP
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     baseline = float_model if float_model is not None else float_copy(student)
     section: dict[str, Any] = {}
-    if export_spec.onnx:
-        section["onnx"] = _onnx_section(student, out_dir, example_input, val_loader, baseline, latency_budget_s)
-    if export_spec.packed:
-        packed = save_packed(student, out_dir / PACKED_FILE)
+    if onnx_path is not None:
+        section["onnx"] = _onnx_section(student, Path(onnx_path), example_input, val_loader, baseline, latency_budget_s)
+    if packed_path is not None:
+        packed = save_packed(student, packed_path)
         section["packed"] = {**packed, "fp32_file_bytes": fp32_safetensors_bytes(baseline)}
     return section
 
@@ -110,15 +122,25 @@ def _onnx_lines(onnx_section: dict[str, Any]) -> list[str]:
     if "fp32_file_bytes" in onnx_section:
         size += f" (fp32 ONNX {onnx_section['fp32_file_bytes']:,})"
     lines = [f"ONNX int8   {onnx_section['path']}", size]
-    if "agreement_with_student" in onnx_section:
+    if onnx_section.get("parity_checked") is False:
+        lines.append("  parity    not checked (no validation data)")
+    elif "agreement_with_student" in onnx_section:
         accuracy = onnx_section.get("accuracy")
+        near_ties = onnx_section.get("near_tie_flips", 0)
         lines.append("  parity    " + (f"accuracy {accuracy:.2%}, " if accuracy is not None else "")
-                     + f"agreement {onnx_section['agreement_with_student']:.2%}, "
-                     f"max |logit diff| {onnx_section['max_abs_logit_diff']:.3g}")
-    kernels = onnx_section.get("integer_ops", {})
-    if kernels:
-        counts = {op: list(kernels.values()).count(op) for op in dict.fromkeys(kernels.values())}
-        lines.append(f"  kernels   {len(kernels)} layers: " + ", ".join(f"{n} {op}" for op, n in counts.items()))
+                     + f"agreement {onnx_section['agreement_with_student']:.2%}"
+                     + (f" ({near_ties} near-tie flips)" if near_ties else ""))
+        logits = f"max |diff| {onnx_section['max_abs_logit_diff']:.3g}"
+        if "logit_sqnr_db" in onnx_section:
+            sqnr = onnx_section["logit_sqnr_db"]  # None: equal logits (infinite SQNR)
+            logits = (f"SQNR {'inf' if sqnr is None else f'{sqnr:.1f}'} dB "
+                      f"(bound {onnx_section['logit_sqnr_gate_db']:g} dB), {logits}")
+        lines.append(f"  logits    {logits}")
+    for label, key in (("layers", "integer_ops"), ("other ops", "integer_ops_other")):
+        kernels = onnx_section.get(key, {})
+        if kernels:
+            counts = {op: list(kernels.values()).count(op) for op in dict.fromkeys(kernels.values())}
+            lines.append(f"  kernels   {len(kernels)} {label}: " + ", ".join(f"{n} {op}" for op, n in counts.items()))
     threads = onnx_section.get("latency_threads", {})
     if threads:
         lines.append("  µs/sample at batch 1/64 (ONNX Runtime int8, fp32; PyTorch eager fp32):")
@@ -150,7 +172,8 @@ def format_export_summary(section: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "ONNX_FILE", "PACKED_FILE", "check_integer_kernels", "diagnose_layers", "export_all",
-    "export_float_onnx", "export_onnx", "float_copy", "format_export_summary", "load_packed", "pack_bits",
+    "check_integer_kernels", "diagnose_layers", "export_all",
+    "export_float_onnx", "export_onnx", "float_copy", "format_export_summary", "integer_kernels", "load_packed",
+    "pack_bits",
     "save_packed", "unpack_bits", "verify_onnx",
 ]

@@ -1,12 +1,24 @@
 """Latency in microseconds per sample: ONNX Runtime (int8 and fp32 files) and PyTorch eager fp32.
 
-Each number is the median of repeated runs after warm-up, divided by the batch size, measured
-at batch 1 and batch 64, with one thread and with every CPU thread (``os.cpu_count()``, set
-explicitly so that ONNX Runtime and PyTorch use the same count).
+How the numbers are taken, so that they can be compared (report.json ``latency_method``):
+
+- **Interleaved rounds.** For each thread count and batch size the models are timed in turn,
+  ``rounds`` times, the order reversed every other round (int8, fp32, torch, then torch, fp32,
+  int8, ...), so a burst of load from other processes, or a CPU clock change, is spread over all
+  models instead of landing on one of them.
+- **Statistic.** Each round times a model for ``budget_s / rounds`` seconds (at least
+  ``MIN_REPEATS`` runs, after ``WARMUP_RUNS`` untimed runs before the first round) and keeps the
+  median run; the number reported is the best (smallest) of those medians, divided by the batch
+  size.
+- **Real batches.** A batch holds distinct samples: the first ``batch`` inputs given (validation
+  data), cycled only when fewer were given; never one sample repeated.
+- **Threads.** Once with one thread and once with every CPU this process may run on
+  (``len(os.sched_getaffinity(0))`` where the OS has it, else ``os.cpu_count()``), set explicitly
+  for ONNX Runtime (intra-op) and PyTorch.
 
 Example:
-    >>> session = make_session("out/model.onnx", threads=1)
-    >>> ort_latency_us(session, sample, batch=64)
+    >>> latency = measure_latency({"int8": "model.onnx", "fp32": "fp32.onnx"}, float_model, val_x[:64])
+    >>> latency["1"]["int8"]["batch64"], latency["method"]["statistic"]
 """
 
 from __future__ import annotations
@@ -14,19 +26,26 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
 
+from qdistill.batch import split_batch
+from qdistill.errors import ExportError
+
 BATCHES = (1, 64)
+ROUNDS = 5
 WARMUP_RUNS = 3
-MIN_REPEATS = 5
+MIN_REPEATS = 3  # timed runs per model and round, at least
 MAX_REPEATS = 200
-BUDGET_SECONDS = 0.4  # per measurement; enough repeats for a stable median on small models
+BUDGET_SECONDS = 0.4  # per number (model, thread count, batch size), split over the rounds
+STATISTIC = "best of the rounds' median run time"
+ORDER = "interleaved: every model once per round, order reversed every other round"
 
 _LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -36,13 +55,16 @@ _LEVELS = {
 
 
 def all_threads() -> int:
-    """The thread count used for the "all threads" measurements.
+    """The thread count used for the "all threads" measurements: the CPUs this process may run on.
 
     Example:
-        >>> all_threads()
+        >>> all_threads()       # taskset -c 0-3 python ...  ->  4
         16
     """
-    return os.cpu_count() or 1
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def make_session(model: str | Path | bytes, threads: int | None = None, level: str = "all",
@@ -64,92 +86,125 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def median_us_per_sample(run: Callable[[], object], batch: int, budget_s: float = BUDGET_SECONDS) -> float:
-    """Median wall time of ``run()`` after warm-up, in microseconds per sample.
+def first_samples(loader: Iterable[Any], count: int) -> torch.Tensor:
+    """The first ``count`` inputs of ``loader`` (fewer if it holds fewer), as one CPU float tensor.
 
     Example:
-        >>> median_us_per_sample(lambda: session.run(None, feed), batch=64)
+        >>> first_samples(val_loader, 64).shape
+        torch.Size([64, 1, 8, 8])
     """
-    for _ in range(WARMUP_RUNS):
-        run()
+    chunks, total = [], 0
+    for batch in loader:
+        inputs, _ = split_batch(batch)
+        chunks.append(inputs.detach().cpu().float())
+        total += len(inputs)
+        if total >= count:
+            break
+    if not chunks:
+        raise ExportError("data: the loader yielded no batches; at least one sample is needed")
+    return torch.cat(chunks)[:count]
+
+
+def batch_of(samples: torch.Tensor, batch: int) -> torch.Tensor:
+    """``batch`` inputs: the first ``batch`` of ``samples``, cycled only when there are fewer.
+
+    Example:
+        >>> batch_of(val_x[:10], 4).shape      # val_x[0..3]
+        torch.Size([4, 1, 8, 8])
+    """
+    samples = samples.detach().cpu().float()
+    return samples[torch.arange(batch) % len(samples)].contiguous()
+
+
+def _median_seconds(run: Callable[[], object], budget_s: float, clock: Callable[[], float]) -> float:
     times: list[float] = []
-    started = time.perf_counter()
-    while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or time.perf_counter() - started < budget_s):
-        begin = time.perf_counter()
+    started = clock()
+    while len(times) < MAX_REPEATS and (len(times) < MIN_REPEATS or clock() - started < budget_s):
+        begin = clock()
         run()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times) / batch * 1e6
+        times.append(clock() - begin)
+    return statistics.median(times)
 
 
-def _batch_of(sample: torch.Tensor, batch: int) -> torch.Tensor:
-    sample = sample[:1].detach().cpu().float()
-    return sample.expand(batch, *sample.shape[1:]).contiguous()
-
-
-def ort_latency_us(session: ort.InferenceSession, sample: torch.Tensor, batch: int,
-                   budget_s: float = BUDGET_SECONDS) -> float:
-    """Microseconds per sample of ``session`` on ``batch`` copies of ``sample``.
+def interleaved_us_per_sample(runs: dict[str, Callable[[], object]], batch: int, rounds: int = ROUNDS,
+                              budget_s: float = BUDGET_SECONDS,
+                              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """``{name: µs per sample}`` of each ``run()`` (one batch of ``batch`` samples), timed in interleaved rounds.
 
     Example:
-        >>> ort_latency_us(make_session("model.onnx", threads=1), train_x[:1], batch=64)
+        >>> interleaved_us_per_sample({"int8": lambda: int8.run(None, feed), "fp32": lambda: fp32.run(None, feed)}, 64)
     """
-    feed = {session.get_inputs()[0].name: _batch_of(sample, batch).numpy().astype(np.float32)}
-    return median_us_per_sample(lambda: session.run(None, feed), batch, budget_s)
+    for run in runs.values():
+        for _ in range(WARMUP_RUNS):
+            run()
+    medians: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            medians[name].append(_median_seconds(runs[name], budget_s / rounds, clock))
+    return {name: min(values) / batch * 1e6 for name, values in medians.items()}
 
 
-def torch_latency_us(model: nn.Module, sample: torch.Tensor, batch: int, threads: int,
-                     budget_s: float = BUDGET_SECONDS) -> float:
-    """Microseconds per sample of PyTorch eager (CPU, ``no_grad``) with ``threads`` threads.
+def _samples_note(samples: torch.Tensor, batches: tuple[int, ...]) -> str:
+    distinct = len(torch.unique(samples.detach().cpu().float().reshape(len(samples), -1), dim=0))
+    if distinct >= max(batches):
+        return "distinct"
+    return f"{distinct} distinct, cycled to fill batch {max(batches)}"
 
-    Example:
-        >>> torch_latency_us(teacher, train_x[:1], batch=64, threads=1)
-    """
-    model = model.cpu().eval()
-    inputs = _batch_of(sample, batch)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+
+def _session_run(session: ort.InferenceSession, inputs: torch.Tensor) -> Callable[[], object]:
+    feed = {session.get_inputs()[0].name: inputs.numpy().astype(np.float32)}
+    return lambda: session.run(None, feed)
+
+
+def _torch_run(model: nn.Module, inputs: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
         with torch.no_grad():
-            return median_us_per_sample(lambda: model(inputs), batch, budget_s)
-    finally:
-        torch.set_num_threads(previous)
+            return model(inputs)
+
+    return run
 
 
-def _round(value: float) -> float:
-    return round(value, 2)
-
-
-def _one_round(files: dict[str, str | Path], torch_model: nn.Module | None, sample: torch.Tensor,
-               batches: tuple[int, ...], budget_s: float) -> dict:
-    results: dict = {}
-    for label, threads in (("1", 1), ("all", all_threads())):
-        table: dict[str, dict[str, float]] = {}
-        for name, path in files.items():
-            session = make_session(path, threads=threads)
-            table[name] = {f"batch{b}": ort_latency_us(session, sample, b, budget_s) for b in batches}
-        if torch_model is not None:
-            table["torch_fp32"] = {f"batch{b}": torch_latency_us(torch_model, sample, b, threads, budget_s) for b in batches}
-        results[label] = table
-    return results
-
-
-def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None, sample: torch.Tensor,
-                    batches: tuple[int, ...] = BATCHES, budget_s: float = BUDGET_SECONDS, rounds: int = 1) -> dict:
-    """``{"1": {name: {batch1, batch64}}, "all": {...}, "all_threads": N}`` for ONNX files and torch.
+def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None, samples: torch.Tensor,
+                    batches: tuple[int, ...] = BATCHES, budget_s: float = BUDGET_SECONDS, rounds: int = ROUNDS,
+                    clock: Callable[[], float] = time.perf_counter) -> dict:
+    """``{"1": {name: {batch1, batch64}}, "all": {...}, "all_threads": N, "method": {...}}``.
 
     ``files`` maps a label (e.g. ``"int8"``, ``"fp32"``) to an ONNX file; ``torch_model`` is
-    measured as ``"torch_fp32"``. With ``rounds > 1`` every model is measured once per round, in
-    turn, and each number is the median over rounds, so a burst of load from other processes
-    does not land on one model only.
+    measured as ``"torch_fp32"``; ``samples`` are real inputs (validation data), batched as
+    ``batch_of`` says. ``budget_s`` is the timing budget of one number, split over the rounds.
+    ``method`` records how the numbers were taken (module docstring). Values are rounded to 0.01 µs.
 
     Example:
-        >>> measure_latency({"int8": "model.onnx", "fp32": "fp32.onnx"}, float_model, example_input)
+        >>> measure_latency({"int8": "model.onnx", "fp32": "fp32.onnx"}, float_model, val_x[:64])
     """
-    measured = [_one_round(files, torch_model, sample, batches, budget_s) for _ in range(rounds)]
-    results: dict = {"all_threads": all_threads()}
-    for label in ("1", "all"):
-        results[label] = {
-            name: {key: _round(statistics.median(run[label][name][key] for run in measured)) for key in row}
-            for name, row in measured[0][label].items()
-        }
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ExportError(f"latency rounds: {rounds!r} is not allowed; allowed: an integer >= 1")
+    if len(samples) < 1 or not batches:
+        raise ExportError("latency: no samples or no batch sizes to time; give validation data (or an example input) "
+                          "and at least one batch size")
+    threads_all = all_threads()
+    results: dict = {"all_threads": threads_all}
+    model = torch_model.cpu().eval() if torch_model is not None else None
+    previous = torch.get_num_threads()
+    try:
+        for label, threads in (("1", 1), ("all", threads_all)):
+            torch.set_num_threads(threads)
+            sessions = {name: make_session(path, threads=threads) for name, path in files.items()}
+            table: dict[str, dict[str, float]] = {name: {} for name in [*sessions, *(["torch_fp32"] if model else [])]}
+            for batch in batches:
+                inputs = batch_of(samples, batch)
+                runs = {name: _session_run(session, inputs) for name, session in sessions.items()}
+                if model is not None:
+                    runs["torch_fp32"] = _torch_run(model, inputs)
+                for name, value in interleaved_us_per_sample(runs, batch, rounds, budget_s, clock).items():
+                    table[name][f"batch{batch}"] = round(value, 2)
+            results[label] = table
+    finally:
+        torch.set_num_threads(previous)
+    results["method"] = {
+        "rounds": rounds, "statistic": STATISTIC, "order": ORDER, "threads": {"1": 1, "all": threads_all},
+        "batch_sizes": list(batches), "samples": _samples_note(samples, batches), "warmup_runs": WARMUP_RUNS,
+        "budget_s_per_number": budget_s,
+    }
     return results

@@ -7,12 +7,20 @@ weight ``L.weight`` is replaced by ``L.weight.packed`` (uint8): the codes ``q - 
 straddle bytes. Everything else in the student's ``state_dict`` (biases, per-channel weight scales
 and zero points, activation quantizer scale/zero point, float layers) is stored as it is. The
 metadata key ``qdistill_qpack`` holds a JSON header: format name and version, qdistill version,
-and per layer its bits, grid, shape and axis, plus a CRC32 per tensor (safetensors itself checks
-sizes, not contents).
+per layer its bits, grid, shape and axis, per quantizer (every ``Quantizer`` of the student under
+each module path it is reached by: weights, layer inputs, residual adds, concatenations, pools,
+LayerNorm inputs) its ``bits``, ``signed``, ``axis`` and ``instance`` (paths with the same number
+are one shared quantizer), plus a CRC32 per tensor (safetensors itself checks sizes, not contents).
 
 Loading rebuilds each weight as ``(q - zero_point) * scale``. That value is a fixed point of the
 student's fake quantizer, so the loaded model computes with exactly the integers it was trained
-with: its outputs equal the fake-quant student's bit for bit.
+with: its outputs equal the fake-quant student's bit for bit. From a float architecture the
+student is rebuilt by ``prepare`` and every quantizer then gets the bit width the header records;
+a quantizer the header does not describe, or one shared differently in the rebuilt model, is a
+one-line ``ModelError`` (the file does not fit that architecture). ``format_version`` 1 files
+(qdistill before the quantizer table) record only the layers' bits: they load into a prepared
+skeleton, or from a float architecture whose only quantizers are its layers'; anything else is
+refused naming the first quantizer whose bits the file does not record.
 
 Example:
     >>> save_packed(student, "out/student.qpack.safetensors")
@@ -40,11 +48,13 @@ from qdistill.io import atomic_write, load_state
 from qdistill.quant.fake_quant import MIN_SCALE, IntRange
 from qdistill.quant.modules import is_quantized
 from qdistill.quant.prepare import prepare
+from qdistill.quant.quantizer import Quantizer
 from qdistill.recipe import QuantSpec
 from qdistill.version import __version__
 
 FORMAT_NAME = "qdistill.qpack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header's "quantizers" table (bit width of every quantizer)
+READABLE_VERSIONS = (1, 2)
 HEADER_KEY = "qdistill_qpack"
 PACKED_SUFFIX = ".packed"
 
@@ -136,6 +146,23 @@ def _layer_header(layer: nn.Module, weights: IntegerWeight) -> dict[str, Any]:
     }
 
 
+def quantizer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """``{module path: {bits, signed, axis, instance}}`` of every quantizer, shared ones under each path.
+
+    Example:
+        >>> table = quantizer_table(student)
+        >>> table["layer1.0.add.input1_quantizer"]["instance"] == table["layer1.0.conv1.input_quantizer"]["instance"]
+        True
+    """
+    instances: dict[int, int] = {}
+    table: dict[str, dict[str, Any]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, Quantizer):
+            instance = instances.setdefault(id(module), len(instances))
+            table[path] = {"bits": module.bits, "signed": module.qrange.signed, "axis": module.axis, "instance": instance}
+    return table
+
+
 def _crc(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
@@ -161,7 +188,8 @@ def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     header = {
         "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "qdistill_version": __version__,
         "bit_order": "little-endian bit stream; value i in bits [i*bits, (i+1)*bits); code = q - qmin",
-        "layers": layers, "crc32": {key: _crc(value) for key, value in tensors.items()},
+        "layers": layers, "quantizers": quantizer_table(student),
+        "crc32": {key: _crc(value) for key, value in tensors.items()},
     }
     return tensors, header
 
@@ -214,8 +242,9 @@ def _check_header(header: Any, tensors: dict[str, torch.Tensor], path: Path) -> 
     if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
         raise FileFormatError(f"packed file {str(path)!r}: format {header.get('format') if isinstance(header, dict) else None!r} is not {FORMAT_NAME!r}")
     version = header.get("format_version")
-    if version != FORMAT_VERSION:
-        raise FileFormatError(f"packed file {str(path)!r}: format_version {version!r} is not supported; allowed: {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise FileFormatError(f"packed file {str(path)!r}: format_version {version!r} is not supported; "
+                              f"allowed: {', '.join(map(str, READABLE_VERSIONS))}")
     checksums = header.get("crc32", {})
     if set(checksums) != set(tensors):
         missing = sorted(set(checksums) ^ set(tensors))[:3]
@@ -225,18 +254,74 @@ def _check_header(header: Any, tensors: dict[str, torch.Tensor], path: Path) -> 
             raise FileFormatError(f"packed file {str(path)!r}: tensor {key!r} fails its CRC32 check (corrupt file)")
 
 
-def _skeleton(model: nn.Module, header: dict[str, Any]) -> nn.Module:
-    """A prepared student to load into: ``model`` itself (copied) or ``model`` prepared per the header."""
-    if _quantized_layers(model):
-        return copy.deepcopy(model)
+def _file_quantizers(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The header's quantizer table; for a version-1 file, the layers' weight and input quantizers."""
+    if header["format_version"] >= 2:
+        return header["quantizers"]
+    table: dict[str, dict[str, Any]] = {}
+    for name, entry in header["layers"].items():
+        table[f"{name}.weight_quantizer"] = {"bits": entry["weight_bits"], "signed": entry["signed"], "axis": entry["axis"]}
+        if entry["act_bits"] is not None:
+            table[f"{name}.input_quantizer"] = {"bits": entry["act_bits"], "signed": False, "axis": None}
+    return table
 
-    layers = header["layers"]
-    per_tensor = any(entry["axis"] is None for entry in layers.values())
-    overrides = {name: {"weight_bits": entry["weight_bits"], "act_bits": entry["act_bits"]}
-                 for name, entry in layers.items()}
-    spec = QuantSpec(first_last_bits=None, granularity="per_tensor" if per_tensor else "per_channel",
-                     init="minmax", overrides=overrides)
-    return prepare(model, spec)
+
+def _skeleton(model: nn.Module, header: dict[str, Any], path: Path) -> tuple[nn.Module, bool]:
+    """A prepared student to load into and whether it was rebuilt from the float ``model``."""
+    if _quantized_layers(model):
+        return copy.deepcopy(model), False
+    axes = {entry["axis"] for entry in header["layers"].values()}
+    if len(axes) > 1:
+        raise ModelError(f"packed file {str(path)!r}: its layers mix per-channel and per-tensor weights, which "
+                         "prepare cannot rebuild from a float model; pass the prepared student as model")
+    spec = QuantSpec(first_last_bits=None, granularity="per_tensor" if axes == {None} else "per_channel", init="minmax")
+    return prepare(model, spec), True
+
+
+def _apply_quantizer_bits(student: nn.Module, header: dict[str, Any], rebuilt: bool, path: Path) -> None:
+    """Give a rebuilt student the file's bit widths; check a given skeleton's against them."""
+    source = f"packed file {str(path)!r}"
+    version, table, model_table = header["format_version"], _file_quantizers(header), quantizer_table(student)
+    unknown = [name for name in table if name not in model_table]
+    if unknown:
+        raise ModelError(f"{source}: quantizer {unknown[0]!r} is not in the model; the file was saved from another "
+                         f"architecture (model quantizers: {', '.join(list(model_table)[:6])}, ...)")
+    missing = [name for name in model_table if name not in table]
+    if missing and (version >= 2 or rebuilt):
+        if version < 2:
+            raise FileFormatError(f"{source}: format_version 1 records only the layers' bit widths, not those of "
+                                  f"quantizer {missing[0]!r}; load it into the prepared student (model=prepare(...)) or "
+                                  f"re-save it with save_packed (format_version {FORMAT_VERSION})")
+        raise ModelError(f"{source}: the model has quantizer {missing[0]!r}, which the file does not record; "
+                         "the file was saved from another architecture")
+    if version >= 2:
+        _check_sharing(table, model_table, source)
+    for name, entry in table.items():
+        found = model_table[name]
+        if entry["axis"] != found["axis"]:
+            raise ModelError(f"{source}: quantizer {name!r} has axis {entry['axis']} in the file but {found['axis']} in the model")
+        if rebuilt:
+            student.get_submodule(name).qrange = IntRange(entry["bits"], entry["signed"])
+        elif (entry["bits"], entry["signed"]) != (found["bits"], found["signed"]):
+            raise ModelError(f"{source}: quantizer {name!r} is {entry['bits']}-bit in the file but {found['bits']}-bit in the model")
+    final = quantizer_table(student)
+    clash = next((name for name, entry in table.items() if entry["bits"] != final[name]["bits"]), None)
+    if clash is not None:  # paths of one shared quantizer with different bits: the header was edited
+        raise FileFormatError(f"{source}: the header gives shared quantizer {clash!r} two bit widths (corrupt header)")
+
+
+def _check_sharing(table: dict[str, dict[str, Any]], model_table: dict[str, dict[str, Any]], source: str) -> None:
+    """Each shared quantizer of the file must be one shared quantizer of the model, and back."""
+    for first, second, where, elsewhere in ((table, model_table, "the file", "the model"),
+                                            (model_table, table, "the model", "the file")):
+        counterparts: dict[int, set[int]] = {}
+        for name, entry in first.items():
+            counterparts.setdefault(entry["instance"], set()).add(second[name]["instance"])
+        split = next((instance for instance, others in counterparts.items() if len(others) > 1), None)
+        if split is not None:
+            names = [name for name, entry in first.items() if entry["instance"] == split]
+            raise ModelError(f"{source}: quantizers {', '.join(map(repr, names[:3]))} are one shared quantizer in "
+                             f"{where} but separate ones in {elsewhere}; pass the prepared student as model")
 
 
 def _unpack_weight(name: str, entry: dict[str, Any], packed: torch.Tensor, state: dict[str, torch.Tensor],
@@ -255,22 +340,20 @@ def _unpack_weight(name: str, entry: dict[str, Any], packed: torch.Tensor, state
     return weights.dequantize()
 
 
-def _check_bits(student: nn.Module, layers: dict[str, Any], path: Path) -> None:
+def _check_layers(student: nn.Module, layers: dict[str, Any], path: Path) -> None:
     quantized = _quantized_layers(student)
-    for name, entry in layers.items():
-        layer = quantized.get(name)
-        if layer is None:
+    for name in layers:
+        if name not in quantized:
             raise ModelError(f"packed file {str(path)!r}: layer {name!r} is not a quantized layer of the model; model layers: {', '.join(quantized)}")
-        if layer.weight_bits != entry["weight_bits"]:
-            raise ModelError(f"packed file {str(path)!r}: layer {name!r} is {entry['weight_bits']}-bit in the file but {layer.weight_bits}-bit in the model")
 
 
 def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     """Rebuild a student from a packed file; outputs equal the saved fake-quant student's bit for bit.
 
-    ``model`` is either the float architecture (it is prepared with the bit widths recorded in the
-    file) or a prepared student skeleton with the same bit widths. ``model`` is never modified.
-    Missing, truncated or corrupt files and unknown versions raise ``FileFormatError``.
+    ``model`` is either the float architecture (it is prepared, then every quantizer gets the bit
+    width recorded in the file) or a prepared student skeleton with the same bit widths. ``model``
+    is never modified. Missing, truncated or corrupt files and unknown versions raise
+    ``FileFormatError``; a file that does not fit ``model`` raises ``ModelError``.
 
     Example:
         >>> student = load_packed("out/student.qpack.safetensors", model=models.create("mnist_cnn"))
@@ -278,8 +361,9 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     path = Path(path)
     header, tensors = _read(path)
     _check_header(header, tensors, path)
-    student = _skeleton(model, header)
-    _check_bits(student, header["layers"], path)
+    student, rebuilt = _skeleton(model, header, path)
+    _check_layers(student, header["layers"], path)
+    _apply_quantizer_bits(student, header, rebuilt, path)  # and checks a given skeleton's bits
     state = {key: value for key, value in tensors.items() if not key.endswith(f".weight{PACKED_SUFFIX}")}
     for name, entry in header["layers"].items():
         packed = tensors.get(f"{name}.weight{PACKED_SUFFIX}")

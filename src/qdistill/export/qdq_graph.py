@@ -20,9 +20,17 @@ ConvInteger is several times slower than QLinearConv, so it is only the fallback
 Weights are int8 initializers ``<layer>.weight_quantized``: the trained integers times the
 layer's ``weight_int_multiplier`` (see ``qdistill.export.onnx.weight_multiplier``).
 
+Quantized ops without weights (``QuantAdd``, ``QuantCat``, ``QuantAvgPool2d``,
+``QuantAdaptiveAvgPool2d``) reach the graph as ``Add``/``Concat``/``AveragePool``/
+``GlobalAveragePool`` followed by an ``Identity`` that carries their module name
+(``OP_MARKER``); the rewrite removes it, names the op's node after the module and records, in an
+``OpInfo``, the integer tensor the op must produce: the output of the one ``QuantizeLinear`` its
+result feeds. ONNX Runtime fuses ``DQ -> op -> Q`` into the kernel of ``OP_KERNELS``, which then
+writes that tensor.
+
 Example:
     >>> model = onnx.load("raw_export.onnx")
-    >>> layers = rewrite_for_int8(model)       # {layer name: LayerInfo}
+    >>> layers, ops = rewrite_for_int8(model)       # {layer name: LayerInfo}, {op name: OpInfo}
 """
 
 from __future__ import annotations
@@ -35,10 +43,20 @@ import onnx
 from onnx import helper, numpy_helper
 
 LAYER_MARKER = "qdistill_layer"  # attribute our weight DequantizeLinear carries through the exporter
+OP_MARKER = "qdistill_op"  # attribute of the Identity written after each quantized op without weights
 MOVABLE_OPS = {"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity"}
 INTEGER_OPS = {
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
     "DynamicQuantizeMatMul", "QLinearAdd", "NhwcQLinearConv",
+}
+# the integer kernels ONNX Runtime (CPU) runs a quantized op without weights as, by ONNX op type
+OP_KERNELS = {
+    "Add": ("QLinearAdd",),
+    "Mul": ("QLinearMul",),
+    "Concat": ("QLinearConcat",),
+    "AveragePool": ("QLinearAveragePool",),
+    "GlobalAveragePool": ("QLinearGlobalAveragePool",),
+    "MatMul": ("QLinearMatMul", "MatMulInteger"),
 }
 
 
@@ -56,6 +74,27 @@ class LayerInfo:
     output: str
     form: str = "float"
     act_input: str | None = None  # the integer tensor the layer's input DequantizeLinear reads
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class OpInfo:
+    """Where one quantized op without weights (a residual add, a concat, a pool) lives in the graph.
+
+    ``quantized_output`` is the integer tensor the op's integer kernel must write (the output of
+    the ``QuantizeLinear`` its result feeds), or None when its result feeds no quantizer.
+
+    Example:
+        >>> OpInfo("layer1.0.add", "Add", "/layer1/layer1.0/add/Add_output_0", "/pool/.../QuantizeLinear_output_0")
+    """
+
+    name: str
+    op: str
+    output: str
+    quantized_output: str | None = None
+    feeds: str = ""  # what its result feeds when that is not one QuantizeLinear (for the error message)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -128,6 +167,47 @@ def _collect_layers(graph: onnx.GraphProto) -> dict[str, LayerInfo]:
         node.attribute.remove(marker)
         layers[name] = _name_weight(graph, node, name)
     return layers
+
+
+def _collect_ops(graph: onnx.GraphProto) -> dict[str, OpInfo]:
+    """Remove the op markers; name each marked op's node after its module. Repeated calls get ``#2``, ``#3``."""
+    ops: dict[str, OpInfo] = {}
+    for marker in [node for node in graph.node if node.op_type == "Identity"]:
+        attribute = next((a for a in marker.attribute if a.name == OP_MARKER), None)
+        if attribute is None:
+            continue
+        index = _Index(graph)
+        name = attribute.s.decode()
+        calls = sum(1 for key in ops if key == name or key.startswith(f"{name}#"))
+        key = name if not calls else f"{name}#{calls + 1}"
+        producer = index.producer.get(marker.input[0])
+        if marker.output[0] in index.outputs:  # the op's result is the graph output: it keeps that name
+            _rename_tensor(graph, marker.input[0], marker.output[0])
+            graph.node.remove(marker)
+        else:
+            _bypass(graph, marker, marker.input[0])
+        if producer is not None:
+            producer.name = key
+        ops[key] = OpInfo(key, producer.op_type if producer is not None else "Identity",
+                          producer.output[0] if producer is not None else marker.input[0])
+    return ops
+
+
+def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.output[:] = [new if name == old else name for name in node.output]
+        node.input[:] = [new if name == old else name for name in node.input]
+
+
+def _op_quantized_outputs(graph: onnx.GraphProto, ops: dict[str, OpInfo]) -> None:
+    """After the Qs moved: the integer tensor each op's result is quantized to, if one Q reads it."""
+    index = _Index(graph)
+    for info in ops.values():
+        users = [user for user in index.consumers[info.output] if user.op_type != "Shape"]
+        if len(users) == 1 and users[0].op_type == "QuantizeLinear" and info.output not in index.outputs:
+            info.quantized_output = users[0].output[0]
+        else:
+            info.feeds = ", ".join([user.op_type for user in users] + (["the graph output"] if info.output in index.outputs else []))
 
 
 def _name_weight(graph: onnx.GraphProto, dequantize: onnx.NodeProto, name: str) -> LayerInfo:
@@ -452,21 +532,27 @@ def toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(copies)
 
 
-def rewrite_for_int8(model: onnx.ModelProto) -> dict[str, LayerInfo]:
-    """Rewrite ``model`` in place (see the module docstring); returns the layers in graph order.
+def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict[str, OpInfo]]:
+    """Rewrite ``model`` in place (see the module docstring); returns the layers and the ops, in graph order.
 
     Example:
-        >>> layers = rewrite_for_int8(model)
-        >>> layers["features.0"].form
-        "fused with the next layer's QuantizeLinear"
+        >>> layers, ops = rewrite_for_int8(model)
+        >>> layers["features.0"].form, ops["layer1.0.add"].op
+        ("fused with the next layer's QuantizeLinear", 'Add')
     """
     graph = model.graph
     _constants_to_initializers(graph)
     layers = _collect_layers(graph)
+    ops = _collect_ops(graph)
     _move_all_quantizes(graph, layers)
+    _op_quantized_outputs(graph, ops)
     for info in layers.values():
         _integer_output_form(graph, info)
     _prune(graph)
     toposort(graph)
     position = {output: order for order, node in enumerate(graph.node) for output in node.output}
-    return dict(sorted(layers.items(), key=lambda item: position.get(item[1].output, len(position))))
+
+    def in_graph_order(table: dict) -> dict:
+        return dict(sorted(table.items(), key=lambda item: position.get(item[1].output, len(position))))
+
+    return in_graph_order(layers), in_graph_order(ops)

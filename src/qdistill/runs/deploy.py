@@ -10,6 +10,7 @@ from torch import nn
 from qdistill.batch import batch_inputs
 from qdistill.errors import RecipeError
 from qdistill.export import export_all
+from qdistill.export.latency import BUDGET_SECONDS
 from qdistill.io import atomic_write_json
 from qdistill.recipe import ExportSpec, Recipe
 from qdistill.runs.rundir import RunDir, load_recipe, load_run, read_report
@@ -18,18 +19,20 @@ from qdistill.runs.stages import RunData, prepare_data
 FORMATS = ("onnx", "packed", "all")
 
 
-def export_outputs(student: nn.Module, recipe: Recipe, data: RunData, run: RunDir,
-                   spec: ExportSpec | None = None) -> dict[str, Any]:
+def export_outputs(student: nn.Module, recipe: Recipe, data: RunData, run: RunDir, spec: ExportSpec | None = None,
+                   latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
     """Write the deployment files ``spec`` (default: the recipe's) asks for; returns report.json's ``export`` section.
 
     The parity gate runs on the validation split (the export is checked, not tuned, on it).
     """
+    spec = spec or recipe.export
     example = batch_inputs(next(iter(data.train)))[:1]
-    section = export_all(student, run.path, example, data.val, spec or recipe.export, float_model=None)
+    section = export_all(student, example, data.val, onnx_path=run.onnx if spec.onnx else None,
+                         packed_path=run.packed if spec.packed else None, latency_budget_s=latency_budget_s)
     return {"export": section} if section else {}
 
 
-def export_directory(directory: str | Path, fmt: str = "all") -> dict[str, Any]:
+def export_directory(directory: str | Path, fmt: str = "all", latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
     """Export a saved run (``qdistill run``/``Result.save``) and merge the section into its report.json.
 
     Example:
@@ -41,7 +44,7 @@ def export_directory(directory: str | Path, fmt: str = "all") -> dict[str, Any]:
     recipe = load_recipe(directory)
     student = load_run(directory)
     spec = ExportSpec(onnx=fmt in ("onnx", "all"), packed=fmt in ("packed", "all"))
-    section = export_outputs(student, recipe, prepare_data(recipe), run, spec).get("export", {})
+    section = export_outputs(student, recipe, prepare_data(recipe), run, spec, latency_budget_s).get("export", {})
     report = read_report(run)
     report["export"] = {**report.get("export", {}), **section}
     atomic_write_json(run.report, report)

@@ -14,10 +14,9 @@ from torch import nn
 from qdistill.errors import ExportError
 from qdistill.export import export_all, export_onnx, format_export_summary, verify_onnx
 from qdistill.export.latency import make_session
-from qdistill.export.onnx import check_integer_kernels
+from qdistill.export.onnx import LOGIT_SQNR_GATE_DB, check_integer_kernels
 from qdistill.export.qdq_graph import INTEGER_OPS, toposort
 from qdistill.quant import is_quantized, prepare
-from qdistill.recipe import ExportSpec
 
 
 def _student(teacher, train, bits: int, first_last_bits: int | None = 8):
@@ -51,6 +50,7 @@ def test_every_layer_runs_an_integer_kernel_and_matches_the_student(digits, digi
     assert info["agreement_with_student"] >= 0.999
     assert abs(info["accuracy"] - info["student_accuracy"]) <= 0.001
     assert info["max_abs_logit_diff"] < 0.5
+    assert info["parity_checked"] and info["logit_sqnr_db"] >= LOGIT_SQNR_GATE_DB + 20  # honest: far above the bound
     assert info["file_bytes"] == (tmp_path / "model.onnx").stat().st_size
 
 
@@ -137,12 +137,11 @@ def test_a_layer_left_in_float_is_an_error(w4_export, tmp_path):
         check_integer_kernels(tmp_path / "float_layer.onnx")
 
 
-def test_failed_gate_writes_no_file(digits, digits_teacher, tmp_path, monkeypatch):
+def test_failed_gate_writes_no_file(digits, digits_teacher, tmp_path):
     bundle, train, val = digits
     student = _student(digits_teacher, train, 8)
-    monkeypatch.setattr("qdistill.export.onnx.AGREEMENT_GATE", 1.01)  # unreachable: the gate must fail
-    with pytest.raises(ExportError, match="parity gate failed"):
-        export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1], verify_on=val)
+    with pytest.raises(ExportError, match="parity gate failed: logit SQNR"):  # an unreachable bound: the gate must fail
+        export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1], verify_on=val, sqnr_gate_db=1e9)
     assert not (tmp_path / "model.onnx").exists()
 
 
@@ -168,39 +167,28 @@ def test_conv_without_quantized_output_uses_conv_integer(digits, tmp_path):
 def test_export_all_section_and_summary(digits, digits_teacher, tmp_path):
     bundle, train, val = digits
     student = _student(digits_teacher, train, 4)
-    section = export_all(student, tmp_path, bundle.train_x[:1], val, ExportSpec(onnx=True, packed=True),
-                         latency_budget_s=0.01)
+    section = export_all(student, bundle.train_x[:1], val, onnx_path=tmp_path / "model.onnx",
+                         packed_path=tmp_path / "student.qpack.safetensors", latency_budget_s=0.01)
     onnx_section, packed = section["onnx"], section["packed"]
-    for key in ("path", "file_bytes", "accuracy", "agreement_with_student", "max_abs_logit_diff"):
+    for key in ("path", "file_bytes", "accuracy", "agreement_with_student", "max_abs_logit_diff", "logit_sqnr_db",
+                "logit_sqnr_gate_db", "near_tie_flips"):
         assert key in onnx_section
+    assert onnx_section["parity_checked"] is True and onnx_section["logit_sqnr_gate_db"] == LOGIT_SQNR_GATE_DB
     for key in ("latency_us_per_sample", "fp32_latency_us_per_sample"):
         assert set(onnx_section[key]) == {"batch1", "batch64"} and min(onnx_section[key].values()) > 0
     assert set(onnx_section["latency_threads"]["1"]) == {"int8", "fp32", "torch_fp32"}
+    method = onnx_section["latency_method"]  # how the numbers were taken: real batches, interleaved rounds
+    assert method["samples"] == "distinct" and method["batch_sizes"] == [1, 64] and method["rounds"] >= 3
+    assert method["threads"] == {"1": 1, "all": onnx_section["latency_threads"]["all_threads"]}
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "student.qpack.safetensors").is_file()
     assert packed["file_bytes"] == (tmp_path / "student.qpack.safetensors").stat().st_size
     assert packed["file_bytes"] * 3 < packed["fp32_file_bytes"]
     summary = format_export_summary(section)
     assert "agreement 100" in summary or "agreement 99" in summary
     assert "smaller than fp32" in summary and "µs/sample" in summary and "QLinearConv" in summary
+    assert f"(bound {LOGIT_SQNR_GATE_DB:g} dB)" in summary
     json.dumps(section)  # report.json must be able to hold it
-    assert export_all(student, tmp_path / "none", bundle.train_x[:1], val, ExportSpec(onnx=False, packed=False)) == {}
-
-
-def test_export_directory_merges_into_report(digits, digits_teacher, tmp_path):
-    from qdistill.api import Result
-    from qdistill.export import export_directory
-    from qdistill.recipe import Recipe
-
-    bundle, train, _ = digits
-    recipe = Recipe(data={"name": "digits", "batch_size": 32}, quant={"weight_bits": 4, "act_bits": 4, "init": "minmax"})
-    student = prepare(digits_teacher, recipe.quant, calibration_data=train)
-    Result(student, {"student": {"accuracy": 0.9}}, recipe, bundle.model_kwargs()).save(tmp_path)
-    packed = export_directory(tmp_path, "packed")
-    assert set(packed) == {"packed"}
-    section = export_directory(tmp_path, "onnx", latency_budget_s=0.01)
-    assert section["onnx"]["agreement_with_student"] >= 0.999
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert set(report["export"]) == {"onnx", "packed"} and report["student"] == {"accuracy": 0.9}
+    assert export_all(student, bundle.train_x[:1], val) == {}
 
 
 def test_bias_of_a_zero_input_window_rounds_as_in_pytorch(digits, digits_teacher):

@@ -1,0 +1,145 @@
+"""Issue 9 item 2: every quantized op (residual adds, concatenations, pools) runs as an integer kernel."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+from qdistill import models
+from qdistill.errors import ExportError
+from qdistill.export import export_all, format_export_summary
+from qdistill.export import onnx as export_onnx_module
+from qdistill.export.latency import make_session
+from qdistill.export.onnx import check_integer_kernels, export_onnx
+from qdistill.export.qdq_graph import toposort
+from qdistill.quant import prepare
+from qdistill.quant.modules import QuantAdaptiveAvgPool2d, QuantAdd, QuantAvgPool2d, QuantCat
+
+# what ONNX Runtime's CPU provider fuses each quantized op into (independent of the code under test)
+EXPECTED_KERNEL = {QuantAdd: "QLinearAdd", QuantCat: "QLinearConcat", QuantAvgPool2d: "QLinearAveragePool",
+                   QuantAdaptiveAvgPool2d: "QLinearGlobalAveragePool"}
+SMALL = {"tiny_resnet": {"width": 4}, "tiny_mobilenetv2": {"width": 8}, "tiny_transformer": {"dim": 16, "heads": 2}}
+
+
+class CatPoolNet(nn.Module):
+    """An average pool, a concatenation of two branches, a residual add and a global pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.pool = nn.AvgPool2d(2)
+        self.left, self.right = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 6, 1)
+        self.mix = nn.Conv2d(10, 10, 1)
+        self.gap = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(10, 10)
+
+    def forward(self, x):  # (B, 1, 8, 8) -> (B, 10)
+        x = self.pool(self.stem(x))
+        y = torch.cat([self.left(x), self.right(x)], dim=1)
+        y = self.mix(y) + y
+        return self.head(torch.flatten(self.gap(y), 1))
+
+
+class CatAtTheEnd(nn.Module):
+    """Two linear heads concatenated as the output: the concatenation's result feeds no quantizer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 5), nn.Linear(64, 5)
+
+    def forward(self, x):  # (B, 1, 8, 8) -> (B, 10)
+        x = x.flatten(1)
+        return torch.cat([self.a(x), self.b(x)], dim=1)
+
+
+def _student(model: nn.Module, train, bits: int) -> nn.Module:
+    return prepare(model, {"weight_bits": bits, "act_bits": bits, "init": "minmax", "calibration_batches": 2},
+                   calibration_data=train)
+
+
+def _model(name: str, bundle) -> nn.Module:
+    torch.manual_seed(0)
+    return CatPoolNet() if name == "cat_pool" else models.create(name, **bundle.model_kwargs(), **SMALL[name])
+
+
+@pytest.mark.parametrize("name, bits", [("cat_pool", 8), ("cat_pool", 4), ("tiny_resnet", 8), ("tiny_resnet", 4),
+                                        ("tiny_mobilenetv2", 4), ("tiny_transformer", 8), ("tiny_transformer", 4)])
+def test_every_quantized_op_runs_its_integer_kernel(name, bits, digits, tmp_path):
+    bundle, train, _ = digits
+    student = _student(_model(name, bundle), train, bits)
+    info = export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1])
+    expected = {op_name: EXPECTED_KERNEL[type(module)] for op_name, module in student.named_modules()
+                if type(module) in EXPECTED_KERNEL}
+    assert expected, "the model must have quantized ops for this test to mean anything"
+    assert info["integer_ops_other"] == expected
+    # and ONNX Runtime's optimised graph holds exactly that many integer kernels of each kind
+    optimized = tmp_path / "optimized.onnx"
+    make_session(tmp_path / "model.onnx", level="extended", optimized_path=optimized)
+    counts = collections.Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+    for kernel, count in collections.Counter(expected.values()).items():
+        assert counts[kernel] == count, (kernel, counts)
+
+
+def _insert_float_mul_after(model: onnx.ModelProto, node_name: str) -> None:
+    """``op -> Mul(2) -> consumers``: the op's result is scaled in float before it is quantized."""
+    node = next(node for node in model.graph.node if node.name == node_name)
+    output = node.output[0]
+    for other in model.graph.node:
+        other.input[:] = [f"{output}_doubled" if name == output else name for name in other.input]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(2.0, dtype=np.float32), "float_two"))
+    model.graph.node.append(helper.make_node("Mul", [output, "float_two"], [f"{output}_doubled"], name="float_mul"))
+    toposort(model.graph)
+
+
+def test_a_float_mul_before_an_adds_quantizer_fails_naming_the_add(digits, tmp_path):
+    bundle, train, _ = digits
+    student = _student(_model("tiny_resnet", bundle), train, 8)
+    export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1])
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    _insert_float_mul_after(model, "layer2.0.add")
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    with pytest.raises(ExportError, match=r"runs quantized op 'layer2\.0\.add' \(Add\) in float.*QLinearAdd"):
+        check_integer_kernels(tmp_path / "broken.onnx")
+
+
+@pytest.mark.parametrize("op_name, op_type", [("layer1.0.add", "Add"), ("pool", "GlobalAveragePool")])
+def test_export_fails_and_writes_nothing_when_a_quantized_op_runs_in_float(digits, tmp_path, monkeypatch,
+                                                                            op_name, op_type):
+    bundle, train, val = digits
+    student = _student(_model("tiny_resnet", bundle), train, 8)
+    rewrite = export_onnx_module.rewrite_for_int8
+
+    def rewrite_then_break(model):
+        found = rewrite(model)
+        _insert_float_mul_after(model, op_name)  # before export_onnx checks the file
+        return found
+
+    monkeypatch.setattr(export_onnx_module, "rewrite_for_int8", rewrite_then_break)
+    with pytest.raises(ExportError, match=rf"quantized op '{op_name}' \({op_type}\) in float"):
+        export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1], verify_on=val)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_a_quantized_op_whose_result_feeds_no_quantizer_is_refused(digits, tmp_path):
+    bundle, train, _ = digits
+    student = _student(CatAtTheEnd(), train, 8)
+    assert isinstance(student.cat, QuantCat)
+    with pytest.raises(ExportError, match=r"quantized op 'cat' \(Concat\) cannot run in integers: its result feeds no quantizer "
+                                         r"\(it feeds the graph output in float\)"):
+        export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1])
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_report_section_and_summary_list_the_ops_kernels(digits, tmp_path):
+    bundle, train, val = digits
+    student = _student(_model("tiny_resnet", bundle), train, 8)
+    section = export_all(student, bundle.train_x[:1], val, onnx_path=tmp_path / "model.onnx", latency_budget_s=0.01)
+    assert section["onnx"]["integer_ops_other"] == {"layer1.0.add": "QLinearAdd", "layer2.0.add": "QLinearAdd",
+                                                    "layer3.0.add": "QLinearAdd", "pool": "QLinearGlobalAveragePool"}
+    assert "4 other ops: 3 QLinearAdd, 1 QLinearGlobalAveragePool" in format_export_summary(section)

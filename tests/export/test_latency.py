@@ -1,0 +1,147 @@
+"""Issue 9 item 10: latency numbers that compare: interleaved rounds, real batches, affinity threads.
+
+No timing is asserted: ONNX Runtime sessions and the clock are replaced by recording stubs.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from qdistill.errors import ExportError
+from qdistill.export import latency
+from qdistill.export.latency import MIN_REPEATS, WARMUP_RUNS, all_threads, measure_latency
+
+ROUNDS = 4
+BATCHES = (4, 16)
+
+
+class _Log:
+    """What ran, in order: ``("tick", None)`` for each clock read, ``(model, inputs)`` for each run."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, np.ndarray | None]] = []
+        self.threads: dict[str, list[int]] = {}
+        self.now = itertools.count()
+
+    def clock(self) -> float:
+        self.events.append(("tick", None))
+        return float(next(self.now)) * 1000.0  # every read is far past any budget: each round runs MIN_REPEATS times
+
+    def runs(self) -> list[tuple[str, np.ndarray]]:
+        return [event for event in self.events if event[0] != "tick"]
+
+    def timed_runs(self) -> list[tuple[str, np.ndarray]]:
+        """The runs with a clock read right before and after them (warm-up runs come in untimed rows)."""
+        return [event for previous, event, following in zip(self.events, self.events[1:], self.events[2:], strict=False)
+                if previous[0] == "tick" and event[0] != "tick" and following[0] == "tick"]
+
+
+class _Session:
+    def __init__(self, name: str, log: _Log) -> None:
+        self.name, self.log = name, log
+
+    def get_inputs(self):
+        return [type("Input", (), {"name": "input"})()]
+
+    def run(self, outputs, feed):
+        self.log.events.append((self.name, feed["input"].copy()))
+        return [np.zeros((len(feed["input"]), 10), np.float32)]
+
+
+class _TorchModel(nn.Module):
+    def __init__(self, log: _Log) -> None:
+        super().__init__()
+        self.log = log
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.log.events.append(("torch_fp32", x.numpy().copy()))
+        return x.flatten(1)[:, :10]
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    log = _Log()
+
+    def make_session(path, threads=None, **_):
+        log.threads.setdefault(str(path), []).append(threads)
+        return _Session(str(path), log)
+
+    monkeypatch.setattr(latency, "make_session", make_session)
+    monkeypatch.setattr(latency.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    return log
+
+
+def _samples(count: int) -> torch.Tensor:
+    return torch.arange(count * 64, dtype=torch.float32).reshape(count, 1, 8, 8)  # every sample different
+
+
+def _measure(log: _Log, samples: torch.Tensor) -> dict:
+    return measure_latency({"int8": "int8", "fp32": "fp32"}, _TorchModel(log), samples, batches=BATCHES,
+                           budget_s=0.01, rounds=ROUNDS, clock=log.clock)
+
+
+def test_models_are_timed_in_interleaved_rounds_alternating_their_order(recorded):
+    _measure(recorded, _samples(20))
+    names = [name for name, _ in recorded.timed_runs()]
+    # each (thread count, batch) block: ROUNDS rounds of one measurement (MIN_REPEATS runs) per model
+    measurements = [names[i:i + MIN_REPEATS] for i in range(0, len(names), MIN_REPEATS)]
+    assert all(len(set(chunk)) == 1 for chunk in measurements)
+    order = [chunk[0] for chunk in measurements]
+    forward, backward = ["int8", "fp32", "torch_fp32"], ["torch_fp32", "fp32", "int8"]
+    one_block = [name for index in range(ROUNDS) for name in (forward if index % 2 == 0 else backward)]
+    assert order == one_block * (2 * len(BATCHES))  # 1 thread and all threads, each batch size
+    # and before the rounds of each block, every model ran WARMUP_RUNS times untimed
+    assert len(recorded.runs()) - len(names) == 3 * WARMUP_RUNS * 2 * len(BATCHES)
+
+
+def test_each_batch_holds_distinct_samples_from_the_data_given(recorded):
+    samples = _samples(20)
+    result = _measure(recorded, samples)
+    for name, fed in recorded.timed_runs():
+        rows = fed.reshape(len(fed), -1)
+        assert len({row.tobytes() for row in rows}) == len(rows), name  # no sample repeated in a batch
+        np.testing.assert_array_equal(fed, samples[: len(fed)].numpy())  # the first inputs given, in order
+    assert result["method"]["samples"] == "distinct"
+
+
+def test_too_few_samples_are_cycled_and_the_report_says_so(recorded):
+    samples = _samples(6)
+    result = _measure(recorded, samples)
+    batch16 = [fed for _, fed in recorded.timed_runs() if len(fed) == 16]
+    assert batch16
+    for fed in batch16:
+        np.testing.assert_array_equal(fed, samples[np.arange(16) % 6].numpy())
+    assert result["method"]["samples"] == "6 distinct, cycled to fill batch 16"
+
+
+def test_threads_come_from_the_cpu_affinity_and_the_method_is_recorded(recorded):
+    assert all_threads() == 3  # sched_getaffinity: CPUs {0, 2, 5}
+    result = _measure(recorded, _samples(20))
+    assert recorded.threads == {"int8": [1, 3], "fp32": [1, 3]}
+    assert result["all_threads"] == 3
+    assert result["method"] == {
+        "rounds": ROUNDS, "statistic": latency.STATISTIC, "order": latency.ORDER, "threads": {"1": 1, "all": 3},
+        "batch_sizes": list(BATCHES), "samples": "distinct", "warmup_runs": WARMUP_RUNS, "budget_s_per_number": 0.01,
+    }
+    for label in ("1", "all"):
+        assert set(result[label]) == {"int8", "fp32", "torch_fp32"}
+        assert all(set(row) == {"batch4", "batch16"} for row in result[label].values())
+
+
+def test_without_sched_getaffinity_all_cpus_count(monkeypatch):
+    monkeypatch.delattr(latency.os, "sched_getaffinity", raising=False)
+    monkeypatch.setattr(latency.os, "cpu_count", lambda: 7)
+    assert all_threads() == 7
+
+
+def test_bad_latency_settings_are_one_line_errors(recorded):
+    with pytest.raises(ExportError, match=r"latency rounds: 0 is not allowed; allowed: an integer >= 1"):
+        measure_latency({"int8": "int8"}, None, _samples(2), rounds=0)
+    with pytest.raises(ExportError, match=r"latency: no samples or no batch sizes to time"):
+        measure_latency({"int8": "int8"}, None, _samples(0))
