@@ -51,7 +51,8 @@ def _cell(value: Any) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    recipe = Recipe.from_yaml(args.recipe).with_overrides(args.overrides)
+    overrides = args.overrides + (["train.tensorboard=true"] if args.tensorboard else [])
+    recipe = Recipe.from_yaml(args.recipe).with_overrides(overrides)
     result = run_recipe(recipe, args.out, resume=args.resume, show_progress=not args.no_progress)
     _print_metrics(result.report)
     console.print(f"wrote {Path(args.out) / 'report.json'}")
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     run = _recipe_command(commands, "run", "run one recipe", "out/run", _run)
     run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="write TensorBoard scalars under OUT/tb/ (train.tensorboard=true; needs qdistill[tensorboard])")
     _recipe_command(commands, "search", "find the fewest bits that meet the recipe's search target", "out/search",
                     _search)
     evaluate = commands.add_parser("eval", help="re-evaluate a saved student", formatter_class=formatter)

@@ -17,6 +17,7 @@ from qdistill.runs.deploy import export_outputs
 from qdistill.runs.rundir import RunDir, output_dir
 from qdistill.runs.stages import RunData, build_student, check_classes, checkpoint_plan, obtain_teacher, prepare_data
 from qdistill.runs.student import Result, distill
+from qdistill.train.tensorboard import require_tensorboard
 
 SAMPLE_IMAGES = 10  # the method's worked example shows the first ten test images with their predictions
 
@@ -29,6 +30,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
     Example:
         >>> result = run_recipe(Recipe.from_yaml("recipes/digits_w8a8.yaml"), "out/digits")  # doctest: +SKIP
     """
+    if recipe.train.tensorboard:
+        require_tensorboard()  # before any folder or training: a missing extra is a one-line error
     with output_dir(out) as run:
         data = data or prepare_data(recipe)
         teacher_history = None
@@ -38,7 +41,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
         plan = checkpoint_plan(recipe, run, resume, recipe.train.checkpoint_every_steps)
         result = distill(copy.deepcopy(teacher), data.train, data.val, recipe, test=data.test,
                          student=build_student(recipe, data), checkpoint=plan, show_progress=show_progress,
-                         model_kwargs=data.model_kwargs)
+                         model_kwargs=data.model_kwargs, tensorboard_dir=run.tb)
         result.report["data"] = {**result.report.get("data", {}), **data.bundle.split_sizes()}
         if teacher_history is not None:
             result.report["teacher"]["history"] = teacher_history
