@@ -65,7 +65,10 @@ def _latency(onnx: dict[str, Any]) -> str:
             categories.append(f"batch {batch.removeprefix('batch')}, {label}")
             for engine, name in ENGINES:
                 series[name].append((threads[key].get(engine) or {}).get(batch))
-    chart = figures.hbars("latency per sample", categories, series, "microseconds per sample (shorter is faster)")
+    values = [v for column in series.values() for v in column if v]
+    log = bool(values) and max(values) > 30 * min(values)  # one slow number would hide the others
+    chart = figures.hbars("latency per sample", categories, series,
+                          f"microseconds per sample ({'log scale; ' if log else ''}shorter is faster)", log=log)
     rows = [[category] + [fmt(series[name][i], 2) for _, name in ENGINES] for i, category in enumerate(categories)]
     return ("<h3>Latency</h3>" + plots(chart) + table(["batch, threads"] + [f"{name} (µs/sample)" for _, name in ENGINES], rows)
             + note("Median time per sample after warm-up, on this machine's CPU."))

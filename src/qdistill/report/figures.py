@@ -67,7 +67,17 @@ def _legend_on_top(fig: Figure, ax: Axes) -> None:
     """One legend above the plot area, where it covers no bar."""
     handles, labels = ax.get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 4), frameon=False)
+        wide = sum(len(label) for label in labels) > 70  # one row would be wider than the figure
+        fig.legend(handles, labels, loc="outside upper center", ncols=min(len(labels), 2 if wide else 4), frameon=False)
+
+
+def _integer_ticks(ax: Axes, x: Sequence[float]) -> None:
+    """Whole-number ticks on x (epochs): each value when there are few, never 0.95 or 1.05 around one point."""
+    if len(x) <= 12:
+        ax.set_xticks(list(x))
+        ax.set_xlim(min(x) - 0.5, max(x) + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _as_percent(values: Sequence[float | None]) -> list[float]:
@@ -90,7 +100,7 @@ def line_plot(label: str, x: Sequence[float], series: dict[str, Sequence[float |
                     label=name)
         for index, (name, value) in enumerate((hlines or {}).items()):
             ax.axhline(scale * value, linestyle="--", color=PALETTE[(index + len(series)) % 8], label=name)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _integer_ticks(ax, x)
         if log:
             ax.set_yscale("log")
         _finish(ax, xlabel, ylabel)
@@ -193,7 +203,10 @@ def hbars(label: str, categories: Sequence[str], series: dict[str, Sequence[floa
 
 
 def _short(value: float | None) -> str:
-    return "" if value is None else f"{value:.3g}"
+    """A bar's label: three significant digits, whole numbers with separators from 1000 on."""
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
 
 
 def scatter(label: str, series: dict[str, list[dict[str, Any]]], xlabel: str, ylabel: str, *,

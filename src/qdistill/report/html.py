@@ -25,7 +25,7 @@ td:first-child,th:first-child{text-align:left}
 .card b{display:block;font-size:1.45em}.card span{color:#555;font-size:.88em}
 .bad{color:#b00020}.good{color:#1b5e20}.note{color:#555;font-size:.93em;max-width:60em}
 nav{font-size:.93em;margin:.4em 0 1em}nav a{margin-right:1em}tr.kept td{background:#eef7ee}
-@media print{body{max-width:none;padding:0;font-size:11pt}nav{display:none}h2{break-after:avoid}
+@media print{body{max-width:none;padding:0;font-size:11pt}nav{display:none}h2,h3{break-after:avoid}td{white-space:normal}
  svg.plot,table,.cards{break-inside:avoid}a{color:inherit;text-decoration:none}}
 """
 

@@ -73,9 +73,13 @@ def kd_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str,
     return [(plain[key(row)], row) for row in rows if row["kd"] and key(row) in plain]
 
 
+def _names(runs: list[str], most: int = 3) -> str:
+    return ", ".join(runs[:most]) + (f" and {len(runs) - most} more" if len(runs) > most else "")
+
+
 def _headline(rows: list[dict[str, Any]]) -> str:
     found = teachers(rows)
-    items = [(f"teacher{'' if len(found) == 1 else ' of ' + ', '.join(runs)}", percent(accuracy),
+    items = [(f"teacher{'' if len(found) == 1 else ' of ' + _names(runs)}", percent(accuracy),
               f"test accuracy, fp32, {size(size_bytes)}") for (accuracy, size_bytes), runs in found.items()]
     kept = [row for row in rows if row["kept_teacher_accuracy"]]
     smallest = min(kept, key=lambda row: row["size_bytes"] or 0, default=None)
@@ -126,7 +130,7 @@ def _accuracy_chart(rows: list[dict[str, Any]]) -> str:
                       for row in rows if row["kd"] is kd and row["size_bytes"]]
               for label, kd in (("with KD", True), ("without KD (QAT only)", False))}
     found = teachers(rows)
-    hlines = {(f"teacher ({size_bytes / KIB:.0f} KiB fp32)" if len(found) == 1 else f"teacher of {', '.join(runs)}"):
+    hlines = {(f"teacher ({size_bytes / KIB:.0f} KiB fp32)" if len(found) == 1 else f"teacher of {_names(runs)}"):
               accuracy for (accuracy, size_bytes), runs in found.items()}
     sizes = [row["size_bytes"] for row in rows if row["size_bytes"]]
     logx = bool(sizes) and max(sizes) > 8 * min(sizes)
@@ -169,14 +173,18 @@ def _kd_section(rows: list[dict[str, Any]]) -> str:
     return chart + table(["bits", "accuracy without KD", "with KD", "KD changed", "agreement without KD", "with KD"], body)
 
 
+def _chart_note(rows: list[dict[str, Any]]) -> str:
+    where = ("The dashed line is the teacher's accuracy; points in the green band kept it (at most "
+             f"{100 * TOLERANCE:.1f} percentage points below)") if len(teachers(rows)) == 1 else \
+        "The dashed lines are the teachers' accuracies (these runs had different teachers)"
+    return f"Each point is one student (test split). {where}; the further left, the smaller the student."
+
+
 def runs_page(title: str, rows: list[dict[str, Any]], intro: str = "") -> str:
     """The HTML page over ``rows`` (from ``run_row``): headline, summary, accuracy against size, KD, table."""
     if not rows:
         return page(title, note("No runs."), [])
-    sections = [("accuracy", "Accuracy against size", _accuracy_chart(rows) + note(
-                    "Each point is one student (test split). The dashed line is the teacher's accuracy; points in the "
-                    "green band kept it (at most "
-                    f"{100 * TOLERANCE:.1f} percentage points below), and the further left, the smaller the student.")),
+    sections = [("accuracy", "Accuracy against size", _accuracy_chart(rows) + note(_chart_note(rows))),
                 ("kd", "What KD changed", _kd_section(rows) or note("No pair of runs differs in KD alone.")),
                 ("runs", "All runs", _runs_table(rows) + note(
                     "Green rows kept the teacher's accuracy. Size is theoretical (weights at their bits plus scales); "
@@ -190,4 +198,4 @@ def column_text(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if key in ("accuracy", "agreement_with_teacher") and value is not None:
         return percent(value)
-    return fmt(value, 4) if not isinstance(value, str) else value
+    return fmt(value, 2 if key == "latency_us" else 4) if not isinstance(value, str) else value

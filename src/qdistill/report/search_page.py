@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from qdistill.report import figures
-from qdistill.report.html import Section, note, percent, table
+from qdistill.report.html import Section, fmt, note, percent, table
 
 KIB = 1024
 
@@ -49,7 +49,7 @@ def search_section(report: dict[str, Any]) -> Section | None:
         return None
     chosen = search.get("chosen")
     rows = [[_name(r), r["size_bytes"], percent(r["val_accuracy"]), percent(r["accuracy"]),
-             "yes" if r["met_target"] else "no", r.get("epochs"), r.get("seconds"),
+             "yes" if r["met_target"] else "no", r.get("epochs"), fmt(r.get("seconds"), 1),
              "chosen" if chosen and _name(r) == _name(chosen) else ""] for r in search["candidates"]]
     verdict = "the smallest candidate that meets the target" if search.get("target_met") else \
         "no candidate met the target; the most accurate was kept"
