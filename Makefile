@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 
-.PHONY: demo demo-quick test test-slow lint bench clean
+.PHONY: demo demo-quick test test-slow test-browser lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# report.html and index.html in headless Chromium (Debian's packages; installed here when missing)
+test-browser: $(STAMP)
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+	QDISTILL_BROWSER_TESTS=1 $(PY) -m pytest -q -m browser
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

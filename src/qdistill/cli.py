@@ -19,7 +19,9 @@ from qdistill.errors import QdistillError
 from qdistill.evaluate import evaluate
 from qdistill.export import format_export_summary
 from qdistill.recipe import Recipe
-from qdistill.runs.demo import ROW_KEYS, run_demo
+from qdistill.report import COLUMNS
+from qdistill.report.runs_page import column_text
+from qdistill.runs.demo import COMPARE_PAGE, DEMO_PAGE, ROW_KEYS, compare_runs, run_demo
 from qdistill.runs.deploy import export_directory
 from qdistill.runs.recipe_run import run_recipe
 from qdistill.runs.rundir import load_recipe, load_run
@@ -38,7 +40,19 @@ def _demo(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*[_cell(row[key]) for key in ROW_KEYS])
     console.print(table)
-    console.print(f"wrote {Path(args.out) / 'demo.json'}")
+    console.print(f"wrote {Path(args.out) / 'demo.json'} and {Path(args.out) / DEMO_PAGE}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    rows = compare_runs(args.directories, args.out)
+    table = Table(title="runs (test split; size at the model's bit widths; latency: int8 ONNX, batch 1)")
+    for key, title in COLUMNS.items():
+        table.add_column(title, justify="left" if key == "run" else "right")
+    for row in rows:
+        table.add_row(*[column_text(row, key) for key in COLUMNS])
+    console.print(table)
+    console.print(f"wrote {args.out}")
     return 0
 
 
@@ -51,7 +65,8 @@ def _cell(value: Any) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    recipe = Recipe.from_yaml(args.recipe).with_overrides(args.overrides)
+    overrides = args.overrides + (["train.tensorboard=true"] if args.tensorboard else [])
+    recipe = Recipe.from_yaml(args.recipe).with_overrides(overrides)
     result = run_recipe(recipe, args.out, resume=args.resume, show_progress=not args.no_progress)
     _print_metrics(result.report)
     console.print(f"wrote {Path(args.out) / 'report.json'}")
@@ -128,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=_demo)
     run = _recipe_command(commands, "run", "run one recipe", "out/run", _run)
     run.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="write TensorBoard scalars under OUT/tb/ (train.tensorboard=true; needs qdistill[tensorboard])")
     _recipe_command(commands, "search", "find the fewest bits that meet the recipe's search target", "out/search",
                     _search)
     evaluate = commands.add_parser("eval", help="re-evaluate a saved student", formatter_class=formatter)
@@ -137,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("directory", help="folder written by `qdistill run`")
     export.add_argument("--format", choices=["onnx", "packed", "all"], default="all", help="what to write")
     export.set_defaults(handler=_export)
+    compare = commands.add_parser("compare", help="table and compare.html over run folders", formatter_class=formatter)
+    compare.add_argument("directories", nargs="+", metavar="DIR", help="run folders (each with a report.json)")
+    compare.add_argument("--out", default=COMPARE_PAGE, help="the HTML file to write")
+    compare.set_defaults(handler=_compare)
     return parser
 
 

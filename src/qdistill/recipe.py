@@ -117,6 +117,7 @@ class TrainSpec(_Section):
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
     checkpoint_every_steps: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
+    tensorboard: bool = False  # write TensorBoard scalars under DIR/tb/ (needs qdistill[tensorboard])
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSpec:

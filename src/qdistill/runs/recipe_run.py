@@ -6,10 +6,10 @@ import copy
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 from torch import nn
 
-from qdistill.batch import split_batch
+from qdistill.evaluate import predict
 from qdistill.io import atomic_write_text
 from qdistill.recipe import Recipe
 from qdistill.report import render
@@ -17,6 +17,7 @@ from qdistill.runs.deploy import export_outputs
 from qdistill.runs.rundir import RunDir, output_dir
 from qdistill.runs.stages import RunData, build_student, check_classes, checkpoint_plan, obtain_teacher, prepare_data
 from qdistill.runs.student import Result, distill
+from qdistill.train.tensorboard import require_tensorboard
 
 SAMPLE_IMAGES = 10  # the method's worked example shows the first ten test images with their predictions
 
@@ -29,6 +30,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
     Example:
         >>> result = run_recipe(Recipe.from_yaml("recipes/digits_w8a8.yaml"), "out/digits")  # doctest: +SKIP
     """
+    if recipe.train.tensorboard:
+        require_tensorboard()  # before any folder or training: a missing extra is a one-line error
     with output_dir(out) as run:
         data = data or prepare_data(recipe)
         teacher_history = None
@@ -38,28 +41,44 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
         plan = checkpoint_plan(recipe, run, resume, recipe.train.checkpoint_every_steps)
         result = distill(copy.deepcopy(teacher), data.train, data.val, recipe, test=data.test,
                          student=build_student(recipe, data), checkpoint=plan, show_progress=show_progress,
-                         model_kwargs=data.model_kwargs)
+                         model_kwargs=data.model_kwargs, tensorboard_dir=run.tb)
         result.report["data"] = {**result.report.get("data", {}), **data.bundle.split_sizes()}
         if teacher_history is not None:
             result.report["teacher"]["history"] = teacher_history
         if export and (recipe.export.onnx or recipe.export.packed):
             result.report.update(export_outputs(result.student, result.recipe, data, run))
         result.save(run.path)
-        write_html_report(result, data, run)
+        write_html_report(result, data, run, teacher)
     return result
 
 
-def prediction_samples(student: nn.Module, data: RunData, count: int = SAMPLE_IMAGES) -> dict[str, Any]:
-    """The first ``count`` test inputs with the student's predictions and the true labels."""
-    inputs, labels = split_batch(next(iter(data.test if data.test is not None else data.val)))
-    inputs, labels = inputs[:count], labels[:count] if labels is not None else None
-    device = next(student.parameters()).device
-    with torch.no_grad():
-        predicted = student.eval()(inputs.to(device)).argmax(dim=1).tolist()
-    return {"images": inputs.numpy(), "predicted": predicted,
-            "labels": labels.tolist() if labels is not None else [None] * len(predicted)}
+def prediction_samples(student: nn.Module, data: RunData, teacher: nn.Module | None = None,
+                       count: int = SAMPLE_IMAGES) -> dict[str, Any]:
+    """Test samples for report.html's prediction grids, each group with its indices in the test split,
+    images, true labels and the student's (and teacher's) predicted classes.
+
+    ``first``: the first ``count`` samples; ``student_wrong_teacher_right`` (with a teacher and
+    labels): the first ``count`` samples the student gets wrong and the teacher gets right.
+    """
+    loader, inputs = (data.test, data.bundle.test_x) if data.test is not None else (data.val, data.bundle.val_x)
+    student_logits, labels = predict(student, loader)
+    student_pred = student_logits.argmax(axis=1)
+    teacher_pred = predict(teacher, loader)[0].argmax(axis=1) if teacher is not None else None
+    groups = {"first": np.arange(min(count, len(student_pred)))}
+    if teacher_pred is not None and labels is not None:
+        groups["student_wrong_teacher_right"] = np.flatnonzero((student_pred != labels) & (teacher_pred == labels))[:count]
+    return {name: _sample_group(indices, inputs, labels, student_pred, teacher_pred) for name, indices in groups.items()}
 
 
-def write_html_report(result: Result, data: RunData, run: RunDir) -> Path:
-    """``report.html``: the human report, with the first ten test images and the student's predictions."""
-    return atomic_write_text(run.html, render(result.report, prediction_samples(result.student, data)))
+def _sample_group(indices: np.ndarray, inputs, labels, student_pred: np.ndarray,
+                  teacher_pred: np.ndarray | None) -> dict[str, Any]:
+    def pick(values):
+        return None if values is None else [int(values[i]) for i in indices]
+    return {"indices": [int(i) for i in indices], "images": inputs[indices].cpu().numpy(),
+            "labels": pick(labels) or [None] * len(indices), "student": pick(student_pred), "teacher": pick(teacher_pred)}
+
+
+def write_html_report(result: Result, data: RunData, run: RunDir, teacher: nn.Module | None = None) -> Path:
+    """``report.html``: the human report, with prediction grids of test samples (student and teacher)."""
+    samples = prediction_samples(result.student, data, teacher)
+    return atomic_write_text(run.html, render(result.report, samples))

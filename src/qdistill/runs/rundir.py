@@ -11,6 +11,7 @@ One module owns the layout (see ARCHITECTURE.md), so the names live in one place
     DIR/checkpoint/              the newest training checkpoint (resume)
     DIR/model.onnx               int8 ONNX file
     DIR/student.qpack.safetensors  packed low-bit weights
+    DIR/tb/                      TensorBoard event files (train.tensorboard)
     DIR/candidates/<name>/       each search candidate's own run folder
     DIR/demo.json                the demo's table
 
@@ -91,6 +92,10 @@ class RunDir:
     @property
     def packed(self) -> Path:
         return self.path / "student.qpack.safetensors"
+
+    @property
+    def tb(self) -> Path:
+        return self.path / "tb"
 
     @property
     def demo_table(self) -> Path:

@@ -63,13 +63,13 @@ def _search_section(state: SearchState, candidates: list[list[int]]) -> dict[str
             "target_met": bool(chosen and chosen["met_target"])}
 
 
-def _publish(index: int, state: SearchState, candidates, run: RunDir, data: RunData) -> None:
+def _publish(index: int, state: SearchState, candidates, run: RunDir, data: RunData, teacher) -> None:
     """Save the chosen candidate as the search's result in the run folder (it may be replaced later)."""
     state.chosen = index
     result = state.results[index]
     result.report["search"] = _search_section(state, candidates)
     result.save(run.path)
-    write_html_report(result, data, run)
+    write_html_report(result, data, run, teacher)
 
 
 def run_search(recipe: Recipe, out: str | Path, show_progress: bool = True, echo=print) -> dict[str, Any]:
@@ -95,20 +95,21 @@ def _search(recipe: Recipe, run: RunDir, show_progress: bool, echo) -> dict[str,
         echo(f"{candidate_name(*candidates[middle])}: validation accuracy {row['val_accuracy']:.4f} "
              f"{'meets' if row['met_target'] else 'misses'} the target ({row['seconds']} s)")
         if row["met_target"]:
-            _publish(middle, state, candidates, run, data)
+            _publish(middle, state, candidates, run, data, teacher)
             high = middle - 1
         else:
             low = middle + 1
     if state.chosen is None:  # nothing met the target: keep the most accurate student, and say so
-        _publish(max(state.tried, key=lambda index: state.tried[index]["val_accuracy"]), state, candidates, run, data)
-    return _finish(state, candidates, run, data)
+        _publish(max(state.tried, key=lambda index: state.tried[index]["val_accuracy"]), state, candidates, run, data,
+                 teacher)
+    return _finish(state, candidates, run, data, teacher)
 
 
-def _finish(state: SearchState, candidates, run: RunDir, data: RunData) -> dict[str, Any]:
+def _finish(state: SearchState, candidates, run: RunDir, data: RunData, teacher) -> dict[str, Any]:
     result = state.results[state.chosen]
     if result.recipe.export.onnx or result.recipe.export.packed:
         result.report.update(export_outputs(result.student, result.recipe, data, run))
     result.report["search"] = _search_section(state, candidates)
     result.save(run.path)
-    write_html_report(result, data, run)
+    write_html_report(result, data, run, teacher)
     return result.report["search"]

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from qdistill.batch import batch_inputs, split_batch
-from qdistill.errors import DataError, ModelError
+from qdistill.errors import DataError, ModelError, QdistillError
 from qdistill.evaluate import evaluate
 from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, freeze
 from qdistill.models.outputs import class_logits
@@ -21,6 +21,7 @@ from qdistill.recipe import Recipe
 from qdistill.report import bit_summary, build_report
 from qdistill.runs.rundir import RunDir, save_run
 from qdistill.train import CheckpointPlan, fit
+from qdistill.train.tensorboard import require_tensorboard, step_sizes
 
 
 @dataclass
@@ -87,20 +88,22 @@ def _paired_classes(teacher: nn.Module, student: nn.Module, example: torch.Tenso
 def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe: Recipe | dict | None = None, *,
             test: Iterable[Any] | None = None, student: nn.Module | None = None,
             checkpoint: CheckpointPlan | None = None, show_progress: bool = True,
-            model_kwargs: dict[str, Any] | None = None) -> Result:
+            model_kwargs: dict[str, Any] | None = None, tensorboard_dir: str | Path | None = None) -> Result:
     """Train a quantized student of ``teacher`` with QAT + KD and evaluate it.
 
     ``train``/``val``/``test`` yield ``(x, y)`` or ``(x,)``. Validation steers training (early
     stop at ``train.target_accuracy``, the history); the report's metrics are measured on
     ``test``, which nothing was tuned on (without ``test`` they are measured on ``val``, and
     report.json says so in ``evaluated_on``). ``student`` is an optional float model of another
-    architecture (default: a copy of the teacher). The teacher is never modified.
+    architecture (default: a copy of the teacher). The teacher is never modified. With
+    ``train.tensorboard: true`` the scalars go to ``tensorboard_dir`` (``qdistill run`` uses ``DIR/tb``).
 
     Example:
         >>> result = qd.distill(teacher, train_loader, val_loader, {"quant": {"weight_bits": 4}},  # doctest: +SKIP
         ...                     test=test_loader)
     """
     recipe = _as_recipe(recipe)
+    tensorboard_dir = _tensorboard_dir(recipe, tensorboard_dir)
     device = next(teacher.parameters()).device
     frozen_teacher = freeze(copy.deepcopy(teacher))
     example = batch_inputs(first_batch(train, "train data")).to(device)
@@ -125,12 +128,23 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
 
     cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, recipe, alpha)
     history = fit(distiller, cached if cached is not None else train, recipe.train, phase="student", validate=validate,
-                  plan=checkpoint, show_progress=show_progress)
+                  plan=checkpoint, show_progress=show_progress, tensorboard=tensorboard_dir)
     distiller.remove_hooks()
     extra = {"data": sizes, "teacher_logits": teacher_logits, "evaluated_on": "test" if test is not None else "validation"}
     report = make_report(recipe, frozen_teacher, quantized, test if test is not None else val, num_classes, history,
                          label_free=not labelled, extra=extra)
     return Result(student=quantized, report=report, recipe=recipe, model_kwargs=model_kwargs or {})
+
+
+def _tensorboard_dir(recipe: Recipe, directory: str | Path | None) -> Path | None:
+    """Where this run's TensorBoard scalars go (None: not asked for); checked before any training."""
+    if not recipe.train.tensorboard:
+        return None
+    require_tensorboard()
+    if directory is None:
+        raise QdistillError("train.tensorboard is true but no folder was given; pass tensorboard_dir= to distill "
+                            "(qdistill run writes DIR/tb/)")
+    return Path(directory)
 
 
 def _teacher_logits_source(train: Iterable[Any], teacher: nn.Module, recipe: Recipe,
@@ -149,7 +163,8 @@ def make_report(recipe: Recipe, teacher: nn.Module, student: nn.Module, loader: 
     """Evaluate teacher and student on ``loader`` (the test split) and build report.json."""
     teacher_metrics = evaluate(teacher, loader, num_classes)
     student_metrics = evaluate(student, loader, num_classes, teacher=teacher)
-    per_layer = layer_table(student)
+    steps = step_sizes(student)
+    per_layer = {name: {**row, **steps.get(name, {})} for name, row in layer_table(student).items()}
     student_info = {
         **bit_summary(per_layer),
         "per_layer": per_layer,

@@ -27,6 +27,7 @@ from qdistill.quant.quantizer import quantizer_parameters
 from qdistill.recipe import TrainSpec
 from qdistill.train.checkpoint import Progress, find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from qdistill.train.optim import make_optimizer, make_scheduler
+from qdistill.train.tensorboard import TensorBoardLog
 
 
 class Supervised(nn.Module):
@@ -153,8 +154,12 @@ class _Loop:
 
 def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
         validate: Callable[[], float | None] | None = None, plan: CheckpointPlan | None = None,
-        show_progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+        show_progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+        tensorboard: str | Path | None = None) -> list[dict[str, Any]]:
     """Train ``module`` (forward ``(x, labels) -> LossParts``) and return the history per epoch.
+
+    With ``tensorboard`` (a folder), each epoch's history record and the step sizes of
+    ``module.student`` are also written there as TensorBoard scalars (the optional extra).
 
     Example:
         >>> from qdistill.data import make_loader
@@ -169,11 +174,28 @@ def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
         loop.restore()
     loop.last_good = {key: value.detach().clone() for key, value in module.state_dict().items()}
     sampler = getattr(loader, "sampler", None)
-    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-             TextColumn("{task.fields[loss]}"), transient=True, disable=not show_progress) as bar:
-        while not loop.progress.finished and loop.progress.epoch < spec.epochs:
-            _run_epoch(loop, loader, sampler, bar, on_epoch)
+    log = TensorBoardLog(tensorboard) if tensorboard is not None else None
+    try:
+        with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                 TextColumn("{task.fields[loss]}"), transient=True, disable=not show_progress) as bar:
+            while not loop.progress.finished and loop.progress.epoch < spec.epochs:
+                _run_epoch(loop, loader, sampler, bar, _epoch_callback(on_epoch, log, module))
+    finally:
+        if log is not None:
+            log.close()
     return loop.progress.history
+
+
+def _epoch_callback(on_epoch, log: TensorBoardLog | None, module: nn.Module):
+    """``on_epoch`` preceded by writing the record (and the student's step sizes) to TensorBoard."""
+    if log is None:
+        return on_epoch
+
+    def callback(record: dict[str, Any]) -> None:
+        log.epoch(record, getattr(module, "student", module))
+        if on_epoch:
+            on_epoch(record)
+    return callback
 
 
 def _run_epoch(loop: _Loop, loader, sampler, bar: Bar, on_epoch) -> None:
