@@ -231,6 +231,18 @@ def test_a_skeleton_with_other_op_bits_is_refused(digits, tmp_path):
         load_packed(path, model=skeleton)
 
 
+@pytest.mark.parametrize("edit", [lambda header: header.pop("quantizers"),
+                                  lambda header: header["quantizers"]["pool.input_quantizer"].update(bits=12),
+                                  lambda header: header["quantizers"]["fc.weight_quantizer"].pop("instance")])
+def test_a_version_2_header_without_a_valid_quantizer_table_is_a_corrupt_file(digits, tmp_path, edit):
+    bundle, train, _ = digits
+    path = tmp_path / "student.qpack.safetensors"
+    save_packed(_prepared(_resnet(bundle), train, SPECS["W4A4"]), path)
+    _rewrite_header(path, edit)
+    with pytest.raises(FileFormatError, match=r"the header's 'quantizers' table is missing or malformed"):
+        load_packed(path, model=_resnet(bundle))
+
+
 @pytest.mark.parametrize("edit, error, message", [
     ({"instance": 999}, ModelError, r"are one shared quantizer in the model but separate ones in the file"),
     ({"bits": 6}, FileFormatError, r"gives shared quantizer 'layer1\.0\.(add\.input1|conv1\.input)_quantizer' two bit "

@@ -245,6 +245,9 @@ def _check_header(header: Any, tensors: dict[str, torch.Tensor], path: Path) -> 
     if version not in READABLE_VERSIONS:
         raise FileFormatError(f"packed file {str(path)!r}: format_version {version!r} is not supported; "
                               f"allowed: {', '.join(map(str, READABLE_VERSIONS))}")
+    if version >= 2 and not _valid_quantizers(header.get("quantizers")):
+        raise FileFormatError(f"packed file {str(path)!r}: the header's 'quantizers' table is missing or malformed "
+                              "(each entry needs integer bits 2..8, signed, axis, instance; corrupt file)")
     checksums = header.get("crc32", {})
     if set(checksums) != set(tensors):
         missing = sorted(set(checksums) ^ set(tensors))[:3]
@@ -252,6 +255,15 @@ def _check_header(header: Any, tensors: dict[str, torch.Tensor], path: Path) -> 
     for key, tensor in tensors.items():
         if _crc(tensor) != checksums[key]:
             raise FileFormatError(f"packed file {str(path)!r}: tensor {key!r} fails its CRC32 check (corrupt file)")
+
+
+def _valid_quantizers(table: Any) -> bool:
+    def valid(entry: Any) -> bool:
+        return (isinstance(entry, dict) and isinstance(entry.get("bits"), int) and 2 <= entry["bits"] <= 8
+                and isinstance(entry.get("signed"), bool) and entry.get("axis") in (None, 0)
+                and isinstance(entry.get("instance"), int))
+
+    return isinstance(table, dict) and all(isinstance(name, str) and valid(entry) for name, entry in table.items())
 
 
 def _file_quantizers(header: dict[str, Any]) -> dict[str, dict[str, Any]]:

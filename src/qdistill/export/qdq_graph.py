@@ -207,7 +207,8 @@ def _op_quantized_outputs(graph: onnx.GraphProto, ops: dict[str, OpInfo]) -> Non
         if len(users) == 1 and users[0].op_type == "QuantizeLinear" and info.output not in index.outputs:
             info.quantized_output = users[0].output[0]
         else:
-            info.feeds = ", ".join([user.op_type for user in users] + (["the graph output"] if info.output in index.outputs else []))
+            graph_output = ["the graph output"] if info.output in index.outputs else []
+            info.feeds = ", ".join([user.op_type for user in users] + graph_output)
 
 
 def _name_weight(graph: onnx.GraphProto, dequantize: onnx.NodeProto, name: str) -> LayerInfo:
