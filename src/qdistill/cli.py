@@ -21,10 +21,10 @@ from qdistill.export import format_export_summary
 from qdistill.recipe import Recipe
 from qdistill.report import COLUMNS
 from qdistill.report.runs_page import column_text
-from qdistill.runs.demo import COMPARE_PAGE, DEMO_PAGE, ROW_KEYS, compare_runs, run_demo
+from qdistill.runs.demo import COMPARE_PAGE, ROW_KEYS, compare_runs, run_demo
 from qdistill.runs.deploy import export_directory
 from qdistill.runs.recipe_run import run_recipe
-from qdistill.runs.rundir import load_recipe, load_run
+from qdistill.runs.rundir import RunDir, load_recipe, load_run
 from qdistill.runs.search import candidate_name, run_search
 from qdistill.runs.stages import prepare_data
 
@@ -40,7 +40,8 @@ def _demo(args: argparse.Namespace) -> int:
     for row in rows:
         table.add_row(*[_cell(row[key]) for key in ROW_KEYS])
     console.print(table)
-    console.print(f"wrote {Path(args.out) / 'demo.json'} and {Path(args.out) / DEMO_PAGE}")
+    run = RunDir(Path(args.out))
+    console.print(f"wrote {run.demo_table} and {run.index}")
     return 0
 
 

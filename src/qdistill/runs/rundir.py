@@ -13,7 +13,8 @@ One module owns the layout (see ARCHITECTURE.md), so the names live in one place
     DIR/student.qpack.safetensors  packed low-bit weights
     DIR/tb/                      TensorBoard event files (train.tensorboard)
     DIR/candidates/<name>/       each search candidate's own run folder
-    DIR/demo.json                the demo's table
+    DIR/demo.json, DIR/index.html  the demo's table and its page over the runs
+    DIR/tb/                      TensorBoard scalars (train.tensorboard: true)
 
 Example:
     >>> from pathlib import Path
@@ -100,6 +101,11 @@ class RunDir:
     @property
     def demo_table(self) -> Path:
         return self.path / "demo.json"
+
+    @property
+    def index(self) -> Path:
+        """The page over a folder of runs (the demo's)."""
+        return self.path / "index.html"
 
     def candidate(self, name: str) -> RunDir:
         """The run folder of one search candidate."""
