@@ -10,32 +10,8 @@ Example:
     (4, 4.0)
 """
 
-from qdistill import kd, quant
-from qdistill.api import (
-    CheckpointError,
-    DataError,
-    ExportError,
-    FileFormatError,
-    ModelError,
-    NonFiniteError,
-    QdistillError,
-    Recipe,
-    RecipeError,
-    Result,
-    distill,
-    evaluate,
-    export_directory,
-    export_onnx,
-    load,
-    load_packed,
-    run_recipe,
-    run_search,
-    save_packed,
-)
+from qdistill import api, kd, quant
+from qdistill.api import *  # noqa: F403  (the public names; api.py is their one list)
 from qdistill.version import __version__
 
-__all__ = [
-    "CheckpointError", "DataError", "ExportError", "FileFormatError", "ModelError", "NonFiniteError", "QdistillError",
-    "Recipe", "RecipeError", "Result", "__version__", "distill", "evaluate", "export_directory", "export_onnx", "kd",
-    "load", "load_packed", "quant", "run_recipe", "run_search", "save_packed",
-]
+__all__ = [*api.__all__, "__version__", "kd", "quant"]
