@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 
-.PHONY: demo demo-quick test test-slow test-browser lint bench clean
+.PHONY: demo demo-quick test test-slow test-browser test-vision lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +33,37 @@ test-browser: $(STAMP)
 	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 	QDISTILL_BROWSER_TESTS=1 $(PY) -m pytest -q -m browser
+
+# The vision extra (torchvision, timm) gets its own venv, .venv-vision, so .venv and `make test` never
+# need it. torch and torchvision are pinned together in a constraints file that every pip call in it
+# uses, so pip never swaps torch for another build: torchvision's compiled ops load only beside the
+# torch build they were made for, else `import torchvision` (and timm) fails with "operator
+# torchvision::nms does not exist". The pins are exact (===), so a local build such as 2.13.0+cpu
+# (which `torch==2.13.0` picks on the project machines, and which no torchvision on PyPI loads beside)
+# never matches: PyPI's CUDA builds are used, which import and run on the CPU (about 6 GB with their
+# nvidia-* wheels). The default is .venv's torch version; another pair (remove .venv-vision first):
+# make test-vision VISION_TORCH=2.14.1 VISION_TORCHVISION=0.29.1. docs/vision.md: details, sizes, times.
+VISION_VENV := .venv-vision
+VISION_PY := $(VISION_VENV)/bin/python
+VISION_STAMP := $(VISION_VENV)/.installed
+VISION_PINS := $(VISION_VENV)/constraints.txt
+VISION_TORCH ?= 2.13.0
+VISION_TORCHVISION ?= 0.28.0
+
+$(VISION_STAMP): pyproject.toml
+	test -x $(VISION_PY) || python3 -m venv $(VISION_VENV)
+	echo '*' > $(VISION_VENV)/.gitignore
+	printf 'torch===$(VISION_TORCH)\ntorchvision===$(VISION_TORCHVISION)\n' > $(VISION_PINS)
+	$(VISION_PY) -m pip install --quiet --upgrade pip
+	$(VISION_PY) -m pip install --quiet -c $(VISION_PINS) torch torchvision
+	$(VISION_PY) -m pip install --quiet -c $(VISION_PINS) -e ".[vision,dev]"
+	$(VISION_PY) -c "import torch, torchvision, timm; print('vision venv: torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__)"
+	touch $(VISION_STAMP)
+
+# the zoo and image-folder tests and their docstring examples, with torchvision and timm installed
+test-vision: $(VISION_STAMP)
+	$(VISION_PY) -m pytest -q tests/models tests/data
+	$(VISION_PY) -m pytest -q -p no:cacheprovider --doctest-modules --pyargs qdistill.models qdistill.data -o addopts=""
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -15,6 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from qdistill.errors import RecipeError
 
+ZOOS = ("torchvision", "timm")
+MODEL_SOURCES = ("name", "factory", *ZOOS)
+DATA_SOURCES = ("name", "npz", "factory", "image_folder")
+DEFAULT_IMAGE_SIZE = 224
+IMAGE_FOLDER_DEFAULTS = {"image_size": None, "augment": "none", "workers": 2}  # keys for image folders only
+
 
 class _Section(BaseModel):
     """Strict base: unknown keys and silent type coercion (e.g. "4" for 4) are errors."""
@@ -23,46 +29,99 @@ class _Section(BaseModel):
 
 
 class ModelSpec(_Section):
-    """Which network: a built-in ``name`` or a ``module:function`` ``factory``, plus weights."""
+    """Which network and its weights: a built-in ``name``, a ``module:function`` ``factory``, or an
+    architecture from the ``torchvision`` or ``timm`` model zoo (the ``vision`` extra).
+
+    Zoo models are built without pretrained weights (nothing is ever downloaded); weights come only
+    from ``checkpoint``, a local safetensors or torch state-dict file.
+    """
 
     name: str | None = None
     factory: str | None = None
+    torchvision: str | None = None
+    timm: str | None = None
     checkpoint: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
-        if (self.name is None) == (self.factory is None):
-            raise ValueError("give exactly one of 'name' (a built-in model) or 'factory' (module:function)")
+        if sum(getattr(self, key) is not None for key in MODEL_SOURCES) != 1:
+            raise ValueError("give exactly one of 'name' (a built-in model), 'factory' (module:function), "
+                             "'torchvision' or 'timm' (an architecture of that model zoo)")
         return self
+
+    @property
+    def zoo(self) -> str | None:
+        """``"torchvision"`` or ``"timm"`` when the model comes from a zoo, else None.
+
+        Example:
+            >>> ModelSpec(timm="resnet18").zoo, ModelSpec(name="mlp").zoo
+            ('timm', None)
+        """
+        return next((zoo for zoo in ZOOS if getattr(self, zoo) is not None), None)
 
 
 class DataSpec(_Section):
-    """Which data: a built-in ``name``, an ``npz`` file (arrays x, y) or a ``factory``, and how it is split.
+    """Which data: a built-in ``name``, an ``npz`` file (arrays x, y), a ``factory``, or an
+    ``image_folder`` (one folder per class, as torchvision's ImageFolder), and how it is split.
 
     ``test_fraction`` of the samples is set aside first (default 0.2; mnist5k keeps its fixed
-    1000-image test set), then ``val_fraction`` of the rest validates; the remainder trains.
+    1000-image test set), then ``val_fraction`` of the rest validates; the remainder trains. An
+    image folder with ``train/`` (and ``val/``, ``test/``) subfolders takes its splits from them;
+    a missing ``test/`` or ``val/`` is set aside from ``train/`` by the same rule.
+
+    Image folders only: ``image_size`` (default 224: the shorter side is resized to it, then the
+    centre square is cropped), ``augment`` (``standard``: random resized crop and horizontal flip
+    of the training images), ``workers`` (DataLoader processes that decode the images) and
+    ``normalize: imagenet`` (ImageNet's per-channel mean and standard deviation).
+
+    Example:
+        >>> DataSpec(image_folder="photos").image_size
+        224
     """
 
     name: Literal["mnist5k", "digits"] | None = None
     npz: str | None = None
     factory: str | None = None
+    image_folder: str | None = None
     batch_size: int = Field(64, ge=1, le=65536)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     test_fraction: float | None = Field(None, gt=0.0, lt=1.0)
     seed: int = Field(0, ge=0)
-    normalize: Literal["none", "unit", "standard"] = "unit"
+    normalize: Literal["none", "unit", "standard", "imagenet"] = "unit"
     limit: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=1, le=4096)
+    augment: Literal["none", "standard"] = "none"
+    workers: int = Field(2, ge=0, le=64)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_image_size(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("image_folder") is not None and data.get("image_size") is None:
+            return {**data, "image_size": DEFAULT_IMAGE_SIZE}
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        given = [key for key in ("name", "npz", "factory") if getattr(self, key) is not None]
+        given = [key for key in DATA_SOURCES if getattr(self, key) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of 'name' (mnist5k | digits), 'npz' (path) or 'factory' (module:function)")
+            raise ValueError("give exactly one of 'name' (mnist5k | digits), 'npz' (path), 'factory' (module:function) "
+                             "or 'image_folder' (path)")
         if self.name == "mnist5k" and self.test_fraction is not None and self.limit is None:
             raise ValueError("mnist5k has a fixed 1000-image test set; test_fraction applies to digits, npz, factory "
                              "data and to mnist5k with a limit")
+        if self.image_folder is None:
+            self._no_image_keys()
+        elif self.limit is not None:
+            raise ValueError("limit applies to mnist5k, digits and npz data; for an image_folder make a smaller folder")
         return self
+
+    def _no_image_keys(self) -> None:
+        for key, default in IMAGE_FOLDER_DEFAULTS.items():
+            if getattr(self, key) != default:
+                raise ValueError(f"{key} applies to image_folder data only")
+        if self.normalize == "imagenet":
+            raise ValueError("normalize 'imagenet' applies to image_folder data only; allowed here: none, unit, standard")
 
 
 class LayerOverride(_Section):

@@ -1,4 +1,4 @@
-"""``DataBundle``: the train, validation and test tensors of one run, and what models need to know about them."""
+"""``DataBundle``: the train, validation and test inputs of one run, and what models need to know about them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ class DataBundle:
     """Train, validation and test tensors plus the number of classes.
 
     Validation steers training (early stopping, search); test is what the report's accuracy is
-    measured on, and nothing is tuned on it. Labels are None for unlabelled data.
+    measured on, and nothing is tuned on it. Labels are None for unlabelled data. For an image
+    folder the inputs are ``data.images.LazyImages`` (decoded when indexed or loaded; ``len``,
+    ``shape`` and slicing work as on a tensor) and ``class_names`` are its class folders.
 
     Example:
         >>> bundle = DataBundle(torch.zeros(8, 1, 4, 4), torch.zeros(8, dtype=torch.long),
@@ -28,6 +30,7 @@ class DataBundle:
     num_classes: int
     test_x: torch.Tensor | None = None
     test_y: torch.Tensor | None = None
+    class_names: list[str] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:

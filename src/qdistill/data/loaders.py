@@ -1,14 +1,18 @@
-"""Deterministic loaders over in-memory tensors: the batch order is fixed by ``(seed, epoch)``.
+"""Deterministic loaders over in-memory tensors or image files: the batch order is fixed by ``(seed, epoch)``.
 
-That makes a resumed run take the same batches as an uninterrupted one.
+That makes a resumed run take the same batches as an uninterrupted one. Image files are decoded in
+DataLoader workers (``data/images.py``), each sample a fixed function of ``(seed, epoch, index)``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from qdistill.data.bundle import DataBundle
+from qdistill.data.images import ImageDataset, ImageDecodeError, LazyImages
 
 EVAL_BATCH_SIZE = 256  # validation and test batches: no gradients, so larger batches are free
 
@@ -38,18 +42,66 @@ class EpochSampler(Sampler[int]):
         return self.size
 
 
-def make_loader(x: torch.Tensor, y: torch.Tensor | None, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
-    """A DataLoader over in-memory tensors with an ``EpochSampler`` (deterministic, resumable).
+class AugmentSampler(EpochSampler):
+    """An ``EpochSampler`` that yields ``(epoch, index)`` keys, so augmentation in any worker follows the epoch.
+
+    Example:
+        >>> sampler = AugmentSampler(3, seed=0, shuffle=False)
+        >>> sampler.set_epoch(2)
+        >>> list(sampler)
+        [(2, 0), (2, 1), (2, 2)]
+    """
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+def make_loader(x: torch.Tensor | LazyImages, y: torch.Tensor | None, batch_size: int, seed: int,
+                shuffle: bool) -> DataLoader:
+    """A DataLoader over in-memory tensors or a split of image files, with an ``EpochSampler`` (deterministic, resumable).
 
     Example:
         >>> loader = make_loader(torch.zeros(10, 2), torch.zeros(10, dtype=torch.long), 4, seed=0, shuffle=True)
         >>> [len(x) for x, _ in loader]
         [4, 4, 2]
     """
+    if isinstance(x, LazyImages):
+        return _image_loader(x, y, batch_size, seed, shuffle)
     tensors = (x,) if y is None else (x, y)
     # its own generator: DataLoader draws a seed at every iteration, which must not move the global
     # RNG (dropout's), or a resumed run would see different dropout masks
     return DataLoader(TensorDataset(*tensors), batch_size=batch_size, sampler=EpochSampler(len(x), seed, shuffle),
+                      generator=torch.Generator().manual_seed(seed))
+
+
+class ImageLoader(DataLoader):
+    """A DataLoader whose worker processes stop as soon as an image cannot be decoded.
+
+    torch re-raises a worker's error from a frame that refers to itself, which keeps the workers
+    alive until the garbage collector runs (and then they take seconds to stop); this drops it.
+    """
+
+    def __iter__(self) -> Iterator:
+        iterator = super().__iter__()
+        return _stop_on_error(iterator) if self.num_workers else iterator
+
+
+def _stop_on_error(iterator: Iterator) -> Iterator:
+    try:
+        yield from iterator
+    except ImageDecodeError as error:
+        error.__traceback__ = None
+        del iterator  # the workers stop here
+        raise ImageDecodeError(str(error)) from None
+
+
+def _image_loader(images: LazyImages, labels: torch.Tensor | None, batch_size: int, seed: int,
+                  shuffle: bool) -> DataLoader:
+    """Decoding in ``images.workers`` worker processes; augmented (training) splits get ``(epoch, index)`` keys."""
+    sampler_type = AugmentSampler if images.augment else EpochSampler
+    return ImageLoader(ImageDataset(images, labels, seed), batch_size=batch_size,
+                      sampler=sampler_type(len(images), seed, shuffle), num_workers=images.workers,
                       generator=torch.Generator().manual_seed(seed))
 
 

