@@ -99,8 +99,10 @@ class ModelTrace:
     """The model graph (None when tracing failed, with the reason) and how each module was called.
 
     Example:
-        >>> from qdistill.testing import UntraceableNet
-        >>> trace = trace_model(UntraceableNet())
+        >>> class DataDependent(nn.Module):
+        ...     def forward(self, x):
+        ...         return x * 0 if x.mean() > 10 else x   # Python branching on a value: fx cannot trace it
+        >>> trace = trace_model(DataDependent())
         >>> trace.graph is None, trace.failure.startswith("torch.fx could not trace the model (")
         (True, True)
     """
@@ -217,7 +219,7 @@ def trace_module(module: nn.Module, fixed: dict[str, Any]) -> fx.Graph:
     must give the same code; otherwise ``TrainingDependent`` is raised.
 
     Example:
-        >>> from qdistill.testing import BasicBlock
+        >>> from qdistill.models.tiny import BasicBlock
         >>> "add = bn2 + x" in trace_module(BasicBlock(4, 4), {}).python_code("self").src
         True
     """
@@ -342,7 +344,7 @@ def is_torch_layer(module: nn.Module) -> bool:
     """A module of torch itself (``nn.Conv2d``, ``nn.Sequential``, ...), never rewritten.
 
     Example:
-        >>> from qdistill.testing import TinyResNet
+        >>> from qdistill.models.tiny import TinyResNet
         >>> is_torch_layer(nn.Sequential()), is_torch_layer(TinyResNet())
         (True, False)
     """

@@ -109,7 +109,7 @@ def rewrite_module(module: nn.Module, graph: fx.Graph, tensors: set[fx.Node],
     Example:
         >>> from qdistill.quant.graph import trace_module
         >>> from qdistill.quant.modules import ActivationQuantizer
-        >>> from qdistill.testing import BasicBlock
+        >>> from qdistill.models.tiny import BasicBlock
         >>> block = BasicBlock(4, 4)
         >>> graph = trace_module(block, {})
         >>> rewrite_module(block, graph, tensor_nodes(graph), lambda: ActivationQuantizer(8))
@@ -141,7 +141,7 @@ def install_forward(module: nn.Module, graph: fx.Graph) -> None:
 
     Example:
         >>> from qdistill.quant.graph import trace_module
-        >>> from qdistill.testing import BasicBlock
+        >>> from qdistill.models.tiny import BasicBlock
         >>> block = BasicBlock(4, 4)
         >>> install_forward(block, trace_module(block, {}))
         >>> isinstance(block, BasicBlock), "add = bn2 + x" in block.qdistill_forward_code
