@@ -37,8 +37,9 @@ def float_copy(student: nn.Module) -> nn.Module:
     """The student in float: quantized layers swapped for float layers (``to_float``), and every
     other quantizer (on adds, pools, ...) switched to pass-through.
 
-    Example:
-        >>> fp32 = float_copy(student)     # same architecture, plain Conv2d/Linear
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        fp32 = float_copy(student)     # same architecture, plain Conv2d/Linear
     """
     model = copy.deepcopy(student).cpu().eval()
     for name, module in list(model.named_modules()):
@@ -153,11 +154,9 @@ def _onnx_lines(onnx_section: dict[str, Any]) -> list[str]:
 def format_export_summary(section: dict[str, Any]) -> str:
     """Human-readable lines for report.json's ``export`` section (sizes, parity, latencies).
 
-    Example:
-        >>> print(format_export_summary(report["export"]))
-        ONNX int8   out/model.onnx
-          size      431,575 bytes (fp32 ONNX 1,688,671)
-        ...
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        print(format_export_summary(report["export"]))
     """
     lines: list[str] = []
     if "onnx" in section:

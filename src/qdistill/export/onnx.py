@@ -56,9 +56,10 @@
 
 The file appears at ``path`` only when every check passed.
 
-Example:
-    >>> info = export_onnx(student, "out/model.onnx", example_input, verify_on=val_loader)
-    >>> info["agreement_with_student"], info["integer_ops"]
+Usage (a sketch with a trained student; not run as a doctest)::
+
+    info = export_onnx(student, "out/model.onnx", example_input, verify_on=val_loader)
+    info["agreement_with_student"], info["integer_ops"]
 """
 
 from __future__ import annotations
@@ -163,9 +164,9 @@ def weight_multiplier(weights: IntegerWeight) -> int:
     predictions. Storing ``k * q`` with scale ``s / k`` (``k * qmax <= 127``) keeps the weight
     values and the ``2**bits``-level grid, and makes the bias grid ``k`` times finer.
 
-    Example:
-        >>> weight_multiplier(weight_integers(student.features[3], "features.3"))   # 4-bit: 127 // 7
-        18
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        weight_multiplier(weight_integers(student.features[3], "features.3"))   # 4-bit: 127 // 7
     """
     if not weights.qrange.signed or bool((weights.zero_point != 0).any()):
         return 1
@@ -234,8 +235,9 @@ def _example(example_input: Any) -> torch.Tensor:
 def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET) -> onnx.ModelProto:
     """The rewritten int8 QDQ ``ModelProto`` (not yet checked against ONNX Runtime).
 
-    Example:
-        >>> model = build_int8_model(student, train_x[:1]); onnx.save(model, "model.onnx")
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        model = build_int8_model(student, train_x[:1]); onnx.save(model, "model.onnx")
     """
     export_model, bits = _export_copy(student)
     with tempfile.TemporaryDirectory() as folder:
@@ -312,10 +314,10 @@ def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     optimised graph; an op when the integer tensor its result is quantized to is written by its
     integer kernel (``OP_KERNELS``) rather than by a ``QuantizeLinear`` after a float op.
 
-    Example:
-        >>> layers, ops = integer_kernels("out/model.onnx")
-        >>> ops
-        {'layer1.0.add': 'QLinearAdd', ..., 'pool': 'QLinearGlobalAveragePool'}
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        layers, ops = integer_kernels("out/model.onnx")
+        ops
     """
     model = onnx.load(str(path))
     layer_table, op_table = _layer_table(model), _metadata(model, OPS_KEY) or []
@@ -331,9 +333,9 @@ def check_integer_kernels(path: str | Path) -> dict[str, str]:
 
     See ``integer_kernels``, which also returns the ops' kernels.
 
-    Example:
-        >>> check_integer_kernels("out/model.onnx")
-        {'features.0': 'QLinearConv', 'features.3': 'QLinearConv', 'classifier.2': 'QGemm', ...}
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        check_integer_kernels("out/model.onnx")
     """
     return integer_kernels(path)[0]
 
@@ -341,8 +343,9 @@ def check_integer_kernels(path: str | Path) -> dict[str, str]:
 def onnx_predict(session, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """All logits ``(N, C)`` and labels (or None) of an ONNX Runtime session over ``loader``.
 
-    Example:
-        >>> logits, labels = onnx_predict(make_session("out/model.onnx"), val_loader)
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        logits, labels = onnx_predict(make_session("out/model.onnx"), val_loader)
     """
     input_name = session.get_inputs()[0].name
     logits, labels = [], []
@@ -368,9 +371,9 @@ def parity_metrics(onnx_logits: np.ndarray, student_logits: np.ndarray, labels: 
     See the module docstring for ``logit_sqnr_db`` (worst 1% of samples left out),
     ``logit_sqnr_db_all`` and ``near_tie_margin``; SQNRs are ``inf`` when the logits are equal.
 
-    Example:
-        >>> parity_metrics(onnx_logits, student_logits, labels)["agreement_with_student"]
-        1.0
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        parity_metrics(onnx_logits, student_logits, labels)["agreement_with_student"]
     """
     onnx_logits, student_logits = np.asarray(onnx_logits, np.float64), np.asarray(student_logits, np.float64)
     onnx_top1, student_top1 = onnx_logits.argmax(axis=1), student_logits.argmax(axis=1)
@@ -415,10 +418,10 @@ def parity_gate(onnx_logits: np.ndarray, student_logits: np.ndarray, labels: np.
     accuracy within 0.1 pp of the student's with near-tie flips counted as the student's. The
     bound used is returned as ``logit_sqnr_gate_db``.
 
-    Example:
-        >>> metrics, failure = parity_gate(onnx_logits, student_logits, labels)
-        >>> failure is None, metrics["logit_sqnr_db"], metrics["near_tie_flips"]
-        (True, 138.2, 0)
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        metrics, failure = parity_gate(onnx_logits, student_logits, labels)
+        failure is None, metrics["logit_sqnr_db"], metrics["near_tie_flips"]
     """
     metrics = {**parity_metrics(onnx_logits, student_logits, labels), "logit_sqnr_gate_db": sqnr_gate_db}
     reasons = []
@@ -440,9 +443,9 @@ def verify_onnx(path: str | Path, student: nn.Module, loader: Iterable[Any],
                 sqnr_gate_db: float = LOGIT_SQNR_GATE_DB) -> dict[str, Any]:
     """Run the parity gate of an exported file against ``student``; returns the parity metrics.
 
-    Example:
-        >>> verify_onnx("out/model.onnx", student, val_loader)["agreement_with_student"]
-        1.0
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        verify_onnx("out/model.onnx", student, val_loader)["agreement_with_student"]
     """
     onnx_logits, labels = onnx_predict(make_session(path), loader)
     student_logits, _ = predict(student, loader)
@@ -497,8 +500,9 @@ def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
     ``sqnr_db`` is the signal-to-noise ratio of the ONNX output against the student's (inf when
     equal); a healthy int8 export stays far above ``DIVERGENCE_SQNR_DB``.
 
-    Example:
-        >>> [(layer["name"], round(layer["sqnr_db"])) for layer in diagnose_layers(path, student, val)]
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        [(layer["name"], round(layer["sqnr_db"])) for layer in diagnose_layers(path, student, val)]
     """
     model = onnx.load(str(path))
     table = _layer_table(model)
@@ -531,8 +535,9 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
     ``parity_checked`` is False and nothing was compared.
     Raises ``ExportError`` (and writes nothing) when a layer or op runs in float or the gate fails.
 
-    Example:
-        >>> info = qd.export_onnx(result.student, "out/model.onnx", train_x[:1], verify_on=val_loader)
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        info = qd.export_onnx(result.student, "out/model.onnx", train_x[:1], verify_on=val_loader)
     """
     if opset < OPSET:
         raise ExportError(f"opset {opset} is not allowed; per-channel QuantizeLinear needs opset {OPSET} or higher")
@@ -552,8 +557,9 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
 def export_float_onnx(model: nn.Module, path: str | Path, example_input: Any, opset: int = OPSET) -> dict[str, Any]:
     """Export a float model (the fp32 baseline) with the same input/output names and dynamic batch.
 
-    Example:
-        >>> export_float_onnx(teacher, "fp32.onnx", train_x[:1])["file_bytes"]
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        export_float_onnx(teacher, "fp32.onnx", train_x[:1])["file_bytes"]
     """
     float_model = copy.deepcopy(model).cpu().eval()
     path = atomic_write(path, lambda temporary: _torchscript_export(float_model, _example(example_input), temporary, opset))

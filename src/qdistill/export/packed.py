@@ -22,9 +22,10 @@ one-line ``ModelError`` (the file does not fit that architecture). ``format_vers
 skeleton, or from a float architecture whose only quantizers are its layers'; anything else is
 refused naming the first quantizer whose bits the file does not record.
 
-Example:
-    >>> save_packed(student, "out/student.qpack.safetensors")
-    >>> student = load_packed("out/student.qpack.safetensors", model=float_model)
+Usage (a sketch with a trained student; not run as a doctest)::
+
+    save_packed(student, "out/student.qpack.safetensors")
+    student = load_packed("out/student.qpack.safetensors", model=float_model)
 """
 
 from __future__ import annotations
@@ -63,10 +64,10 @@ PACKED_SUFFIX = ".packed"
 class IntegerWeight:
     """A quantized layer's weight as integers: ``weight == (ints - zero_point) * scale`` exactly.
 
-    Example:
-        >>> weights = weight_integers(student.features[0], "features.0")
-        >>> weights.ints.min() >= weights.qrange.qmin
-        tensor(True)
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        weights = weight_integers(student.features[0], "features.0")
+        weights.ints.min() >= weights.qrange.qmin
     """
 
     ints: torch.Tensor  # int64, same shape as the weight
@@ -91,8 +92,9 @@ class IntegerWeight:
 def weight_integers(layer: nn.Module, name: str) -> IntegerWeight:
     """The trained integers of a quantized layer's weight, checked to reproduce it bit for bit.
 
-    Example:
-        >>> weight_integers(student.classifier[2], "classifier.2").ints.unique()
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        weight_integers(student.classifier[2], "classifier.2").ints.unique()
     """
     quantizer = layer.weight_quantizer
     if not bool(quantizer.initialized):
@@ -149,10 +151,10 @@ def _layer_header(layer: nn.Module, weights: IntegerWeight) -> dict[str, Any]:
 def quantizer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{module path: {bits, signed, axis, instance}}`` of every quantizer, shared ones under each path.
 
-    Example:
-        >>> table = quantizer_table(student)
-        >>> table["layer1.0.add.input1_quantizer"]["instance"] == table["layer1.0.conv1.input_quantizer"]["instance"]
-        True
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        table = quantizer_table(student)
+        table["layer1.0.add.input1_quantizer"]["instance"] == table["layer1.0.conv1.input_quantizer"]["instance"]
     """
     instances: dict[int, int] = {}
     table: dict[str, dict[str, Any]] = {}
@@ -170,10 +172,10 @@ def _crc(tensor: torch.Tensor) -> int:
 def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and header ``save_packed`` writes (also used to measure sizes in memory).
 
-    Example:
-        >>> tensors, header = packed_tensors(student)
-        >>> header["layers"]["features.3"]["weight_bits"], tensors["features.3.weight.packed"].dtype
-        (4, torch.uint8)
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        tensors, header = packed_tensors(student)
+        header["layers"]["features.3"]["weight_bits"], tensors["features.3.weight.packed"].dtype
     """
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in student.state_dict().items()}
     layers: dict[str, Any] = {}
@@ -197,9 +199,9 @@ def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 def save_packed(student: nn.Module, path: str | Path) -> dict[str, Any]:
     """Write the packed file atomically; returns ``{path, file_bytes}`` (bytes measured on disk).
 
-    Example:
-        >>> save_packed(result.student, "out/student.qpack.safetensors")
-        {'path': 'out/student.qpack.safetensors', 'file_bytes': 213512}
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        save_packed(result.student, "out/student.qpack.safetensors")
     """
     tensors, header = packed_tensors(student)
     metadata = {HEADER_KEY: json.dumps(header, separators=(",", ":"))}
@@ -210,9 +212,9 @@ def save_packed(student: nn.Module, path: str | Path) -> dict[str, Any]:
 def fp32_safetensors_bytes(model: nn.Module) -> int:
     """Size of ``model``'s floating-point ``state_dict`` saved as an fp32 safetensors file.
 
-    Example:
-        >>> fp32_safetensors_bytes(teacher)
-        1689336
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        fp32_safetensors_bytes(teacher)
     """
     tensors = {key: value.detach().cpu().float().contiguous() for key, value in model.state_dict().items()
                if value.is_floating_point()}
@@ -367,8 +369,9 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     is never modified. Missing, truncated or corrupt files and unknown versions raise
     ``FileFormatError``; a file that does not fit ``model`` raises ``ModelError``.
 
-    Example:
-        >>> student = load_packed("out/student.qpack.safetensors", model=models.create("mnist_cnn"))
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        student = load_packed("out/student.qpack.safetensors", model=models.create("mnist_cnn"))
     """
     path = Path(path)
     header, tensors = _read(path)

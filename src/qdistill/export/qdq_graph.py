@@ -28,9 +28,10 @@ Quantized ops without weights (``QuantAdd``, ``QuantCat``, ``QuantAvgPool2d``,
 result feeds. ONNX Runtime fuses ``DQ -> op -> Q`` into the kernel of ``OP_KERNELS``, which then
 writes that tensor.
 
-Example:
-    >>> model = onnx.load("raw_export.onnx")
-    >>> layers, ops = rewrite_for_int8(model)       # {layer name: LayerInfo}, {op name: OpInfo}
+Usage (a sketch with a trained student; not run as a doctest)::
+
+    model = onnx.load("raw_export.onnx")
+    layers, ops = rewrite_for_int8(model)       # {layer name: LayerInfo}, {op name: OpInfo}
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ OP_KERNELS = {
 class LayerInfo:
     """Where one quantized layer lives in the rewritten graph.
 
-    Example:
-        >>> LayerInfo("features.0", "Conv", "features.0.weight_quantized", "/features/features.0/Conv_output_0")
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        LayerInfo("features.0", "Conv", "features.0.weight_quantized", "/features/features.0/Conv_output_0")
     """
 
     name: str
@@ -86,8 +88,9 @@ class OpInfo:
     ``quantized_output`` is the integer tensor the op's integer kernel must write (the output of
     the ``QuantizeLinear`` its result feeds), or None when its result feeds no quantizer.
 
-    Example:
-        >>> OpInfo("layer1.0.add", "Add", "/layer1/layer1.0/add/Add_output_0", "/pool/.../QuantizeLinear_output_0")
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        OpInfo("layer1.0.add", "Add", "/layer1/layer1.0/add/Add_output_0", "/pool/.../QuantizeLinear_output_0")
     """
 
     name: str
@@ -514,8 +517,9 @@ def _prune(graph: onnx.GraphProto) -> None:
 def toposort(graph: onnx.GraphProto) -> None:
     """Order nodes so each runs after its inputs exist (added nodes were appended at the end).
 
-    Example:
-        >>> toposort(model.graph); onnx.checker.check_model(model)
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        toposort(model.graph); onnx.checker.check_model(model)
     """
     available = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
     remaining = list(graph.node)
@@ -536,10 +540,10 @@ def toposort(graph: onnx.GraphProto) -> None:
 def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict[str, OpInfo]]:
     """Rewrite ``model`` in place (see the module docstring); returns the layers and the ops, in graph order.
 
-    Example:
-        >>> layers, ops = rewrite_for_int8(model)
-        >>> layers["features.0"].form, ops["layer1.0.add"].op
-        ("fused with the next layer's QuantizeLinear", 'Add')
+    Usage (a sketch with a trained student; not run as a doctest)::
+
+        layers, ops = rewrite_for_int8(model)
+        layers["features.0"].form, ops["layer1.0.add"].op
     """
     graph = model.graph
     _constants_to_initializers(graph)
