@@ -3,9 +3,16 @@
 ``export_all`` writes what a recipe's ``export`` section asks for and returns report.json's
 ``export`` section (``qdistill.runs.deploy`` calls it for a run folder).
 
-Example:
-    >>> section = export_all(student, example, val_loader, onnx_path="out/model.onnx")  # doctest: +SKIP
-    >>> print(format_export_summary(section))                                            # doctest: +SKIP
+Example (a tiny prepared MLP, one hidden layer; a short ``latency_budget_s`` keeps it quick):
+    >>> import tempfile, torch
+    >>> from qdistill import models, quant
+    >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4, hidden=(16,)),
+    ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     section = export_all(student, torch.rand(1, 1, 4, 4), [torch.rand(16, 1, 4, 4)], onnx_path=f"{folder}/model.onnx",
+    ...                          packed_path=f"{folder}/student.qpack.safetensors", latency_budget_s=0.01)
+    >>> sorted(section), section["onnx"]["parity_checked"], section["onnx"]["integer_ops"]
+    (['onnx', 'packed'], True, {'net.1': 'QGemm', 'net.4': 'QGemm'})
 """
 
 from __future__ import annotations
@@ -37,9 +44,11 @@ def float_copy(student: nn.Module) -> nn.Module:
     """The student in float: quantized layers swapped for float layers (``to_float``), and every
     other quantizer (on adds, pools, ...) switched to pass-through.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        fp32 = float_copy(student)     # same architecture, plain Conv2d/Linear
+    Example:
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 4})
+        >>> type(student.net[1]).__name__, type(float_copy(student).net[1]).__name__   # same architecture, float layers
+        ('QuantLinear', 'Linear')
     """
     model = copy.deepcopy(student).cpu().eval()
     for name, module in list(model.named_modules()):
@@ -99,7 +108,13 @@ def export_all(student: nn.Module, example_input: Any, val_loader: Iterable[Any]
     parity gate and its section says ``parity_checked: false``.
 
     Example:
-        >>> export_all(student, example, val_loader, onnx_path="out/model.onnx")  # doctest: +SKIP
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 4})
+        >>> export_all(student, None, None)       # no path given: nothing written
+        {}
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     sorted(export_all(student, None, None, packed_path=f"{folder}/student.qpack.safetensors")["packed"])
+        ['file_bytes', 'fp32_file_bytes', 'path']
     """
     baseline = float_model if float_model is not None else float_copy(student)
     section: dict[str, Any] = {}
@@ -154,9 +169,15 @@ def _onnx_lines(onnx_section: dict[str, Any]) -> list[str]:
 def format_export_summary(section: dict[str, Any]) -> str:
     """Human-readable lines for report.json's ``export`` section (sizes, parity, latencies).
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        print(format_export_summary(report["export"]))
+    Example (the sizes depend on the model, so they are elided here):
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 4})
+        >>> with tempfile.TemporaryDirectory() as folder:  # doctest: +ELLIPSIS
+        ...     print(format_export_summary(export_all(student, None, None, packed_path=f"{folder}/student.qpack.safetensors")))
+        packed      .../student.qpack.safetensors
+          size      ... bytes (...x smaller than fp32 safetensors ...)
+        >>> format_export_summary({})
+        'nothing exported (export.onnx and export.packed are both false)'
     """
     lines: list[str] = []
     if "onnx" in section:

@@ -16,10 +16,12 @@ How the numbers are taken, so that they can be compared (report.json ``latency_m
   (``len(os.sched_getaffinity(0))`` where the OS has it, else ``os.cpu_count()``), set explicitly
   for ONNX Runtime (intra-op) and PyTorch.
 
-Usage (a sketch with a trained student; not run as a doctest)::
-
-    latency = measure_latency({"int8": "model.onnx", "fp32": "fp32.onnx"}, float_model, val_x[:64])
-    latency["1"]["int8"]["batch64"], latency["method"]["statistic"]
+Example (PyTorch only, a short budget; ``files`` adds ONNX models, e.g. ``{"int8": ..., "fp32": ...}``):
+    >>> import torch
+    >>> from torch import nn
+    >>> latency = measure_latency({}, nn.Linear(4, 2), torch.rand(64, 4), budget_s=0.01)
+    >>> sorted(latency), sorted(latency["1"]["torch_fp32"]), latency["method"]["statistic"]
+    (['1', 'all', 'all_threads', 'method'], ['batch1', 'batch64'], "best of the rounds' median run time")
 """
 
 from __future__ import annotations
@@ -72,9 +74,14 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
                  optimized_path: str | Path | None = None) -> ort.InferenceSession:
     """A CPU ``InferenceSession``; ``threads=None`` leaves ONNX Runtime's default.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        session = make_session("model.onnx", threads=1, level="extended", optimized_path="opt.onnx")
+    Example:
+        >>> import tempfile
+        >>> from qdistill.export.onnx import export_float_onnx
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = export_float_onnx(nn.Linear(4, 2), f"{folder}/fp32.onnx", torch.rand(1, 4))["path"]
+        ...     session = make_session(path, threads=1, level="extended", optimized_path=f"{folder}/optimized.onnx")
+        >>> session.run(None, {"input": np.zeros((3, 4), np.float32)})[0].shape
+        (3, 2)
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[level]
@@ -133,9 +140,10 @@ def interleaved_us_per_sample(runs: dict[str, Callable[[], object]], batch: int,
                               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """``{name: µs per sample}`` of each ``run()`` (one batch of ``batch`` samples), timed in interleaved rounds.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        interleaved_us_per_sample({"int8": lambda: int8.run(None, feed), "fp32": lambda: fp32.run(None, feed)}, 64)
+    Example (a fake clock that reads one second later at each call: every run takes 1 s per 64 samples):
+        >>> import itertools
+        >>> interleaved_us_per_sample({"a": lambda: None, "b": lambda: None}, 64, clock=itertools.count().__next__)
+        {'a': 15625.0, 'b': 15625.0}
     """
     for run in runs.values():
         for _ in range(WARMUP_RUNS):
@@ -178,9 +186,11 @@ def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None,
     ``batch_of`` says. ``budget_s`` is the timing budget of one number, split over the rounds.
     ``method`` records how the numbers were taken (module docstring). Values are rounded to 0.01 µs.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        measure_latency({"int8": "model.onnx", "fp32": "fp32.onnx"}, float_model, val_x[:64])
+    Example (a fake clock, one second per reading, so the numbers are known; 8 samples fill batch 64 by cycling):
+        >>> import itertools
+        >>> latency = measure_latency({}, nn.Linear(4, 2), torch.rand(8, 4), clock=itertools.count().__next__)
+        >>> latency["1"], latency["method"]["samples"]
+        ({'torch_fp32': {'batch1': 1000000.0, 'batch64': 15625.0}}, '8 distinct, cycled to fill batch 64')
     """
     if not isinstance(rounds, int) or rounds < 1:
         raise ExportError(f"latency rounds: {rounds!r} is not allowed; allowed: an integer >= 1")

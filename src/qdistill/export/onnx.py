@@ -56,10 +56,15 @@
 
 The file appears at ``path`` only when every check passed.
 
-Usage (a sketch with a trained student; not run as a doctest)::
-
-    info = export_onnx(student, "out/model.onnx", example_input, verify_on=val_loader)
-    info["agreement_with_student"], info["integer_ops"]
+Example (a tiny prepared MLP; ``verify_on`` takes batches of inputs, with or without labels):
+    >>> import tempfile, torch
+    >>> from qdistill import models, quant
+    >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
+    ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     info = export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 4, 4), verify_on=[torch.rand(16, 1, 4, 4)])
+    >>> info["parity_checked"], info["samples"], info["integer_ops"]
+    (True, 16, {'net.1': 'QGemm', 'net.4': 'QGemm', 'net.7': 'QGemm'})
 """
 
 from __future__ import annotations
@@ -164,9 +169,11 @@ def weight_multiplier(weights: IntegerWeight) -> int:
     predictions. Storing ``k * q`` with scale ``s / k`` (``k * qmax <= 127``) keeps the weight
     values and the ``2**bits``-level grid, and makes the bias grid ``k`` times finer.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        weight_multiplier(weight_integers(student.features[3], "features.3"))   # 4-bit: 127 // 7
+    Example (the first and last layers keep 8-bit weights, ``first_last_bits``):
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8})
+        >>> weight_multiplier(weight_integers(student.net[1], "net.1")), weight_multiplier(weight_integers(student.net[4], "net.4"))
+        (1, 18)
     """
     if not weights.qrange.signed or bool((weights.zero_point != 0).any()):
         return 1
@@ -235,9 +242,13 @@ def _example(example_input: Any) -> torch.Tensor:
 def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET) -> onnx.ModelProto:
     """The rewritten int8 QDQ ``ModelProto`` (not yet checked against ONNX Runtime).
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        model = build_int8_model(student, train_x[:1]); onnx.save(model, "model.onnx")
+    Example:
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
+        ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+        >>> model = build_int8_model(student, torch.rand(1, 1, 4, 4))
+        >>> [value.name for value in model.graph.input], [prop.key for prop in model.metadata_props]
+        (['input'], ['qdistill_layers', 'qdistill_ops', 'qdistill_version'])
     """
     export_model, bits = _export_copy(student)
     with tempfile.TemporaryDirectory() as folder:
@@ -314,10 +325,13 @@ def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     optimised graph; an op when the integer tensor its result is quantized to is written by its
     integer kernel (``OP_KERNELS``) rather than by a ``QuantizeLinear`` after a float op.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        layers, ops = integer_kernels("out/model.onnx")
-        ops
+    Example (a small ResNet: its residual adds and its pooling are quantized ops):
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("tiny_resnet", width=4), {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 8, 8)])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     layers, ops = integer_kernels(export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 8, 8))["path"])
+        >>> layers["stem.0"], layers["fc"], ops
+        ('QLinearConv', 'QGemm', {'layer1.0.add': 'QLinearAdd', 'layer2.0.add': 'QLinearAdd', 'layer3.0.add': 'QLinearAdd', 'pool': 'QLinearGlobalAveragePool'})
     """
     model = onnx.load(str(path))
     layer_table, op_table = _layer_table(model), _metadata(model, OPS_KEY) or []
@@ -333,9 +347,13 @@ def check_integer_kernels(path: str | Path) -> dict[str, str]:
 
     See ``integer_kernels``, which also returns the ops' kernels.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        check_integer_kernels("out/model.onnx")
+    Example:
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
+        ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     check_integer_kernels(export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 4, 4))["path"])
+        {'net.1': 'QGemm', 'net.4': 'QGemm', 'net.7': 'QGemm'}
     """
     return integer_kernels(path)[0]
 
@@ -343,9 +361,15 @@ def check_integer_kernels(path: str | Path) -> dict[str, str]:
 def onnx_predict(session, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """All logits ``(N, C)`` and labels (or None) of an ONNX Runtime session over ``loader``.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        logits, labels = onnx_predict(make_session("out/model.onnx"), val_loader)
+    Example:
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
+        ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     session = make_session(export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 4, 4))["path"])
+        >>> logits, labels = onnx_predict(session, [(torch.rand(5, 1, 4, 4), torch.tensor([0, 1, 2, 0, 1]))])
+        >>> logits.shape, labels.tolist()
+        ((5, 3), [0, 1, 2, 0, 1])
     """
     input_name = session.get_inputs()[0].name
     logits, labels = [], []
@@ -371,9 +395,11 @@ def parity_metrics(onnx_logits: np.ndarray, student_logits: np.ndarray, labels: 
     See the module docstring for ``logit_sqnr_db`` (worst 1% of samples left out),
     ``logit_sqnr_db_all`` and ``near_tie_margin``; SQNRs are ``inf`` when the logits are equal.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        parity_metrics(onnx_logits, student_logits, labels)["agreement_with_student"]
+    Example (ONNX logits that differ only by a constant per sample, which softmax and top-1 ignore):
+        >>> student_logits = np.array([[2.0, 0.0, 1.0], [0.0, 3.0, 1.0]])
+        >>> metrics = parity_metrics(student_logits + 0.5, student_logits, np.array([0, 2]))
+        >>> metrics["agreement_with_student"], metrics["logit_sqnr_db"], metrics["max_abs_logit_diff"], metrics["accuracy"]
+        (1.0, inf, 0.5, 0.5)
     """
     onnx_logits, student_logits = np.asarray(onnx_logits, np.float64), np.asarray(student_logits, np.float64)
     onnx_top1, student_top1 = onnx_logits.argmax(axis=1), student_logits.argmax(axis=1)
@@ -418,10 +444,15 @@ def parity_gate(onnx_logits: np.ndarray, student_logits: np.ndarray, labels: np.
     accuracy within 0.1 pp of the student's with near-tie flips counted as the student's. The
     bound used is returned as ``logit_sqnr_gate_db``.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        metrics, failure = parity_gate(onnx_logits, student_logits, labels)
-        failure is None, metrics["logit_sqnr_db"], metrics["near_tie_flips"]
+    Example:
+        >>> student_logits = np.array([[3.0, 0.0], [0.0, 3.0], [3.0, 0.0]])
+        >>> parity_gate(student_logits, student_logits, None)[1] is None      # equal logits pass
+        True
+        >>> metrics, failure = parity_gate(student_logits[[0, 1, 1]], student_logits, None)   # sample 2 flips
+        >>> metrics["logit_sqnr_db"], metrics["logit_sqnr_left_out_samples"]    # the flip is the worst sample, left out
+        (inf, 1)
+        >>> print(failure)
+        1 of 3 samples change their top-1 class with a clear margin (student's top-2 margin > 0, twice the largest logit error elsewhere; allowed: none)
     """
     metrics = {**parity_metrics(onnx_logits, student_logits, labels), "logit_sqnr_gate_db": sqnr_gate_db}
     reasons = []
@@ -443,9 +474,15 @@ def verify_onnx(path: str | Path, student: nn.Module, loader: Iterable[Any],
                 sqnr_gate_db: float = LOGIT_SQNR_GATE_DB) -> dict[str, Any]:
     """Run the parity gate of an exported file against ``student``; returns the parity metrics.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        verify_onnx("out/model.onnx", student, val_loader)["agreement_with_student"]
+    Example:
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
+        ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 4, 4))["path"]   # no gate yet
+        ...     metrics = verify_onnx(path, student, [torch.rand(16, 1, 4, 4)])
+        >>> metrics["samples"], metrics["logit_sqnr_db"] >= metrics["logit_sqnr_gate_db"]
+        (16, True)
     """
     onnx_logits, labels = onnx_predict(make_session(path), loader)
     student_logits, _ = predict(student, loader)
@@ -500,9 +537,15 @@ def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
     ``sqnr_db`` is the signal-to-noise ratio of the ONNX output against the student's (inf when
     equal); a healthy int8 export stays far above ``DIVERGENCE_SQNR_DB``.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        [(layer["name"], round(layer["sqnr_db"])) for layer in diagnose_layers(path, student, val)]
+    Example:
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
+        ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 4, 4))["path"]
+        ...     layers = diagnose_layers(path, student, [torch.rand(16, 1, 4, 4)])
+        >>> [layer["name"] for layer in layers], all(layer["sqnr_db"] > DIVERGENCE_SQNR_DB for layer in layers)
+        (['net.1', 'net.4', 'net.7'], True)
     """
     model = onnx.load(str(path))
     table = _layer_table(model)
@@ -535,9 +578,14 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
     ``parity_checked`` is False and nothing was compared.
     Raises ``ExportError`` (and writes nothing) when a layer or op runs in float or the gate fails.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        info = qd.export_onnx(result.student, "out/model.onnx", train_x[:1], verify_on=val_loader)
+    Example (without ``verify_on``; the module docstring's example runs the gate):
+        >>> from qdistill import models, quant
+        >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
+        ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     info = export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 4, 4))
+        >>> info["parity_checked"], info["opset"], info["integer_ops"], info["integer_ops_other"]
+        (False, 13, {'net.1': 'QGemm', 'net.4': 'QGemm', 'net.7': 'QGemm'}, {})
     """
     if opset < OPSET:
         raise ExportError(f"opset {opset} is not allowed; per-channel QuantizeLinear needs opset {OPSET} or higher")
@@ -557,9 +605,11 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
 def export_float_onnx(model: nn.Module, path: str | Path, example_input: Any, opset: int = OPSET) -> dict[str, Any]:
     """Export a float model (the fp32 baseline) with the same input/output names and dynamic batch.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        export_float_onnx(teacher, "fp32.onnx", train_x[:1])["file_bytes"]
+    Example:
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     path = export_float_onnx(nn.Linear(4, 2), f"{folder}/fp32.onnx", torch.rand(1, 4))["path"]
+        ...     [node.op_type for node in onnx.load(path).graph.node], make_session(path).get_inputs()[0].shape
+        (['Gemm'], ['batch', 4])
     """
     float_model = copy.deepcopy(model).cpu().eval()
     path = atomic_write(path, lambda temporary: _torchscript_export(float_model, _example(example_input), temporary, opset))

@@ -22,10 +22,17 @@ one-line ``ModelError`` (the file does not fit that architecture). ``format_vers
 skeleton, or from a float architecture whose only quantizers are its layers'; anything else is
 refused naming the first quantizer whose bits the file does not record.
 
-Usage (a sketch with a trained student; not run as a doctest)::
-
-    save_packed(student, "out/student.qpack.safetensors")
-    student = load_packed("out/student.qpack.safetensors", model=float_model)
+Example (4-bit weights; the first and last layers keep 8 bits, ``first_last_bits``):
+    >>> import tempfile, torch
+    >>> from qdistill import models
+    >>> from qdistill.quant import prepare
+    >>> student = prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+    >>> with tempfile.TemporaryDirectory() as folder:
+    ...     info = save_packed(student, f"{folder}/student.qpack.safetensors")
+    ...     loaded = load_packed(f"{folder}/student.qpack.safetensors", model=models.create("mlp", in_channels=1, num_classes=3, image_size=4))
+    >>> x = torch.rand(2, 1, 4, 4)
+    >>> torch.equal(loaded.eval()(x), student.eval()(x))      # bit for bit
+    True
 """
 
 from __future__ import annotations
@@ -64,10 +71,12 @@ PACKED_SUFFIX = ".packed"
 class IntegerWeight:
     """A quantized layer's weight as integers: ``weight == (ints - zero_point) * scale`` exactly.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        weights = weight_integers(student.features[0], "features.0")
-        weights.ints.min() >= weights.qrange.qmin
+    Example:
+        >>> from qdistill import models
+        >>> student = prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8})
+        >>> weights = weight_integers(student.net[4], "net.4")
+        >>> weights.qrange, torch.equal(weights.dequantize(), student.net[4].quantized_weight())
+        (IntRange(bits=4, signed=True), True)
     """
 
     ints: torch.Tensor  # int64, same shape as the weight
@@ -92,9 +101,12 @@ class IntegerWeight:
 def weight_integers(layer: nn.Module, name: str) -> IntegerWeight:
     """The trained integers of a quantized layer's weight, checked to reproduce it bit for bit.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        weight_integers(student.classifier[2], "classifier.2").ints.unique()
+    Example:
+        >>> from qdistill import models
+        >>> student = prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8})
+        >>> weights = weight_integers(student.net[4], "net.4")
+        >>> weights.ints.dtype, weights.ints.shape, (weights.qrange.qmin, weights.qrange.qmax), weights.axis
+        (torch.int64, torch.Size([128, 256]), (-7, 7), 0)
     """
     quantizer = layer.weight_quantizer
     if not bool(quantizer.initialized):
@@ -151,10 +163,13 @@ def _layer_header(layer: nn.Module, weights: IntegerWeight) -> dict[str, Any]:
 def quantizer_table(model: nn.Module) -> dict[str, dict[str, Any]]:
     """``{module path: {bits, signed, axis, instance}}`` of every quantizer, shared ones under each path.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        table = quantizer_table(student)
-        table["layer1.0.add.input1_quantizer"]["instance"] == table["layer1.0.conv1.input_quantizer"]["instance"]
+    Example (in a ResNet block the residual add's input is also the first conv's input):
+        >>> from qdistill import models
+        >>> table = quantizer_table(prepare(models.create("tiny_resnet", width=4), {"weight_bits": 4, "act_bits": 4}))
+        >>> table["layer1.0.add.input1_quantizer"]["instance"] == table["layer1.0.conv1.input_quantizer"]["instance"]
+        True
+        >>> {key: table["layer1.0.conv1.weight_quantizer"][key] for key in ("bits", "signed", "axis")}
+        {'bits': 4, 'signed': True, 'axis': 0}
     """
     instances: dict[int, int] = {}
     table: dict[str, dict[str, Any]] = {}
@@ -172,10 +187,13 @@ def _crc(tensor: torch.Tensor) -> int:
 def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and header ``save_packed`` writes (also used to measure sizes in memory).
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        tensors, header = packed_tensors(student)
-        header["layers"]["features.3"]["weight_bits"], tensors["features.3.weight.packed"].dtype
+    Example (a 128 x 256 weight at 4 bits: two values per byte):
+        >>> from qdistill import models
+        >>> tensors, header = packed_tensors(prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8}))
+        >>> header["layers"]["net.4"]["weight_bits"], tensors["net.4.weight.packed"].dtype, tensors["net.4.weight.packed"].shape
+        (4, torch.uint8, torch.Size([16384]))
+        >>> "net.4.weight" in tensors
+        False
     """
     tensors = {key: value.detach().cpu().contiguous().clone() for key, value in student.state_dict().items()}
     layers: dict[str, Any] = {}
@@ -199,9 +217,13 @@ def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 def save_packed(student: nn.Module, path: str | Path) -> dict[str, Any]:
     """Write the packed file atomically; returns ``{path, file_bytes}`` (bytes measured on disk).
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        save_packed(result.student, "out/student.qpack.safetensors")
+    Example:
+        >>> import tempfile
+        >>> from qdistill import models
+        >>> student = prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     sorted(save_packed(student, f"{folder}/student.qpack.safetensors"))
+        ['file_bytes', 'path']
     """
     tensors, header = packed_tensors(student)
     metadata = {HEADER_KEY: json.dumps(header, separators=(",", ":"))}
@@ -212,9 +234,9 @@ def save_packed(student: nn.Module, path: str | Path) -> dict[str, Any]:
 def fp32_safetensors_bytes(model: nn.Module) -> int:
     """Size of ``model``'s floating-point ``state_dict`` saved as an fp32 safetensors file.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        fp32_safetensors_bytes(teacher)
+    Example (10 float32 values, 40 bytes, plus the safetensors header):
+        >>> fp32_safetensors_bytes(nn.Linear(4, 2))
+        168
     """
     tensors = {key: value.detach().cpu().float().contiguous() for key, value in model.state_dict().items()
                if value.is_floating_point()}
@@ -369,9 +391,14 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
     is never modified. Missing, truncated or corrupt files and unknown versions raise
     ``FileFormatError``; a file that does not fit ``model`` raises ``ModelError``.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        student = load_packed("out/student.qpack.safetensors", model=models.create("mnist_cnn"))
+    Example (``model`` a float architecture: the student is rebuilt with the file's bit widths):
+        >>> import tempfile
+        >>> from qdistill import models
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     info = save_packed(prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8}), f"{folder}/s.qpack.safetensors")
+        ...     student = load_packed(info["path"], model=models.create("mlp", in_channels=1, num_classes=3, image_size=4))
+        >>> type(student.net[4]).__name__, student.net[4].weight_bits, student.net[1].weight_bits
+        ('QuantLinear', 4, 8)
     """
     path = Path(path)
     header, tensors = _read(path)

@@ -28,10 +28,15 @@ Quantized ops without weights (``QuantAdd``, ``QuantCat``, ``QuantAvgPool2d``,
 result feeds. ONNX Runtime fuses ``DQ -> op -> Q`` into the kernel of ``OP_KERNELS``, which then
 writes that tensor.
 
-Usage (a sketch with a trained student; not run as a doctest)::
-
-    model = onnx.load("raw_export.onnx")
-    layers, ops = rewrite_for_int8(model)       # {layer name: LayerInfo}, {op name: OpInfo}
+Example (``qdistill.export.onnx.build_int8_model`` runs the rewrite; its layer table says what was done):
+    >>> import json, torch
+    >>> from qdistill import models, quant
+    >>> from qdistill.export.onnx import build_int8_model
+    >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
+    ...                         {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 4, 4)])
+    >>> table = json.loads(build_int8_model(student, torch.rand(1, 1, 4, 4)).metadata_props[0].value)
+    >>> [(layer["name"], layer["form"]) for layer in table]
+    [('net.1', "fused with the next layer's QuantizeLinear"), ('net.4', "fused with the next layer's QuantizeLinear"), ('net.7', 'QGemm with float output + bias Add')]
 """
 
 from __future__ import annotations
@@ -65,9 +70,9 @@ OP_KERNELS = {
 class LayerInfo:
     """Where one quantized layer lives in the rewritten graph.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        LayerInfo("features.0", "Conv", "features.0.weight_quantized", "/features/features.0/Conv_output_0")
+    Example (``rewrite_for_int8`` fills ``form`` and ``act_input``):
+        >>> LayerInfo("net.7", "Gemm", "net.7.weight_quantized", "logits").as_dict()
+        {'name': 'net.7', 'op': 'Gemm', 'weight': 'net.7.weight_quantized', 'output': 'logits', 'form': 'float', 'act_input': None}
     """
 
     name: str
@@ -88,9 +93,9 @@ class OpInfo:
     ``quantized_output`` is the integer tensor the op's integer kernel must write (the output of
     the ``QuantizeLinear`` its result feeds), or None when its result feeds no quantizer.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        OpInfo("layer1.0.add", "Add", "/layer1/layer1.0/add/Add_output_0", "/pool/.../QuantizeLinear_output_0")
+    Example (``rewrite_for_int8`` fills ``quantized_output``, or ``feeds`` when there is no such tensor):
+        >>> OpInfo("layer1.0.add", "Add", "/layer1/layer1.0/add/Add_output_0").as_dict()
+        {'name': 'layer1.0.add', 'op': 'Add', 'output': '/layer1/layer1.0/add/Add_output_0', 'quantized_output': None, 'feeds': ''}
     """
 
     name: str
@@ -517,9 +522,12 @@ def _prune(graph: onnx.GraphProto) -> None:
 def toposort(graph: onnx.GraphProto) -> None:
     """Order nodes so each runs after its inputs exist (added nodes were appended at the end).
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        toposort(model.graph); onnx.checker.check_model(model)
+    Example:
+        >>> x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+        >>> graph = helper.make_graph([helper.make_node("Relu", ["h"], ["y"]), helper.make_node("Neg", ["x"], ["h"])], "g", [x], [])
+        >>> toposort(graph)
+        >>> [node.op_type for node in graph.node]
+        ['Neg', 'Relu']
     """
     available = {value.name for value in graph.input} | {tensor.name for tensor in graph.initializer} | {""}
     remaining = list(graph.node)
@@ -540,10 +548,16 @@ def toposort(graph: onnx.GraphProto) -> None:
 def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict[str, OpInfo]]:
     """Rewrite ``model`` in place (see the module docstring); returns the layers and the ops, in graph order.
 
-    Usage (a sketch with a trained student; not run as a doctest)::
-
-        layers, ops = rewrite_for_int8(model)
-        layers["features.0"].form, ops["layer1.0.add"].op
+    Example (the raw export that ``build_int8_model`` writes and then rewrites; a small ResNet):
+        >>> import tempfile, torch
+        >>> from qdistill import models, quant
+        >>> from qdistill.export.onnx import _export_copy, _torchscript_export
+        >>> student = quant.prepare(models.create("tiny_resnet", width=4), {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 8, 8)])
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _torchscript_export(_export_copy(student)[0], torch.rand(1, 1, 8, 8), f"{folder}/raw.onnx", 13)
+        ...     layers, ops = rewrite_for_int8(onnx.load(f"{folder}/raw.onnx"))
+        >>> layers["stem.0"].form, layers["fc"].form, {name: op.op for name, op in ops.items()}
+        ("fused with the next layer's QuantizeLinear", 'QGemm with float output + bias Add', {'layer1.0.add': 'Add', 'layer2.0.add': 'Add', 'layer3.0.add': 'Add', 'pool': 'GlobalAveragePool'})
     """
     graph = model.graph
     _constants_to_initializers(graph)
