@@ -66,9 +66,9 @@ def _check_finite(parts: LossParts, progress: Progress) -> None:
             )
 
 
-def _non_finite_step_size(module: nn.Module) -> str | None:
+def _non_finite_step_size(step_sizes: dict[str, nn.Parameter]) -> str | None:
     """The name of the first quantizer step size that is NaN or Inf, or None."""
-    for name, parameter in quantizer_parameters(module).items():
+    for name, parameter in step_sizes.items():
         if not torch.isfinite(parameter).all():
             return name
     return None
@@ -81,6 +81,7 @@ class _Loop:
         self.module, self.loader, self.spec, self.validate, self.plan = module, loader, spec, validate, plan
         self.device = next(module.parameters()).device
         self.steps_per_epoch = len(loader)
+        self.step_sizes = quantizer_parameters(module)  # found once: the module tree does not change while training
         self.optimizer = make_optimizer(module, spec)
         self.scheduler = make_scheduler(self.optimizer, self.steps_per_epoch, spec)
         self.progress = Progress(phase)
@@ -122,7 +123,7 @@ class _Loop:
         parts.total.backward()
         self.optimizer.step()
         self.scheduler.step()
-        bad_scale = _non_finite_step_size(self.module)
+        bad_scale = _non_finite_step_size(self.step_sizes)
         if bad_scale is not None:
             self.module.load_state_dict(self.last_good)
             raise NonFiniteError(
