@@ -92,6 +92,7 @@ from qdistill.export.packed import IntegerWeight, weight_integers
 from qdistill.export.qdq_graph import (
     INTEGER_OPS,
     LAYER_MARKER,
+    LOOKUP_MARKER,
     OP_KERNELS,
     OP_MARKER,
     LayerInfo,
@@ -100,7 +101,7 @@ from qdistill.export.qdq_graph import (
     rewrite_for_int8,
 )
 from qdistill.io import atomic_write
-from qdistill.quant.modules import QUANTIZED_OPS, is_quantized
+from qdistill.quant.modules import QUANTIZED_OPS, QuantElementwise, is_quantized
 from qdistill.version import __version__
 
 OPSET = 13
@@ -143,6 +144,40 @@ class _MarkOp(torch.autograd.Function):
     @staticmethod
     def symbolic(g, output, op_name):
         return g.op("Identity", output, **{f"{OP_MARKER}_s": op_name})  # read and removed by rewrite_for_int8
+
+
+class _LookupMarker(torch.autograd.Function):
+    """Passes the activation's output on; in ONNX, an ``Identity`` on the quantized *input* carrying the table
+    (the float activation's nodes, now unused, are dropped by the exporter)."""
+
+    @staticmethod
+    def forward(ctx, quantized_input, output, name, table):
+        return output.clone()
+
+    @staticmethod
+    def symbolic(g, quantized_input, output, name, table):
+        # read and removed by rewrite_for_int8, which writes Cast -> Gather(table) on the input codes
+        attributes = {f"{LOOKUP_MARKER}_name_s": name, f"{LOOKUP_MARKER}_table_t": torch.from_numpy(table)}
+        return g.op("Identity", quantized_input, **attributes)
+
+
+class _ExportLookup(nn.Module):
+    """Stands in for a ``QuantElementwise`` in the export copy: same values, written as a table lookup."""
+
+    def __init__(self, name: str, module: QuantElementwise) -> None:
+        super().__init__()
+        self.name, self.inner, self.input_quantizer = name, module.inner, module.input_quantizer
+        self.table = module.lookup_table().numpy()  # not a tensor: apply() would trace it as an input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        quantized = self.input_quantizer(x)
+        return _LookupMarker.apply(quantized, self.inner(quantized), self.name, self.table)
+
+
+def _mark_lookups(export_model: nn.Module) -> None:
+    for name, module in list(export_model.named_modules()):
+        if isinstance(module, QuantElementwise):
+            export_model.set_submodule(name, _ExportLookup(name, module))
 
 
 def _mark_ops(export_model: nn.Module) -> None:
@@ -216,6 +251,7 @@ def _export_copy(student: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any
     if not bits:
         raise ExportError("student: no quantized layer found; export_onnx needs a model made by qdistill.quant.prepare")
     _mark_ops(export_model)
+    _mark_lookups(export_model)
     return export_model, bits
 
 
@@ -303,6 +339,9 @@ def _op_kernels(table: list[dict[str, Any]], optimized: onnx.ModelProto) -> dict
     for entry in table:
         op = OpInfo(**entry)
         allowed = OP_KERNELS.get(op.op, ())
+        if op.op == "Lookup" and op.quantized_output is None:  # exact float values: its readers are float ops
+            kernels[op.name] = "Gather (float table)"
+            continue
         if op.quantized_output is None:
             raise ExportError(f"quantized op {op.name!r} ({op.op}) cannot run in integers: its result feeds no "
                               f"quantizer (it feeds {op.feeds or 'nothing'} in float), so ONNX Runtime has no output scale "
@@ -499,10 +538,15 @@ def verify_onnx(path: str | Path, student: nn.Module, loader: Iterable[Any],
     raise error
 
 
+def _snapshot(output: torch.Tensor) -> np.ndarray:
+    """A copy of a layer's output: an in-place op after the layer (``ReLU(inplace=True)``) would change a view."""
+    return output.detach().cpu().float().numpy().copy()
+
+
 def _student_layer_outputs(student: nn.Module, inputs: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
     outputs: dict[str, np.ndarray] = {}
     hooks = [student.get_submodule(name).register_forward_hook(
-        lambda module, args, output, name=name: outputs.__setitem__(name, output.detach().cpu().float().numpy()))
+        lambda module, args, output, name=name: outputs.__setitem__(name, _snapshot(output)))
         for name in names]
     was_training = student.training
     device = next(student.parameters()).device
@@ -523,6 +567,15 @@ def _truncated(model: onnx.ModelProto, output: str) -> bytes:
     part.graph.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
     _prune(part.graph)
     return part.SerializeToString()
+
+
+def _layer_result(graph: onnx.GraphProto, output: str) -> str:
+    """The tensor holding a layer's whole result: a Linear on 3-D input exports as MatMul, then its bias Add."""
+    constants = {tensor.name for tensor in graph.initializer}
+    users = [node for node in graph.node if output in node.input]
+    if len(users) == 1 and users[0].op_type == "Add" and any(name in constants for name in users[0].input):
+        return users[0].output[0]
+    return output
 
 
 def _sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
@@ -553,7 +606,7 @@ def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
     reference = _student_layer_outputs(student, inputs, [entry["name"] for entry in table])
     results = []
     for entry in table:
-        session = make_session(_truncated(model, entry["output"]))
+        session = make_session(_truncated(model, _layer_result(model.graph, entry["output"])))
         value = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
         expected = reference.get(entry["name"])
         if expected is None or expected.shape != value.shape:

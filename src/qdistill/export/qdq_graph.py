@@ -50,7 +50,9 @@ from onnx import helper, numpy_helper
 
 LAYER_MARKER = "qdistill_layer"  # attribute our weight DequantizeLinear carries through the exporter
 OP_MARKER = "qdistill_op"  # attribute of the Identity written after each quantized op without weights
-MOVABLE_OPS = {"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity"}
+LOOKUP_MARKER = "qdistill_lookup"  # attributes (name, table) of the Identity an elementwise activation writes
+LOOKUP_PREFIX = "qdistill_lookup:"  # node name of a lookup marker until it becomes a Gather (never moved across)
+MOVABLE_OPS = {"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze"}
 INTEGER_OPS = {
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
     "DynamicQuantizeMatMul", "QLinearAdd", "NhwcQLinearConv",
@@ -63,6 +65,7 @@ OP_KERNELS = {
     "AveragePool": ("QLinearAveragePool",),
     "GlobalAveragePool": ("QLinearGlobalAveragePool",),
     "MatMul": ("QLinearMatMul", "MatMulInteger"),
+    "Lookup": ("Gather",),
 }
 
 
@@ -156,6 +159,19 @@ def _constants_to_initializers(graph: onnx.GraphProto) -> None:
             graph.node.remove(node)
 
 
+def _identities_to_initializers(graph: onnx.GraphProto) -> None:
+    """Unmarked Identity nodes over initializers become initializers of their own.
+
+    The TorchScript exporter stores identical constants once (all-zero biases, equal scales) and
+    reads the copies through ``Identity`` nodes; the rewrite edits constants by name, per layer.
+    """
+    constants = _initializers(graph)
+    for node in list(graph.node):
+        if node.op_type == "Identity" and not node.attribute and node.input[0] in constants:
+            _set_initializer(graph, node.output[0], numpy_helper.to_array(constants[node.input[0]]))
+            graph.node.remove(node)
+
+
 def _bypass(graph: onnx.GraphProto, node: onnx.NodeProto, replacement: str) -> None:
     """Remove a single-input node, pointing its consumers at ``replacement``."""
     for other in graph.node:
@@ -199,6 +215,75 @@ def _collect_ops(graph: onnx.GraphProto) -> dict[str, OpInfo]:
         ops[key] = OpInfo(key, producer.op_type if producer is not None else "Identity",
                           producer.output[0] if producer is not None else marker.input[0])
     return ops
+
+
+def _collect_lookups(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, np.ndarray]]:
+    """The lookup markers (``QuantElementwise``), their tables read and removed from the attributes."""
+    lookups: dict[str, tuple[onnx.NodeProto, np.ndarray]] = {}
+    for node in graph.node:
+        attributes = {a.name: a for a in node.attribute}
+        if node.op_type != "Identity" or f"{LOOKUP_MARKER}_name" not in attributes:
+            continue
+        name = attributes[f"{LOOKUP_MARKER}_name"].s.decode()
+        calls = sum(1 for key in lookups if key == name or key.startswith(f"{name}#"))
+        key = name if not calls else f"{name}#{calls + 1}"
+        table = numpy_helper.to_array(attributes[f"{LOOKUP_MARKER}_table"].t).astype(np.float32)
+        del node.attribute[:]
+        node.name = LOOKUP_PREFIX + key
+        lookups[key] = (node, table)
+    return lookups
+
+
+def _install_lookups(graph: onnx.GraphProto, lookups: dict[str, tuple[onnx.NodeProto, np.ndarray]]) -> dict[str, OpInfo]:
+    """Each marker becomes ``Cast(int32) -> Gather(table)`` on the integer input codes (the DQ removed).
+
+    The table is indexed by the code modulo 256 (Gather counts negative indices from the end), so
+    signed and unsigned codes need no offset. Its output is float here; ``_integer_lookups`` turns
+    it into codes where one QuantizeLinear reads it.
+    """
+    infos: dict[str, OpInfo] = {}
+    for key, (marker, table) in lookups.items():
+        index = _Index(graph)
+        dequantize = index.producer.get(marker.input[0])
+        if dequantize is None or dequantize.op_type != "DequantizeLinear":
+            marker.name = key  # no integer input: it stays an Identity after the float op
+            continue
+        table_name, codes = f"{key}.lookup_table", f"{key}.lookup_index"
+        _set_initializer(graph, table_name, table)
+        graph.node.append(helper.make_node("Cast", [dequantize.input[0]], [codes], name=f"{key}.lookup_cast",
+                                           to=onnx.TensorProto.INT32))
+        graph.node.append(helper.make_node("Gather", [table_name, codes], [marker.output[0]], name=key, axis=0))
+        graph.node.remove(marker)
+        if not _Index(graph).consumers[dequantize.output[0]]:
+            graph.node.remove(dequantize)
+        infos[key] = OpInfo(key, "Lookup", marker.output[0])
+    return infos
+
+
+def _integer_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo]) -> None:
+    """A table whose output one QuantizeLinear reads holds that quantizer's codes instead (the Q removed).
+
+    The codes are computed as the student's fake quantization computes them: ``round(v * (1 / s)) + z``
+    in float32, rounding half to even, clamped to the integer type.
+    """
+    for info in lookups.values():
+        index = _Index(graph)
+        users = [user for user in index.consumers[info.output] if user.op_type != "Shape"]
+        if len(users) != 1 or users[0].op_type != "QuantizeLinear" or info.output in index.outputs:
+            info.feeds = ", ".join([user.op_type for user in users]) or "the graph output"
+            continue
+        quantize = users[0]
+        scale = np.float32(_array(graph, quantize.input[1]).reshape(()))
+        zero_point = _array(graph, quantize.input[2]).reshape(())
+        limits = np.iinfo(zero_point.dtype)
+        table = _array(graph, f"{info.name}.lookup_table")
+        codes = np.rint(table * (np.float32(1.0) / scale)) + np.float32(zero_point)
+        _set_initializer(graph, f"{info.name}.lookup_table", np.clip(codes, limits.min, limits.max).astype(zero_point.dtype))
+        gather = index.producer[info.output]
+        _repoint_shapes(graph, info.output, quantize.output[0])
+        gather.output[0] = quantize.output[0]
+        graph.node.remove(quantize)
+        info.output = info.quantized_output = quantize.output[0]
 
 
 def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -316,7 +401,8 @@ def _movable_chain(graph: onnx.GraphProto, start: str) -> list[onnx.NodeProto]:
     while True:
         node = index.producer.get(tensor)
         users = [user for user in index.consumers[tensor] if user.op_type != "Shape"]
-        if node is None or node.op_type not in MOVABLE_OPS or len(users) != 1 or tensor in index.outputs:
+        if (node is None or node.op_type not in MOVABLE_OPS or node.name.startswith(LOOKUP_PREFIX)
+                or len(users) != 1 or tensor in index.outputs):
             return chain
         if node.op_type == "Clip" and not all(name in _initializers(graph) for name in node.input[1:3]):
             return chain
@@ -561,10 +647,15 @@ def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict
     """
     graph = model.graph
     _constants_to_initializers(graph)
+    _identities_to_initializers(graph)
     layers = _collect_layers(graph)
     ops = _collect_ops(graph)
+    lookups = _collect_lookups(graph)
     _move_all_quantizes(graph, layers)
     _op_quantized_outputs(graph, ops)
+    lookup_ops = _install_lookups(graph, lookups)
+    _integer_lookups(graph, lookup_ops)
+    ops.update(lookup_ops)
     for info in layers.values():
         _integer_output_form(graph, info)
     _prune(graph)

@@ -32,14 +32,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from qdistill.quant.attention import DecomposedMultiheadAttention
-from qdistill.quant.modules import InputQuantizedMixin, QuantAdd, QuantCat, QuantLayerMixin
+from qdistill.quant.modules import InputQuantizedMixin, QuantAdd, QuantCat, QuantLayerMixin, QuantMul
 from qdistill.quant.quantizer import Quantizer
 
 # modules whose forward is never traced into: they are the units prepare reasons about
-LEAF_TYPES = (QuantLayerMixin, InputQuantizedMixin, QuantAdd, QuantCat, Quantizer, DecomposedMultiheadAttention)
+LEAF_TYPES = (QuantLayerMixin, InputQuantizedMixin, QuantAdd, QuantMul, QuantCat, Quantizer,
+              DecomposedMultiheadAttention)
 FIXED_TYPES = (type(None), bool, int, float, str)  # argument values a module graph may be specialised to
 NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride", "element_size",
                       "is_contiguous", "get_device", "data_ptr", "__len__"}
@@ -74,7 +76,7 @@ class PrepareTracer(fx.Tracer):
     """
 
     def __init__(self, local: bool = False) -> None:
-        super().__init__()
+        super().__init__(autowrap_functions=(check_fixed,))  # a rewritten forward's guards stay calls
         self.local = local
         self.bound_calls: list[tuple[nn.Module, inspect.BoundArguments | None]] = []
 
@@ -212,6 +214,48 @@ class TrainingDependent(Exception):
         self.graph = graph  # the eval-mode graph, to decide whether the module mattered
 
 
+def check_fixed(value: Any, expected: Any, name: str) -> None:
+    """The guard of a forward specialised to ``name=expected``: plain Python, so exporters see no op.
+
+    torch.fx guards a fixed argument with ``torch._assert(value == expected)``, which the
+    TorchScript exporter records as ``aten::eq`` on a tensor and a bool, and fails.
+
+    Example:
+        >>> check_fixed(None, None, "mask")
+        >>> check_fixed(True, False, "is_causal")
+        Traceback (most recent call last):
+        ValueError: is_causal: this forward was specialised to is_causal=False by qdistill.quant.prepare; got True
+    """
+    if value is expected or (type(value) is type(expected) and value == expected):
+        return
+    raise ValueError(f"{name}: this forward was specialised to {name}={expected!r} by qdistill.quant.prepare; got {value!r}")
+
+
+def _portable_guards(graph: fx.Graph) -> None:
+    """Replace fx's guards on fixed arguments (``_assert_is_none``, ``torch._assert(x == v)``) by ``check_fixed``."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if getattr(node.target, "__name__", "") == "_assert_is_none" and node.args and isinstance(node.args[0], fx.Node):
+            checked, expected = node.args[0], None
+        elif (node.target is torch._assert and node.args and isinstance(node.args[0], fx.Node)
+              and node.args[0].target is operator.eq and isinstance(node.args[0].args[0], fx.Node)
+              and node.args[0].args[0].op == "placeholder" and len(node.args[0].users) == 1):
+            comparison = node.args[0]
+            checked, expected = comparison.args
+        else:
+            continue
+        if checked.op != "placeholder":
+            continue
+        with graph.inserting_before(node):
+            graph.call_function(check_fixed, (checked, expected, checked.target.rsplit("_", 1)[0]
+                                              if checked.target.endswith("_1") else checked.target))
+        comparison = node.args[0] if node.target is torch._assert else None
+        graph.erase_node(node)
+        if comparison is not None:
+            graph.erase_node(comparison)
+
+
 def trace_module(module: nn.Module, fixed: dict[str, Any]) -> fx.Graph:
     """The module's own forward as a graph (children are leaves).
 
@@ -229,6 +273,7 @@ def trace_module(module: nn.Module, fixed: dict[str, Any]) -> fx.Graph:
         for mode in (False, True):
             module.training = mode  # the module's own flag only: its children are leaves here
             graphs.append(PrepareTracer(local=True).trace(module, concrete_args=fixed or None))
+            _portable_guards(graphs[-1])
             codes.append(graphs[-1].python_code("self").src)
     finally:
         module.training = was_training

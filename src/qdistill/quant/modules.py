@@ -261,6 +261,56 @@ class QuantLayerNorm(InputQuantizedMixin, nn.LayerNorm):
         return super().forward(self.input_quantizer(x))
 
 
+class QuantInputOf(InputQuantizedMixin, nn.Module):
+    """Any module (``inner``) run on a fake-quantized input; its own forward is unchanged.
+
+    Used for LayerNorm subclasses with their own forward (torchvision's ``LayerNorm2d`` permutes
+    around ``F.layer_norm``): the residual stream they read becomes one integer tensor.
+
+    Example:
+        >>> norm = QuantInputOf(nn.GroupNorm(2, 4), ActivationQuantizer(8))
+        >>> norm(torch.randn(2, 4, 3, 3)).shape
+        torch.Size([2, 4, 3, 3])
+    """
+
+    def __init__(self, inner: nn.Module, input_quantizer: Quantizer) -> None:
+        super().__init__()
+        self.inner = inner
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.input_quantizer(x))
+
+
+class QuantElementwise(QuantInputOf):
+    """An elementwise activation (SiLU, sigmoid, hardswish, GELU, ...) on a fake-quantized input.
+
+    With at most 256 input codes, the function is a table: the export writes it as an integer
+    ``Gather`` from a 256-entry table computed by this very module, so ONNX Runtime gives the
+    student's values exactly, and the layer before it ends in a quantizer (fused ``QLinearConv``).
+
+    Example:
+        >>> act = QuantElementwise(nn.SiLU(), ActivationQuantizer(8))
+        >>> act.input_quantizer.observe(); _ = act(torch.randn(64)); act.input_quantizer.finish_calibration()
+        >>> x = torch.randn(5)
+        >>> torch.equal(act(x), nn.functional.silu(act.input_quantizer(x)))
+        True
+    """
+
+    def lookup_table(self) -> torch.Tensor:
+        """The output for each input code, indexed by the code modulo 256 (a signed code -1 is entry 255)."""
+        quantizer = self.input_quantizer
+        codes = torch.arange(quantizer.qrange.qmin, quantizer.qrange.qmax + 1, dtype=torch.float32)
+        scale = quantizer.scale.detach().float().clamp_min(MIN_SCALE).reshape(())
+        zero_point = quantizer.zero_point.detach().float().reshape(())
+        device = scale.device
+        with torch.no_grad():
+            values = self.inner(quantizer((codes.to(device) - zero_point) * scale))
+        table = torch.zeros(256, dtype=torch.float32)
+        table[codes.long() % 256] = values.float().cpu()
+        return table
+
+
 class QuantAdd(nn.Module):
     """``a + b`` of two fake-quantized tensors: a residual addition (ONNX Runtime: ``QLinearAdd``).
 
@@ -321,12 +371,61 @@ class QuantCat(nn.Module):
         return torch.cat([getattr(self, slot)(t) for slot, t in zip(self.input_slots(), tensors, strict=True)], dim=self.dim)
 
 
+class QuantMul(nn.Module):
+    """``a * b`` of two fake-quantized tensors (a squeeze-excite gate; ONNX Runtime: ``QLinearMul``).
+
+    Example:
+        >>> mul = QuantMul([ActivationQuantizer(8), ActivationQuantizer(8)])
+        >>> mul(torch.rand(2, 4, 3, 3), torch.rand(2, 4, 1, 1)).shape
+        torch.Size([2, 4, 3, 3])
+    """
+
+    def __init__(self, input_quantizers: list[Quantizer]) -> None:
+        super().__init__()
+        if len(input_quantizers) != 2:
+            raise ModelError(f"input_quantizers: {len(input_quantizers)} given; allowed: exactly 2 (QuantMul multiplies two tensors)")
+        self.input0_quantizer, self.input1_quantizer = input_quantizers
+
+    @property
+    def act_bits(self) -> int:
+        return max(self.input0_quantizer.bits, self.input1_quantizer.bits)
+
+    def input_slots(self) -> list[str]:
+        """Attribute names of the quantizer of each positional input."""
+        return ["input0_quantizer", "input1_quantizer"]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.input0_quantizer(a) * self.input1_quantizer(b)
+
+
+ELEMENTWISE_ACTIVATIONS = (nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.Mish, nn.ELU,
+                           nn.CELU, nn.SELU, nn.Softplus, nn.LeakyReLU, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid)
+# timm's own activation modules (timm.layers.activations*), by class name: elementwise, no parameters
+TIMM_ELEMENTWISE = {"Swish", "SiLU", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish", "Mish", "GELU",
+                    "GELUTanh", "QuickGELU", "HardSwishMe", "HardSigmoidMe", "HardMishMe", "SwishMe", "MishMe"}
+
+
+def is_elementwise_activation(module: nn.Module) -> bool:
+    """An activation that maps each value on its own, without parameters (ReLU and ReLU6 excluded:
+    the export runs them as integer clamps already).
+
+    Example:
+        >>> is_elementwise_activation(nn.SiLU()), is_elementwise_activation(nn.ReLU()), is_elementwise_activation(nn.PReLU())
+        (True, False, False)
+    """
+    if isinstance(module, ELEMENTWISE_ACTIVATIONS):
+        return True
+    kind = type(module)
+    return (kind.__module__.startswith("timm.layers.activations") and kind.__name__ in TIMM_ELEMENTWISE
+            and not any(True for _ in module.parameters()))
+
+
 INPUT_QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.AvgPool2d: QuantAvgPool2d,
     nn.AdaptiveAvgPool2d: QuantAdaptiveAvgPool2d,
     nn.LayerNorm: QuantLayerNorm,
 }
-QUANTIZED_OPS = (QuantAdd, QuantCat, QuantAvgPool2d, QuantAdaptiveAvgPool2d)
+QUANTIZED_OPS = (QuantAdd, QuantMul, QuantCat, QuantAvgPool2d, QuantAdaptiveAvgPool2d)
 
 
 def input_slots(module: nn.Module) -> list[str | None]:
@@ -338,6 +437,6 @@ def input_slots(module: nn.Module) -> list[str | None]:
     """
     if isinstance(module, QuantLayerMixin):
         return ["input_quantizer" if module.input_quantizer is not None else None]
-    if isinstance(module, (InputQuantizedMixin, QuantAdd, QuantCat)):
+    if isinstance(module, (InputQuantizedMixin, QuantAdd, QuantMul, QuantCat)):
         return module.input_slots()
     return []

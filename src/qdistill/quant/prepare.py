@@ -37,9 +37,12 @@ from qdistill.quant.modules import (
     QUANTIZED_CLASS,
     QUANTIZED_OPS,
     ActivationQuantizer,
+    QuantElementwise,
+    QuantInputOf,
     QuantLayerNorm,
     clear_memos,
     input_slots,
+    is_elementwise_activation,
     is_quantized,
 )
 from qdistill.quant.quantizer import Quantizer
@@ -140,13 +143,26 @@ def _quantize_layers(student: nn.Module, spec: QuantSpec, init_weights: bool) ->
 
 
 def _quantize_float_ops(student: nn.Module, spec: QuantSpec) -> list[str]:
-    """Average pools and LayerNorm get a quantized input (their computation is unchanged)."""
+    """Average pools, LayerNorms and elementwise activations get a quantized input (their computation
+    is unchanged); an activation then runs as a table of its input codes in the export."""
     names = []
     for name, module in list(student.named_modules()):
+        if not name or any(name.startswith(done + ".") for done in names):
+            continue
+        quantizer = _activation_quantizer(spec, spec.act_bits)
         quantized = INPUT_QUANTIZED_CLASS.get(type(module))
-        if quantized is not None and name:
-            student.set_submodule(name, quantized.from_float(module, _activation_quantizer(spec, spec.act_bits)))
-            names.append(name)
+        if quantized is not None:
+            student.set_submodule(name, quantized.from_float(module, quantizer))
+        elif is_elementwise_activation(module):
+            inner = copy.copy(module)
+            if hasattr(inner, "inplace"):
+                inner.inplace = False  # it would write into the quantizer's (shared, remembered) output
+            student.set_submodule(name, QuantElementwise(inner, quantizer))
+        elif isinstance(module, nn.LayerNorm):  # a subclass with its own forward (LayerNorm2d)
+            student.set_submodule(name, QuantInputOf(module, quantizer))
+        else:
+            continue
+        names.append(name)
     return names
 
 
@@ -312,6 +328,6 @@ def layer_table(student: nn.Module) -> dict[str, dict[str, int | None]]:
     for name, module in student.named_modules():
         if is_quantized(module):
             table[name] = {"weight_bits": module.weight_bits, "act_bits": module.act_bits}
-        elif isinstance(module, QUANTIZED_OPS):
+        elif isinstance(module, (*QUANTIZED_OPS, QuantElementwise)):
             table[name] = {"weight_bits": None, "act_bits": module.act_bits}
     return table

@@ -32,12 +32,15 @@ import torch
 from torch import fx, nn
 
 from qdistill.quant.graph import ModelTrace, module_graphs, tensor_nodes
-from qdistill.quant.modules import QuantAdd, QuantCat
+from qdistill.quant.modules import QuantAdd, QuantCat, QuantMul
 from qdistill.quant.quantizer import Quantizer
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "__add__"}  # not add_: an in-place add also changes its first operand
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
+MUL_FUNCTIONS = {operator.mul, torch.mul}
+MUL_METHODS = {"mul", "__mul__"}  # not mul_: it changes its first operand
+SHAPE_METHODS = {"reshape", "view", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "contiguous", "to"}
 
 
 def add_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
@@ -56,6 +59,33 @@ def add_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node
     if isinstance(first, fx.Node) and isinstance(second, fx.Node) and first in tensors and second in tensors:
         return first, second
     return None
+
+
+def _is_parameter(node: fx.Node) -> bool:
+    """A parameter or buffer, possibly reshaped (``self.gamma.reshape(1, -1, 1, 1)``): a constant, not an activation."""
+    while node.op == "call_method" and node.target in SHAPE_METHODS and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.op == "get_attr"
+
+
+def mul_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The two activation operands of ``a * b`` (a gate times a feature map); None for other nodes.
+
+    A product with a parameter (a layer scale) or a number is not one: it is a constant factor.
+
+    Example:
+        >>> graph = fx.symbolic_trace(lambda x, y: x * y.sigmoid() * 2).graph
+        >>> [node.name for node in graph.nodes if mul_operands(node, tensor_nodes(graph))]
+        ['mul']
+    """
+    is_mul = (node.op == "call_function" and node.target in MUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in MUL_METHODS)
+    if not is_mul or node.kwargs or len(node.args) != 2:
+        return None
+    first, second = node.args
+    if not all(isinstance(arg, fx.Node) and arg in tensors and not _is_parameter(arg) for arg in (first, second)):
+        return None
+    return first, second
 
 
 def cat_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[list[fx.Node], int] | None:
@@ -79,7 +109,8 @@ def cat_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[list[fx.Node], i
 
 def _has_functional_ops(graph: fx.Graph) -> bool:
     tensors = tensor_nodes(graph)
-    return any(add_operands(node, tensors) or cat_operands(node, tensors) for node in graph.nodes)
+    return any(add_operands(node, tensors) or mul_operands(node, tensors) or cat_operands(node, tensors)
+               for node in graph.nodes)
 
 
 def _free_name(module: nn.Module, wanted: str) -> str:
@@ -121,6 +152,10 @@ def rewrite_module(module: nn.Module, graph: fx.Graph, tensors: set[fx.Node],
         if operands is not None:
             added.append(_replace(graph, node, module, QuantAdd([make_quantizer(), make_quantizer()]), operands,
                                   tensors))
+            continue
+        factors = mul_operands(node, tensors)
+        if factors is not None:
+            added.append(_replace(graph, node, module, QuantMul([make_quantizer(), make_quantizer()]), factors, tensors))
             continue
         concatenated = cat_operands(node, tensors)
         if concatenated is not None:
