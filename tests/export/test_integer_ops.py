@@ -25,6 +25,7 @@ from qdistill.quant.modules import (
     QuantAvgPool2d,
     QuantCat,
     QuantElementwise,
+    QuantMatMul,
     QuantMul,
 )
 
@@ -85,6 +86,9 @@ def test_every_quantized_op_runs_its_integer_kernel(name, bits, digits, tmp_path
     expected = {op_name: EXPECTED_KERNEL[type(module)] for op_name, module in student.named_modules()
                 if type(module) in EXPECTED_KERNEL}
     assert expected, "the model must have quantized ops for this test to mean anything"
+    matmuls = {op_name for op_name, module in student.named_modules() if isinstance(module, QuantMatMul)}
+    # attention scores feed a float softmax: an integer product with a float result
+    assert all(info["integer_ops_other"].pop(op_name) in ("QLinearMatMul", "MatMulIntegerToFloat") for op_name in matmuls)
     assert info["integer_ops_other"] == expected
     # and ONNX Runtime's optimised graph holds exactly that many integer kernels of each kind
     optimized = tmp_path / "optimized.onnx"
@@ -140,10 +144,18 @@ def test_export_fails_and_writes_nothing_when_a_quantized_op_runs_in_float(digit
     assert not (tmp_path / "model.onnx").exists()
 
 
+def test_a_quantized_op_read_by_float_code_quantizes_its_own_result(digits, tmp_path):
+    bundle, train, val = digits
+    student = _student(CatAtTheEnd(), train, 8)
+    assert isinstance(student.cat, QuantCat) and student.cat.output_quantizer.bits == 8  # the graph output reads it
+    info = export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1], verify_on=val)
+    assert info["integer_ops_other"] == {"cat": "QLinearConcat"} and info["flips"] == 0
+
+
 def test_a_quantized_op_whose_result_feeds_no_quantizer_is_refused(digits, tmp_path):
     bundle, train, _ = digits
     student = _student(CatAtTheEnd(), train, 8)
-    assert isinstance(student.cat, QuantCat)
+    del student.cat.output_quantizer  # as a model prepared by hand without it would be
     with pytest.raises(ExportError, match=r"quantized op 'cat' \(Concat\) cannot run in integers: its result feeds no quantizer "
                                          r"\(it feeds the graph output in float\)"):
         export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1])

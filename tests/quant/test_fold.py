@@ -11,6 +11,7 @@ from qdistill.models import TINY_MODELS
 from qdistill.models.tiny import BasicBlock
 from qdistill.quant import fold_batchnorms, fold_into, prepare
 from qdistill.quant.fold import find_foldable_pairs
+from qdistill.quant.modules import QuantConv2d
 
 ATOL = 1e-5
 
@@ -90,8 +91,17 @@ def test_pairs_that_must_not_fold_are_left_alone():
     assert find_foldable_pairs(model) == ([], None)
     student = prepare(model, {"weight_bits": 8, "act_bits": 8})
     assert student.qdistill_folded == []
-    for name in ("input_norm", "bn", "bn_shared", "batch_stats"):
-        assert "BatchNorm not preceded" in student.qdistill_unquantized[name]
+    # with running statistics and no layer to fold into: a depthwise 1x1 conv, quantized like any conv
+    assert student.qdistill_norm_convs == ["input_norm", "bn", "bn_shared"]
+    for name in ("input_norm", "bn", "bn_shared"):
+        conv = student.get_submodule(name)
+        assert isinstance(conv, QuantConv2d) and conv.groups == conv.in_channels == 3 and conv.kernel_size == (1, 1)
+    assert student.qdistill_unquantized == {
+        "batch_stats": "BatchNorm without running statistics normalises with each batch's own; it stays float"}
+    for name in ("input_norm", "bn", "bn_shared"):  # y = gamma (x - mean) / sqrt(var + eps) + beta, per channel
+        norm, conv = model.get_submodule(name), student.get_submodule(name)
+        factor = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        assert torch.allclose(conv.weight.flatten(), factor) and torch.allclose(conv.bias, norm.bias - norm.running_mean * factor)
 
 
 class _Untraceable(nn.Module):

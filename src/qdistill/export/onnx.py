@@ -112,6 +112,7 @@ NEAR_TIE_FACTOR = 2.0  # a flip is a near tie when the student's top-2 margin <=
 ACCURACY_GATE = 0.001  # 0.1 percentage points (near-tie flips counted as the student predicted them)
 DIVERGENCE_SQNR_DB = 30.0  # below this a layer's output no longer tracks the student's
 DIAGNOSIS_SAMPLES = 256
+FLOAT_OUTPUT_MATMULS = ("MatMulIntegerToFloat", "MatMulInteger")
 LAYERS_KEY = "qdistill_layers"
 OPS_KEY = "qdistill_ops"
 
@@ -183,7 +184,11 @@ def _mark_lookups(export_model: nn.Module) -> None:
 def _mark_ops(export_model: nn.Module) -> None:
     """Each quantized op without weights marks its output, so the rewrite can find and check it."""
     for name, module in export_model.named_modules():
-        if isinstance(module, QUANTIZED_OPS):
+        if not isinstance(module, QUANTIZED_OPS):
+            continue
+        if "output_quantizer" in module._modules:  # the op's own result, before it quantizes it
+            module.output_quantizer.register_forward_pre_hook(lambda _, args, name=name: (_MarkOp.apply(args[0], name),))
+        else:
             module.register_forward_hook(lambda module, args, output, name=name: _MarkOp.apply(output, name))
 
 
@@ -341,6 +346,14 @@ def _op_kernels(table: list[dict[str, Any]], optimized: onnx.ModelProto) -> dict
         allowed = OP_KERNELS.get(op.op, ())
         if op.op == "Lookup" and op.quantized_output is None:  # exact float values: its readers are float ops
             kernels[op.name] = "Gather (float table)"
+            continue
+        if op.op == "MatMul" and op.quantized_output is None:  # scores before a softmax: integer product, float result
+            producer = producers.get(op.output)
+            kernel = producer.op_type if producer is not None else "nothing"
+            if kernel not in FLOAT_OUTPUT_MATMULS:
+                raise ExportError(f"ONNX Runtime runs quantized op {op.name!r} (MatMul) in float ({kernel}); it must "
+                                  f"run as {' or '.join(FLOAT_OUTPUT_MATMULS)}")
+            kernels[op.name] = kernel
             continue
         if op.quantized_output is None:
             raise ExportError(f"quantized op {op.name!r} ({op.op}) cannot run in integers: its result feeds no "

@@ -167,3 +167,24 @@ def decompose_attention(model: nn.Module) -> dict[str, str]:
             continue
         model.set_submodule(name, DecomposedMultiheadAttention.from_mha(module))
     return kept
+
+
+def unfuse_attention(model: nn.Module) -> list[str]:
+    """Switch timm-style attention modules (a ``fused_attn`` flag) to their explicit ``q @ k^T``, softmax, ``@ v`` path.
+
+    The fused path calls ``F.scaled_dot_product_attention``, one opaque float op; the explicit path
+    computes the same function with two matmuls that ``prepare`` then quantizes. Returns the names switched.
+
+    Example:
+        >>> class Attention(nn.Module):
+        ...     fused_attn = True
+        >>> model = nn.Sequential(Attention())
+        >>> unfuse_attention(model), model[0].fused_attn
+        (['0'], False)
+    """
+    names = []
+    for name, module in model.named_modules():
+        if getattr(module, "fused_attn", None) is True:
+            module.fused_attn = False
+            names.append(name)
+    return names

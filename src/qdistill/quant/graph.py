@@ -36,11 +36,11 @@ import torch
 from torch import fx, nn
 
 from qdistill.quant.attention import DecomposedMultiheadAttention
-from qdistill.quant.modules import InputQuantizedMixin, QuantAdd, QuantCat, QuantLayerMixin, QuantMul
+from qdistill.quant.modules import InputQuantizedMixin, QuantAdd, QuantCat, QuantLayerMixin, QuantMatMul, QuantMul
 from qdistill.quant.quantizer import Quantizer
 
 # modules whose forward is never traced into: they are the units prepare reasons about
-LEAF_TYPES = (QuantLayerMixin, InputQuantizedMixin, QuantAdd, QuantMul, QuantCat, Quantizer,
+LEAF_TYPES = (QuantLayerMixin, InputQuantizedMixin, QuantAdd, QuantMul, QuantMatMul, QuantCat, Quantizer,
               DecomposedMultiheadAttention)
 FIXED_TYPES = (type(None), bool, int, float, str)  # argument values a module graph may be specialised to
 NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride", "element_size",
@@ -81,7 +81,8 @@ class PrepareTracer(fx.Tracer):
         self.bound_calls: list[tuple[nn.Module, inspect.BoundArguments | None]] = []
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        if self.local or isinstance(module, LEAF_TYPES):
+        # BatchNorm subclasses (timm's BatchNormAct2d) stay whole so folding can see them
+        if self.local or isinstance(module, (*LEAF_TYPES, nn.modules.batchnorm._BatchNorm)):
             return True
         return super().is_leaf_module(module, qualified_name)
 
@@ -227,6 +228,10 @@ def check_fixed(value: Any, expected: Any, name: str) -> None:
         ValueError: is_causal: this forward was specialised to is_causal=False by qdistill.quant.prepare; got True
     """
     if value is expected or (type(value) is type(expected) and value == expected):
+        return
+    # the ONNX exporter passes a root forward's defaults as tensors (tensor(False))
+    if (isinstance(value, torch.Tensor) and expected is not None and not isinstance(expected, str)
+            and value.numel() == 1 and value.item() == expected):
         return
     raise ValueError(f"{name}: this forward was specialised to {name}={expected!r} by qdistill.quant.prepare; got {value!r}")
 

@@ -70,6 +70,15 @@ class QuantLayerMixin:
         quantized.attach_quantizers(weight_quantizer.to(weight.device), input_quantizer and input_quantizer.to(weight.device))
         return quantized
 
+    def as_float(self) -> nn.Module:
+        """The float layer again (same parameters, no quantizers): ``prepare``'s undo for one layer."""
+        float_class = self.__class__.__mro__[2]
+        layer = float_class.__new__(float_class)
+        layer.__dict__ = {key: value for key, value in self.__dict__.items()}
+        layer._modules = {}
+        layer._parameters = dict(self._parameters)
+        return layer
+
     def to_float(self) -> nn.Module:
         """A plain float layer whose weight is this layer's quantized weight."""
         float_class = self.__class__.__mro__[2]
@@ -221,6 +230,22 @@ class InputQuantizedMixin:
         return quantized
 
 
+def quantize_output(op: nn.Module, result: torch.Tensor) -> torch.Tensor:
+    """``result`` through the op's ``output_quantizer`` when ``prepare`` gave it one (its result feeds float ops).
+
+    ONNX Runtime's integer kernels for adds, products, concatenations and pools write integers, so
+    they need the scale of the tensor they produce; when no quantized consumer provides one, the op
+    quantizes its own result.
+
+    Example:
+        >>> add = QuantAdd([ActivationQuantizer(8), ActivationQuantizer(8)])
+        >>> quantize_output(add, torch.ones(2)) is not None
+        True
+    """
+    quantizer = op._modules.get("output_quantizer")
+    return result if quantizer is None else quantizer(result)
+
+
 class QuantAvgPool2d(InputQuantizedMixin, nn.AvgPool2d):
     """``nn.AvgPool2d`` on a fake-quantized input (ONNX Runtime: ``QLinearAveragePool``).
 
@@ -230,7 +255,7 @@ class QuantAvgPool2d(InputQuantizedMixin, nn.AvgPool2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        return super().forward(self.input_quantizer(x))
+        return quantize_output(self, super().forward(self.input_quantizer(x)))
 
 
 class QuantAdaptiveAvgPool2d(InputQuantizedMixin, nn.AdaptiveAvgPool2d):
@@ -242,7 +267,7 @@ class QuantAdaptiveAvgPool2d(InputQuantizedMixin, nn.AdaptiveAvgPool2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        return super().forward(self.input_quantizer(x))
+        return quantize_output(self, super().forward(self.input_quantizer(x)))
 
 
 class QuantLayerNorm(InputQuantizedMixin, nn.LayerNorm):
@@ -337,7 +362,7 @@ class QuantAdd(nn.Module):
         return ["input0_quantizer", "input1_quantizer"]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.input0_quantizer(a) + self.input1_quantizer(b)
+        return quantize_output(self, self.input0_quantizer(a) + self.input1_quantizer(b))
 
 
 class QuantCat(nn.Module):
@@ -368,7 +393,8 @@ class QuantCat(nn.Module):
         return [f"input{index}_quantizer" for index in range(self.count)]
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
-        return torch.cat([getattr(self, slot)(t) for slot, t in zip(self.input_slots(), tensors, strict=True)], dim=self.dim)
+        inputs = [getattr(self, slot)(t) for slot, t in zip(self.input_slots(), tensors, strict=True)]
+        return quantize_output(self, torch.cat(inputs, dim=self.dim))
 
 
 class QuantMul(nn.Module):
@@ -395,7 +421,36 @@ class QuantMul(nn.Module):
         return ["input0_quantizer", "input1_quantizer"]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.input0_quantizer(a) * self.input1_quantizer(b)
+        return quantize_output(self, self.input0_quantizer(a) * self.input1_quantizer(b))
+
+
+class QuantMatMul(nn.Module):
+    """``a @ b`` of two fake-quantized activations: attention scores and their use on values
+    (ONNX Runtime: ``QLinearMatMul``, or ``MatMulIntegerToFloat`` when the result stays float, as
+    before a softmax).
+
+    Example:
+        >>> matmul = QuantMatMul([ActivationQuantizer(8), ActivationQuantizer(8)])
+        >>> matmul(torch.rand(2, 3, 5, 4), torch.rand(2, 3, 4, 5)).shape
+        torch.Size([2, 3, 5, 5])
+    """
+
+    def __init__(self, input_quantizers: list[Quantizer]) -> None:
+        super().__init__()
+        if len(input_quantizers) != 2:
+            raise ModelError(f"input_quantizers: {len(input_quantizers)} given; allowed: exactly 2 (QuantMatMul multiplies two tensors)")
+        self.input0_quantizer, self.input1_quantizer = input_quantizers
+
+    @property
+    def act_bits(self) -> int:
+        return max(self.input0_quantizer.bits, self.input1_quantizer.bits)
+
+    def input_slots(self) -> list[str]:
+        """Attribute names of the quantizer of each positional input."""
+        return ["input0_quantizer", "input1_quantizer"]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.input0_quantizer(a), self.input1_quantizer(b))
 
 
 ELEMENTWISE_ACTIVATIONS = (nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.Mish, nn.ELU,
@@ -425,7 +480,7 @@ INPUT_QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {
     nn.AdaptiveAvgPool2d: QuantAdaptiveAvgPool2d,
     nn.LayerNorm: QuantLayerNorm,
 }
-QUANTIZED_OPS = (QuantAdd, QuantMul, QuantCat, QuantAvgPool2d, QuantAdaptiveAvgPool2d)
+QUANTIZED_OPS = (QuantAdd, QuantMul, QuantMatMul, QuantCat, QuantAvgPool2d, QuantAdaptiveAvgPool2d)
 
 
 def input_slots(module: nn.Module) -> list[str | None]:
@@ -437,6 +492,6 @@ def input_slots(module: nn.Module) -> list[str | None]:
     """
     if isinstance(module, QuantLayerMixin):
         return ["input_quantizer" if module.input_quantizer is not None else None]
-    if isinstance(module, (InputQuantizedMixin, QuantAdd, QuantMul, QuantCat)):
+    if isinstance(module, (InputQuantizedMixin, QuantAdd, QuantMul, QuantMatMul, QuantCat)):
         return module.input_slots()
     return []

@@ -29,8 +29,8 @@ from torch import nn
 
 from qdistill.batch import batch_inputs
 from qdistill.errors import ModelError
-from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention
-from qdistill.quant.fold import fold_batchnorms
+from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention, unfuse_attention
+from qdistill.quant.fold import batchnorms_to_convs, fold_batchnorms, fold_layer_scales
 from qdistill.quant.graph import module_graphs, torch_module_notes, trace_model
 from qdistill.quant.modules import (
     INPUT_QUANTIZED_CLASS,
@@ -47,15 +47,14 @@ from qdistill.quant.modules import (
 )
 from qdistill.quant.quantizer import Quantizer
 from qdistill.quant.rewrite import rewrite_functional_ops
-from qdistill.quant.sharing import share_quantizers
+from qdistill.quant.sharing import quantize_float_reads, share_quantizers
 from qdistill.recipe import QuantSpec, Recipe
 
 FLOAT_BY_DESIGN = {
     QuantLayerNorm: "LayerNorm computes in float (per-sample statistics); only its input is quantized",
     nn.LayerNorm: "LayerNorm stays float (its statistics are per sample)",
     nn.GroupNorm: "GroupNorm stays float (its statistics are per sample)",
-    nn.BatchNorm1d: "BatchNorm not preceded by a conv/linear layer it could fold into",
-    nn.BatchNorm2d: "BatchNorm not preceded by a conv/linear layer it could fold into",
+    nn.BatchNorm1d: "BatchNorm1d not preceded by a conv/linear layer it could fold into",
     nn.MultiheadAttention: "nn.MultiheadAttention calls its weights directly; its projections stay float",
     nn.PReLU: "PReLU slope stays float",
 }
@@ -188,6 +187,7 @@ def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str])
     retrace = trace_model(student) if trace.graph is not None else trace  # it now shows the new ops
     if retrace.graph is not None:
         share_quantizers(retrace.graph, student, make)
+        quantize_float_reads(retrace.graph, student, make)
     else:
         notes["<graph>"] = (f"{retrace.failure}; BatchNorm folding, quantized additions and shared quantizers "
                             "were applied within each module that traces on its own")
@@ -203,7 +203,13 @@ def _unquantized(model: nn.Module) -> dict[str, str]:
     for name, module in model.named_modules():
         if is_quantized(module) or any(name.startswith(q + ".") for q in quantized_names) or not name:
             continue
+        if isinstance(module, QuantInputOf) and not isinstance(module, QuantElementwise):
+            reasons[name] = f"{type(module.inner).__name__} computes in float; only its input is quantized"
+            quantized_names.add(name)
+            continue
         reason = next((text for kind, text in FLOAT_BY_DESIGN.items() if isinstance(module, kind)), None)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_var is None:
+            reason = "BatchNorm without running statistics normalises with each batch's own; it stays float"
         if reason is not None:
             reasons[name] = reason
         elif not isinstance(module, NOT_REPORTED) and any(True for _ in module.parameters(recurse=False)):
@@ -254,12 +260,16 @@ def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool) -> nn
     """Steps 1-5 of ``prepare`` on a copy of ``model``; weight step sizes set only with ``init_weights``."""
     student = copy.deepcopy(model).eval()
     kept_attention = decompose_attention(student)
+    unfuse_attention(student)  # timm: explicit q @ k^T and attn @ v, which become quantized matmuls
     folded = fold_batchnorms(student)
+    student.qdistill_layer_scales = fold_layer_scales(student)  # x * gamma folded into the layer before
+    norm_convs = batchnorms_to_convs(student)
     layer_names = _quantize_layers(student, spec, init_weights)
     notes = _quantize_graph(student, spec, layer_names)
     _to_model_device(student)
     student.qdistill_unquantized = {**_unquantized(student), **kept_attention, **notes}
     student.qdistill_folded = folded
+    student.qdistill_norm_convs = norm_convs  # BatchNorms with no layer before them, now depthwise 1x1 convs
     # shared quantizers remember their last tensors only within one forward pass
     student.register_forward_pre_hook(clear_memos)
     student.register_forward_hook(clear_memos)
@@ -309,8 +319,23 @@ def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> i
             used += 1
     for quantizer in quantizers:
         quantizer.finish_calibration()
+    if used:
+        _float_again_if_never_called(student)
     student.train(was_training)
     return used
+
+
+NEVER_CALLED = ("not called as a layer during calibration (a branch unused in eval mode, such as an auxiliary "
+                "classifier, or a weight its parent reads directly); it stays float")
+
+
+def _float_again_if_never_called(student: nn.Module) -> None:
+    """Quantized layers that calibration never reached go back to float, with the reason in ``qdistill_unquantized``."""
+    for name, module in list(student.named_modules()):
+        quantizer = getattr(module, "input_quantizer", None)
+        if is_quantized(module) and quantizer is not None and not bool(quantizer.initialized):
+            student.set_submodule(name, module.as_float())
+            student.__dict__.setdefault("qdistill_unquantized", {})[name] = NEVER_CALLED
 
 
 def layer_table(student: nn.Module) -> dict[str, dict[str, int | None]]:

@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from qdistill.quant.graph import ModelTrace, module_graphs, tensor_nodes
-from qdistill.quant.modules import QuantAdd, QuantCat, QuantMul
+from qdistill.quant.modules import QuantAdd, QuantCat, QuantMatMul, QuantMul
 from qdistill.quant.quantizer import Quantizer
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -40,6 +40,8 @@ ADD_METHODS = {"add", "__add__"}  # not add_: an in-place add also changes its f
 CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 MUL_FUNCTIONS = {operator.mul, torch.mul}
 MUL_METHODS = {"mul", "__mul__"}  # not mul_: it changes its first operand
+MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
+MATMUL_METHODS = {"matmul", "__matmul__", "bmm"}
 SHAPE_METHODS = {"reshape", "view", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "contiguous", "to"}
 
 
@@ -88,6 +90,24 @@ def mul_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node
     return first, second
 
 
+def matmul_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
+    """The two activation operands of ``a @ b`` / ``torch.matmul`` / ``torch.bmm`` (attention); None otherwise.
+
+    Example:
+        >>> graph = fx.symbolic_trace(lambda q, k: (q @ k.transpose(-2, -1)).softmax(-1)).graph
+        >>> [node.name for node in graph.nodes if matmul_operands(node, tensor_nodes(graph))]
+        ['matmul']
+    """
+    is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
+        node.op == "call_method" and node.target in MATMUL_METHODS)
+    if not is_matmul or node.kwargs or len(node.args) != 2:
+        return None
+    first, second = node.args
+    if not all(isinstance(arg, fx.Node) and arg in tensors and not _is_parameter(arg) for arg in (first, second)):
+        return None
+    return first, second
+
+
 def cat_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[list[fx.Node], int] | None:
     """The tensors and dimension of ``torch.cat([a, b, ...], dim)``; None for other nodes.
 
@@ -109,8 +129,8 @@ def cat_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[list[fx.Node], i
 
 def _has_functional_ops(graph: fx.Graph) -> bool:
     tensors = tensor_nodes(graph)
-    return any(add_operands(node, tensors) or mul_operands(node, tensors) or cat_operands(node, tensors)
-               for node in graph.nodes)
+    return any(add_operands(node, tensors) or mul_operands(node, tensors) or matmul_operands(node, tensors)
+               or cat_operands(node, tensors) for node in graph.nodes)
 
 
 def _free_name(module: nn.Module, wanted: str) -> str:
@@ -153,9 +173,12 @@ def rewrite_module(module: nn.Module, graph: fx.Graph, tensors: set[fx.Node],
             added.append(_replace(graph, node, module, QuantAdd([make_quantizer(), make_quantizer()]), operands,
                                   tensors))
             continue
-        factors = mul_operands(node, tensors)
+        for find, kind in ((mul_operands, QuantMul), (matmul_operands, QuantMatMul)):
+            factors = find(node, tensors)
+            if factors is not None:
+                added.append(_replace(graph, node, module, kind([make_quantizer(), make_quantizer()]), factors, tensors))
+                break
         if factors is not None:
-            added.append(_replace(graph, node, module, QuantMul([make_quantizer(), make_quantizer()]), factors, tensors))
             continue
         concatenated = cat_operands(node, tensors)
         if concatenated is not None:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from qdistill.quant.attention import DecomposedMultiheadAttention
-from qdistill.quant.modules import QuantLayerMixin, input_slots
+from qdistill.quant.modules import QUANTIZED_OPS, QuantLayerMixin, QuantMatMul, input_slots
 from qdistill.quant.quantizer import Quantizer
 
 Slot = tuple[nn.Module, str]  # (module holding the quantizer, attribute name)
@@ -138,3 +140,65 @@ def share_quantizers(graph: fx.Graph, namespace: nn.Module, make_quantizer: Call
             setattr(owner, attribute, shared)
         merged += 1
     return merged
+
+
+PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+PASS_FUNCTIONS = {torch.flatten, torch.relu, F.relu, F.relu6, F.max_pool2d, torch.permute, torch.transpose, torch.reshape,
+                  torch.squeeze, torch.unsqueeze}
+PASS_METHODS = {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "relu", "squeeze", "unsqueeze"}
+
+
+def _reaches_only_quantizers(node: fx.Node, namespace: nn.Module) -> bool:
+    """Every use of ``node`` (through ops that move values or commute with quantization) is a quantizer slot."""
+    for user in node.users:
+        if user.op == "call_module":
+            module = namespace.get_submodule(user.target)
+            if isinstance(module, PASS_MODULES) and user.args and user.args[0] is node:
+                if not _reaches_only_quantizers(user, namespace):
+                    return False
+                continue
+            positions = [index for index, arg in enumerate(user.args) if arg is node]
+            positions += [key for key, arg in user.kwargs.items() if arg is node]
+            if not positions or not all(module_input_slots(module, position) for position in positions):
+                return False
+        elif (user.op == "call_function" and user.target in PASS_FUNCTIONS) or (
+                user.op == "call_method" and user.target in PASS_METHODS):
+            if user.args[0] is not node or not _reaches_only_quantizers(user, namespace):
+                return False
+        else:
+            return False
+    return True
+
+
+def quantize_float_reads(graph: fx.Graph, namespace: nn.Module, make_quantizer: Callable[[int], Quantizer]) -> list[str]:
+    """Give each quantized op whose result is read by float code an ``output_quantizer``; names given one.
+
+    ONNX Runtime's QLinearAdd/Concat/Mul/AveragePool write integers and need the scale of their
+    result; when its readers are float ops (a concatenation qdistill could not rewrite, a reshape
+    then a split, the model's output) nothing else provides that scale. Matrix products are left
+    alone: ONNX Runtime runs them as ``MatMulIntegerToFloat`` with a float result (before a softmax).
+
+    Example:
+        >>> from qdistill.quant.graph import trace_model
+        >>> from qdistill.quant.modules import ActivationQuantizer, QuantAdd
+        >>> class AddAtTheEnd(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.add = QuantAdd([ActivationQuantizer(8), ActivationQuantizer(8)])
+        ...     def forward(self, x, y):
+        ...         return self.add(x, y)        # the model's output: no quantizer reads it
+        >>> model = AddAtTheEnd()
+        >>> quantize_float_reads(trace_model(model).graph, model, lambda bits: ActivationQuantizer(bits))
+        ['add']
+    """
+    named = []
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = namespace.get_submodule(node.target)
+        if not isinstance(module, QUANTIZED_OPS) or isinstance(module, QuantMatMul) or "output_quantizer" in module._modules:
+            continue
+        if not _reaches_only_quantizers(node, namespace):
+            module.output_quantizer = make_quantizer(module.act_bits)
+            named.append(node.target)
+    return named
