@@ -52,6 +52,7 @@ LAYER_MARKER = "qdistill_layer"  # attribute our weight DequantizeLinear carries
 OP_MARKER = "qdistill_op"  # attribute of the Identity written after each quantized op without weights
 LOOKUP_MARKER = "qdistill_lookup"  # attributes (name, table) of the Identity an elementwise activation writes
 LOOKUP_PREFIX = "qdistill_lookup:"  # node name of a lookup marker until it becomes a Gather (never moved across)
+MOVE_PASSES = 4
 MOVABLE_OPS = {"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze"}
 INTEGER_OPS = {
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
@@ -355,9 +356,14 @@ def _group(graph: onnx.GraphProto, quantized: str):
     clip = users[0] if len(users) == 1 and users[0].op_type == "Clip" else None
     if clip is not None:
         users = index.consumers[clip.output[0]]
-    if not users or any(user.op_type != "DequantizeLinear" for user in users) or quantized in index.outputs:
+    # readers: DequantizeLinear, or an integer copy of a max pool/reshape a twin Q handed over
+    if not users or not all(_reads_integers(user) for user in users) or quantized in index.outputs:
         return None
     return quantize, clip, users
+
+
+def _reads_integers(node: onnx.NodeProto) -> bool:
+    return node.op_type == "DequantizeLinear" or (node.op_type in MOVABLE_OPS and node.name.endswith("_quantized"))
 
 
 def _grid_bounds(graph: onnx.GraphProto, clip: onnx.NodeProto | None, dtype: np.dtype) -> tuple[int, int]:
@@ -376,6 +382,7 @@ def _name_activation(graph: onnx.GraphProto, prefix: str, group) -> tuple[float,
     low, high = _grid_bounds(graph, clip, zero_point.dtype)
     _set_initializer(graph, f"{prefix}_scale", scale)
     _set_initializer(graph, f"{prefix}_zero_point", zero_point)
+    dequantizes = [node for node in dequantizes if node.op_type == "DequantizeLinear"]
     for node in (quantize, *dequantizes):
         node.input[1:3] = [f"{prefix}_scale", f"{prefix}_zero_point"]
     quantize.name = f"{prefix}_quantize"
@@ -412,17 +419,39 @@ def _movable_chain(graph: onnx.GraphProto, start: str) -> list[onnx.NodeProto]:
         tensor = node.input[0]
 
 
-def _move_quantize_up(graph: onnx.GraphProto, quantized: str, prefix: str) -> None:
-    """Put a Q right after the op producing its input and run the ops in between on integers."""
+def _twin(graph: onnx.GraphProto, quantize: onnx.NodeProto, tensor: str) -> onnx.NodeProto | None:
+    """Another QuantizeLinear reading ``tensor`` with the same scale and zero point as ``quantize``."""
+    constants = _initializers(graph)
+
+    def values(node):
+        return [numpy_helper.to_array(constants[name]).tobytes() if name in constants else name for name in node.input[1:]]
+
+    for user in _Index(graph).consumers[tensor]:
+        if user is not quantize and user.op_type == "QuantizeLinear" and values(user) == values(quantize):
+            return user
+    return None
+
+
+def _move_quantize_up(graph: onnx.GraphProto, quantized: str, prefix: str) -> bool:
+    """Put a Q right after the op producing its input and run the ops in between on integers; True if it moved.
+
+    Where the ops in between start at a tensor that an identical Q already reads (one shared
+    quantizer, reached directly and through a max pool), they run on that Q's integers instead.
+    """
     group = _group(graph, quantized)
     if group is None:
-        return
+        return False
     quantize, _, dequantizes = group
     scale, zero_point, low, high, dtype = _name_activation(graph, prefix, group)
     chain = _movable_chain(graph, quantize.input[0])
+    top = chain[-1].input[0] if chain else quantize.input[0]
+    twin = _twin(graph, quantize, top) if chain else None
     integer = quantize.output[0]
-    if chain:
-        quantize.input[0] = chain[-1].input[0]
+    if twin is not None:
+        integer = twin.output[0]
+        graph.node.remove(quantize)
+    elif chain:
+        quantize.input[0] = top
     for node in reversed(chain):  # farthest first, so the integer ops keep the original order
         if node.op_type == "Relu":
             low = max(low, zero_point)
@@ -444,6 +473,7 @@ def _move_quantize_up(graph: onnx.GraphProto, quantized: str, prefix: str) -> No
         integer = f"{prefix}_clipped"
     for node in dequantizes:
         node.input[0] = integer
+    return bool(chain)
 
 
 def _move_all_quantizes(graph: onnx.GraphProto, layers: dict[str, LayerInfo]) -> None:
@@ -460,9 +490,41 @@ def _move_all_quantizes(graph: onnx.GraphProto, layers: dict[str, LayerInfo]) ->
         node = _Index(graph).producer[quantized]
         fallback = node.name.strip("/").replace("/", ".").removesuffix(".QuantizeLinear") or quantized
         _move_quantize_up(graph, quantized, prefixes.get(quantized, fallback))
+    # a Q whose twin took over its max pool may now move further up (MOVE_PASSES bounds the rounds)
+    for _ in range(MOVE_PASSES):
+        moved = False
+        for quantized in _activation_quantizes(graph):
+            node = _Index(graph).producer[quantized]
+            moved |= _move_quantize_up(graph, quantized, node.input[1].removesuffix("_scale"))
+        if not moved:
+            break
+    _merge_twin_quantizes(graph)
     for info in layers.values():
         dequantize = _layer_input_dequantize(graph, info)
         info.act_input = dequantize.input[0] if dequantize is not None else None
+
+
+def _merge_twin_quantizes(graph: onnx.GraphProto) -> bool:
+    """QuantizeLinear nodes reading one tensor with the same scale and zero point become one.
+
+    A quantizer shared by a tensor's readers and by the readers of its max-pooled copy moves up to
+    the same tensor twice; its producer fuses with one QuantizeLinear only.
+    """
+    seen: dict[tuple, str] = {}
+    merged = False
+    constants = _initializers(graph)
+    for node in list(graph.node):
+        if node.op_type != "QuantizeLinear" or node.input[0] in constants:
+            continue
+        key = (node.input[0], *(numpy_helper.to_array(constants[name]).tobytes() if name in constants else name
+                                for name in node.input[1:]))
+        if key not in seen:
+            seen[key] = node.output[0]
+            continue
+        _rename_tensor(graph, node.output[0], seen[key])
+        graph.node.remove(node)
+        merged = True
+    return merged
 
 
 def _repoint_shapes(graph: onnx.GraphProto, float_tensor: str, integer_tensor: str) -> None:

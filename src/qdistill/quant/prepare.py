@@ -3,13 +3,18 @@
 The steps, each in its own module:
 
 1. ``nn.MultiheadAttention`` becomes ``DecomposedMultiheadAttention`` (``attention.py``): the same
-   function with plain Linear projections, which the next steps quantize.
+   function with plain Linear projections, which the next steps quantize; timm attention modules
+   take their explicit ``q @ k^T`` path (``fused_attn = False``).
 2. BatchNorm after a conv/linear layer is folded into it (``fold.py``), found on the fx graph, so
-   the weights the student trains are the weights that are exported.
+   the weights the student trains are the weights that are exported; a BatchNorm2d with nothing
+   to fold into becomes a depthwise 1x1 conv; per-channel layer scales fold into the layer before.
 3. Conv1d, Conv2d (grouped and depthwise too), Linear and Embedding become quantized layers.
-4. AvgPool2d, AdaptiveAvgPool2d and LayerNorm get a quantized input, and additions and
-   concatenations of tensors in custom forwards become ``QuantAdd``/``QuantCat`` (``rewrite.py``).
-5. The consumers of one tensor share one activation quantizer (``sharing.py``).
+4. AvgPool2d, AdaptiveAvgPool2d, LayerNorm and elementwise activations (exported as tables of
+   their input codes) get a quantized input, and additions, products, matrix products and
+   concatenations of tensors in custom forwards become ``QuantAdd``/``QuantMul``/``QuantMatMul``/
+   ``QuantCat`` (``rewrite.py``).
+5. The consumers of one tensor share one activation quantizer (``sharing.py``); an op whose result
+   float code reads quantizes its own result.
 
 torch.fx traces the whole model where it can; where it cannot, each custom module is traced on
 its own. Anything not handled stays float and is listed, with the reason, in

@@ -31,6 +31,12 @@ from qdistill.quant.quantizer import Quantizer
 Slot = tuple[nn.Module, str]  # (module holding the quantizer, attribute name)
 ATTENTION_INPUTS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 TRANSPARENT_LEADERS = (nn.Dropout, nn.Identity)  # a Sequential starting with these passes its input on
+PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+PASS_FUNCTIONS = {torch.flatten, torch.relu, F.relu, F.relu6, F.max_pool2d, torch.permute, torch.transpose, torch.reshape,
+                  torch.squeeze, torch.unsqueeze}
+PASS_METHODS = {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "relu", "squeeze", "unsqueeze"}
+
+
 
 
 def _attention_slots(attention: DecomposedMultiheadAttention, position: int | str) -> list[Slot]:
@@ -64,9 +70,23 @@ def module_input_slots(module: nn.Module, position: int | str) -> list[Slot]:
     return []
 
 
+def _passes_on(user: fx.Node, node: fx.Node, namespace: nn.Module) -> bool:
+    """``user`` moves ``node``'s values or commutes with quantizing them (ReLU, max pool, flatten, permute)."""
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_module":
+        return isinstance(namespace.get_submodule(user.target), PASS_MODULES)
+    return (user.op == "call_function" and user.target in PASS_FUNCTIONS) or (
+        user.op == "call_method" and user.target in PASS_METHODS)
+
+
 def _uses(node: fx.Node, namespace: nn.Module) -> list[Slot]:
+    """The quantizer slots reading ``node``, directly or through ops that pass it on (one Q in the export)."""
     slots: list[Slot] = []
     for user in node.users:
+        if _passes_on(user, node, namespace):
+            slots += _uses(user, namespace)
+            continue
         if user.op != "call_module":
             continue
         module = namespace.get_submodule(user.target)
@@ -140,12 +160,6 @@ def share_quantizers(graph: fx.Graph, namespace: nn.Module, make_quantizer: Call
             setattr(owner, attribute, shared)
         merged += 1
     return merged
-
-
-PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
-PASS_FUNCTIONS = {torch.flatten, torch.relu, F.relu, F.relu6, F.max_pool2d, torch.permute, torch.transpose, torch.reshape,
-                  torch.squeeze, torch.unsqueeze}
-PASS_METHODS = {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "relu", "squeeze", "unsqueeze"}
 
 
 def _reaches_only_quantizers(node: fx.Node, namespace: nn.Module) -> bool:
