@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 
-.PHONY: demo demo-quick test test-slow test-browser test-vision lint bench clean
+.PHONY: demo demo-quick test test-slow test-browser test-vision test-vision-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -64,6 +64,10 @@ $(VISION_STAMP): pyproject.toml
 test-vision: $(VISION_STAMP)
 	$(VISION_PY) -m pytest -q tests/models tests/data
 	$(VISION_PY) -m pytest -q -p no:cacheprovider --doctest-modules --pyargs qdistill.models qdistill.data -o addopts=""
+
+# every torchvision architecture up to 30M parameters and the timm families through the int8 parity gate (minutes)
+test-vision-slow: $(VISION_STAMP)
+	$(VISION_PY) -m pytest -q -m slow tests/models
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
