@@ -1,79 +1,103 @@
-"""``qdistill search``: the smallest student (fewest bits) that meets an accuracy target.
+"""``qdistill search``: uniform bit widths, or per-layer widths under a budget; a Pareto front.
 
-Candidates are tried as a binary search over the bit-width ladder, smallest first in order, on the
-assumption that more bits never lose accuracy. A candidate meets the target on the validation
-split; the accuracy each candidate reports is measured on the test split, which no choice saw. Every candidate's outputs are kept under
-``DIR/candidates/<name>/``, and the best student so far is saved to ``DIR`` as soon as it is
-found, so a search that is stopped - or that never meets its target - still leaves a usable result.
+``search.mode: uniform`` tries the bit widths of ``search.candidates`` as a binary search over
+the ladder, smallest first, on the assumption that more bits never lose accuracy, and keeps the
+smallest candidate that meets the accuracy target.
+
+``search.mode: mixed`` (the default once ``search.budget`` is given):
+
+1. **Sensitivity** (``runs/sensitivity.py``): the rise of the KD loss when one layer alone is at
+   a narrower weight or activation width, measured on held-out training batches.
+2. **Allocation** (``quant/allocate.py``): per-layer widths from ``search.weight_bits`` and
+   ``search.act_bits`` minimising the summed sensitivity within a size, solved exactly as an
+   integer program. ``search.points`` sizes are allocated, evenly spaced from the budget's
+   ``size_bytes`` (default: every layer at the widest widths) down towards the smallest size the
+   widths allow; allocations that come out equal are trained once.
+3. **Training** with QAT + KD, like any run; each candidate's ONNX Runtime latency is measured
+   (batch 1, one thread) when ``search.latency`` is true.
+4. **Choice** on the validation split: with an accuracy target, the smallest candidate that
+   meets it (a binary search over the sizes); otherwise the most accurate one within the budget.
+   ``latency_us`` is checked on the measured latency (widths below 8 bits run on the same int8
+   kernels in ONNX Runtime, so the allocation cannot predict it per layer).
+
+Which widths are allowed where: ONNX export keeps every width from 2 to 8 bits integer (weights
+are int8 initializers holding the narrower grid, activations int8 QuantizeLinear with an integer
+Clip for narrower grids, and the export checks that each quantized layer and op runs on an integer
+kernel), so widths are offered exactly on the layers and ops ``prepare`` quantizes
+(``layer_table``) and never on what stays float; a candidate whose export still fails that check
+gets no latency, records ``export_error`` and cannot meet a latency budget.
+
+The accuracy each candidate reports as ``accuracy`` is measured on the test split, which no
+choice saw. Every candidate's outputs are kept under ``DIR/candidates/<name>/``; after each
+candidate the best student so far is saved to ``DIR`` with the whole search section, so a search
+that is stopped (Ctrl-C) or that never meets its budget still leaves a usable result.
 """
 
 from __future__ import annotations
 
+import copy
+import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdistill.evaluate import evaluate
+from torch import nn
+
+from qdistill.batch import batch_inputs
+from qdistill.errors import ExportError
+from qdistill.evaluate import evaluate, theoretical_size_bytes
+from qdistill.export.latency import first_samples, measure_latency
+from qdistill.export.onnx import export_onnx
+from qdistill.quant import prepare
+from qdistill.quant.allocate import allocate, smallest_size
 from qdistill.recipe import Recipe
+from qdistill.report.search_page import pareto_flags
 from qdistill.runs.deploy import export_outputs
 from qdistill.runs.recipe_run import run_recipe, write_html_report
 from qdistill.runs.rundir import RunDir, output_dir
-from qdistill.runs.stages import RunData, obtain_teacher, prepare_data
+from qdistill.runs.sensitivity import layer_sensitivity, widest_spec
+from qdistill.runs.stages import RunData, build_student, obtain_teacher, prepare_data
 from qdistill.runs.student import Result
+
+LATENCY_SAMPLES = 16
+LATENCY_BUDGET_S = 0.1  # per number, split over the rounds: enough for a tiny model's median
+
+
+@dataclass
+class Plan:
+    """One candidate to train: its folder name, its recipe and what the search knew of it beforehand."""
+
+    name: str
+    recipe: Recipe
+    info: dict[str, Any]
 
 
 @dataclass
 class SearchState:
     """What the search has tried, and the best result so far."""
 
-    target: float
+    target: float | None
     teacher_accuracy: float
-    tried: dict[int, dict[str, Any]] = field(default_factory=dict)
-    results: dict[int, Result] = field(default_factory=dict)
-    chosen: int | None = None
+    section: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    results: dict[str, Result] = field(default_factory=dict)
+    chosen: str | None = None
 
 
 def candidate_name(weight_bits: int, act_bits: int) -> str:
-    """Folder name of one candidate, e.g. ``w4a8``."""
+    """Folder name of one uniform candidate, e.g. ``w4a8``."""
     return f"w{weight_bits}a{act_bits}"
 
 
-def _try(recipe: Recipe, candidate: list[int], state: SearchState, run: RunDir, data: RunData, teacher,
-         show_progress: bool):
-    weight_bits, act_bits = candidate
-    overrides = [f"quant.weight_bits={weight_bits}", f"quant.act_bits={act_bits}",
-                 f"train.target_accuracy={state.target}"]  # stop training once the target is met (on validation)
-    started = time.perf_counter()
-    result = run_recipe(recipe.with_overrides(overrides), run.candidate(candidate_name(*candidate)).path,
-                        data=data, teacher=teacher, show_progress=show_progress, export=False)
-    student = result.report["student"]
-    val_accuracy = evaluate(result.student, data.val, data.bundle.num_classes)["accuracy"]
-    return result, {"weight_bits": weight_bits, "act_bits": act_bits, "val_accuracy": val_accuracy,
-                    "accuracy": student["accuracy"], "size_bytes": student["size_bytes"],
-                    "met_target": val_accuracy >= state.target, "epochs": len(result.report["history"]),
-                    "seconds": round(time.perf_counter() - started, 2)}
-
-
-def _search_section(state: SearchState, candidates: list[list[int]]) -> dict[str, Any]:
-    tried = [state.tried[index] for index in sorted(state.tried)]
-    chosen = state.tried[state.chosen] if state.chosen is not None else None
-    return {"target_accuracy": state.target, "teacher_accuracy": state.teacher_accuracy,
-            "ladder": candidates, "candidates": tried, "chosen": chosen,
-            "target_met": bool(chosen and chosen["met_target"])}
-
-
-def _publish(index: int, state: SearchState, candidates, run: RunDir, data: RunData, teacher) -> None:
-    """Save the chosen candidate as the search's result in the run folder (it may be replaced later)."""
-    state.chosen = index
-    result = state.results[index]
-    result.report["search"] = _search_section(state, candidates)
-    result.save(run.path)
-    write_html_report(result, data, run, teacher)
-
-
 def run_search(recipe: Recipe, out: str | Path, show_progress: bool = True, echo=print) -> dict[str, Any]:
-    """Run the search described by ``recipe.search``; returns report.json's ``search`` section."""
+    """Run the search described by ``recipe.search``; returns report.json's ``search`` section.
+
+    Example:
+        >>> section = run_search(Recipe.from_yaml("recipes/mnist_search_size.yaml"), "out/search")  # doctest: +SKIP
+        >>> [row["name"] for row in section["candidates"] if row["pareto"]]                        # doctest: +SKIP
+    """
     with output_dir(out) as run:
         return _search(recipe, run, show_progress, echo)
 
@@ -82,34 +106,227 @@ def _search(recipe: Recipe, run: RunDir, show_progress: bool, echo) -> dict[str,
     data = prepare_data(recipe)
     teacher, _ = obtain_teacher(recipe, data, run, resume=False, show_progress=show_progress, reuse_cached=True)
     teacher_accuracy = evaluate(teacher, data.val, data.bundle.num_classes)["accuracy"]
-    target = recipe.search.target_accuracy or teacher_accuracy - recipe.search.max_accuracy_drop / 100.0
-    state = SearchState(target=target, teacher_accuracy=teacher_accuracy)
-    candidates = sorted(recipe.search.candidates, key=lambda bits: (bits[0], bits[1]))
-    echo(f"teacher accuracy {teacher_accuracy:.4f}; target {target:.4f}; ladder {candidates}")
-    low, high = 0, len(candidates) - 1
-    while low <= high:
-        middle = (low + high) // 2
-        state.results[middle], state.tried[middle] = _try(recipe, candidates[middle], state, run, data, teacher,
-                                                          show_progress)
-        row = state.tried[middle]
-        echo(f"{candidate_name(*candidates[middle])}: validation accuracy {row['val_accuracy']:.4f} "
-             f"{'meets' if row['met_target'] else 'misses'} the target ({row['seconds']} s)")
-        if row["met_target"]:
-            _publish(middle, state, candidates, run, data, teacher)
-            high = middle - 1
-        else:
-            low = middle + 1
-    if state.chosen is None:  # nothing met the target: keep the most accurate student, and say so
-        _publish(max(state.tried, key=lambda index: state.tried[index]["val_accuracy"]), state, candidates, run, data,
-                 teacher)
-    return _finish(state, candidates, run, data, teacher)
+    spec = recipe.search
+    if spec.mode == "uniform":
+        plans, section = _uniform_plans(recipe)
+        target = _accuracy_target(recipe, teacher_accuracy)
+    else:
+        plans, section = _mixed_plans(recipe, data, teacher, echo)
+        target = _accuracy_target(recipe, teacher_accuracy) if _targets_accuracy(recipe) else None
+    section = {"mode": spec.mode, "target_accuracy": target, "teacher_accuracy": teacher_accuracy, **section}
+    state = SearchState(target=target, teacher_accuracy=teacher_accuracy, section=section)
+    echo(f"teacher accuracy {teacher_accuracy:.4f}; " + (f"target {target:.4f}; " if target is not None else "")
+         + f"{len(plans)} candidates: {', '.join(plan.name for plan in plans)}")
+    try:
+        _explore(plans, state, run, data, teacher, show_progress, echo)
+    except KeyboardInterrupt:
+        state.section["interrupted"] = True
+        if state.chosen is not None:
+            _save(state, run)  # the best so far stays in place, and says the search did not finish
+        raise
+    return _finish(state, run, data, teacher)
 
 
-def _finish(state: SearchState, candidates, run: RunDir, data: RunData, teacher) -> dict[str, Any]:
+def _targets_accuracy(recipe: Recipe) -> bool:
+    budget = recipe.search.budget
+    return budget is None or budget.target_accuracy is not None
+
+
+def _accuracy_target(recipe: Recipe, teacher_accuracy: float) -> float:
+    budget = recipe.search.budget
+    given = budget.target_accuracy if budget is not None and budget.target_accuracy is not None else None
+    given = given if given is not None else recipe.search.target_accuracy
+    return given if given is not None else teacher_accuracy - recipe.search.max_accuracy_drop / 100.0
+
+
+def _uniform_plans(recipe: Recipe) -> tuple[list[Plan], dict[str, Any]]:
+    ladder = sorted(recipe.search.candidates, key=lambda bits: (bits[0], bits[1]))
+    plans = [Plan(candidate_name(w, a), recipe.with_overrides([f"quant.weight_bits={w}", f"quant.act_bits={a}"]),
+                  {"weight_bits": w, "act_bits": a}) for w, a in ladder]
+    return plans, {"ladder": ladder}
+
+
+def _mixed_plans(recipe: Recipe, data: RunData, teacher: nn.Module, echo) -> tuple[list[Plan], dict[str, Any]]:
+    spec = recipe.search
+    float_student = build_student(recipe, data) or copy.deepcopy(teacher)
+    sensitivity = layer_sensitivity(teacher, float_student, recipe, data.train, spec.weight_bits, spec.act_bits,
+                                    spec.sensitivity_batches)
+    echo(f"sensitivity of {len(sensitivity['layers'])} layers and ops measured in {sensitivity['seconds']} s")
+    groups, fixed_bits = _allocation_groups(recipe, float_student, data, sensitivity)
+    widest = fixed_bits + sum(max(size for _, size in options.values()) for options in groups.values())
+    top = spec.budget.size_bytes if spec.budget is not None and spec.budget.size_bytes is not None else _bytes(widest)
+    low = fixed_bits + smallest_size(groups)
+    budgets = _ladder(top, _bytes(low), spec.points)
+    plans, seen = [], set()
+    for budget in budgets:
+        chosen = allocate(groups, 8 * budget - fixed_bits, what="search.budget.size_bytes (allocatable bits)")
+        key = tuple(sorted(chosen.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        plans.append(_mixed_plan(recipe, len(plans) + 1, budget, chosen, groups, fixed_bits))
+    plans.sort(key=lambda plan: plan.info["predicted_size_bytes"])
+    section = {"budget": spec.budget.model_dump() if spec.budget is not None else None,
+               "weight_bits_allowed": spec.weight_bits, "act_bits_allowed": spec.act_bits,
+               "ladder": budgets, "sensitivity": sensitivity}
+    return plans, section
+
+
+def _bytes(bits: float) -> int:
+    return int(math.ceil(bits / 8))
+
+
+def _ladder(top: int, low: int, points: int) -> list[int]:
+    """``points`` sizes in bytes from ``top`` down towards ``low`` (``low`` itself only as the last of many)."""
+    if points == 1 or top <= low:
+        return [top]
+    step = (top - low) / points
+    return [int(round(top - index * step)) for index in range(points)]
+
+
+def _allocation_groups(recipe: Recipe, float_student: nn.Module, data: RunData,
+                       sensitivity: dict[str, Any]) -> tuple[dict[str, dict[int, tuple[float, float]]], int]:
+    """The integer program's groups (``layer`` weight widths, ``layer@act`` activation widths: (rise, bits))
+    and the bits that do not depend on the widths (biases, scales, float layers) with the widest widths' size."""
+    spec = recipe.search
+    groups: dict[str, dict[int, tuple[float, float]]] = {}
+    varying = 0
+    for name, entry in sensitivity["layers"].items():
+        if "weight" in entry:
+            groups[name] = {int(bits): (rise, entry["params"] * int(bits)) for bits, rise in entry["weight"].items()}
+            varying += entry["params"] * max(spec.weight_bits)
+        if "act" in entry:
+            groups[f"{name}@act"] = {int(bits): (rise, 0.0) for bits, rise in entry["act"].items()}
+    reference = prepare(float_student, widest_spec(recipe.quant, spec.weight_bits, spec.act_bits))
+    # the theoretical size rounds its bits up to bytes, so 8 * bytes may exceed the true bits by up to 7:
+    # counting those as fixed keeps every allocation within its budget
+    fixed_bits = 8 * theoretical_size_bytes(reference) - varying
+    return groups, fixed_bits
+
+
+def _mixed_plan(recipe: Recipe, index: int, budget: int, chosen: dict[str, int], groups, fixed_bits: int) -> Plan:
+    per_layer: dict[str, dict[str, int | None]] = {}
+    for group, bits in chosen.items():
+        layer, _, act = group.partition("@")
+        per_layer.setdefault(layer, {"weight_bits": None, "act_bits": None})["act_bits" if act else "weight_bits"] = bits
+    overrides = {name: {key: value for key, value in row.items() if value is not None} for name, row in per_layer.items()}
+    data = recipe.to_dict()
+    data["quant"] = widest_spec(recipe.quant, recipe.search.weight_bits, recipe.search.act_bits, overrides).model_dump(mode="json")
+    bits = fixed_bits + sum(groups[group][option][1] for group, option in chosen.items())
+    info = {"allocation_budget_bytes": budget, "predicted_size_bytes": _bytes(bits),
+            "predicted_sensitivity": sum(groups[group][option][0] for group, option in chosen.items())}
+    return Plan(f"mixed{index}", Recipe.from_dict(data), info)
+
+
+def _explore(plans: list[Plan], state: SearchState, run: RunDir, data: RunData, teacher, show_progress, echo) -> None:
+    """Train the plans: a binary search over sizes with an accuracy target, else every plan, largest first."""
+    if state.target is not None:
+        low, high = 0, len(plans) - 1
+        while low <= high:
+            middle = (low + high) // 2
+            row = _try(plans[middle], state, run, data, teacher, show_progress, echo)
+            low, high = (low, middle - 1) if row["met_target"] else (middle + 1, high)
+    else:
+        for plan in reversed(plans):
+            _try(plan, state, run, data, teacher, show_progress, echo)
+
+
+def _try(plan: Plan, state: SearchState, run: RunDir, data: RunData, teacher, show_progress, echo) -> dict[str, Any]:
+    recipe = plan.recipe
+    if state.target is not None:  # stop training once the target is met (on validation)
+        recipe = recipe.with_overrides([f"train.target_accuracy={state.target}"])
+    started = time.perf_counter()
+    result = run_recipe(recipe, run.candidate(plan.name).path, data=data, teacher=teacher,
+                        show_progress=show_progress, export=False)
+    student = result.report["student"]
+    row = {"name": plan.name, **plan.info,
+           "val_accuracy": evaluate(result.student, data.val, data.bundle.num_classes)["accuracy"],
+           "accuracy": student["accuracy"], "size_bytes": student["size_bytes"],
+           "per_layer": {name: {"weight_bits": layer["weight_bits"], "act_bits": layer["act_bits"]}
+                         for name, layer in student["per_layer"].items()},
+           "epochs": len(result.report["history"])}
+    if recipe.search.latency:
+        row.update(_latency(result.student, data))
+    if state.target is not None:
+        row["met_target"] = row["val_accuracy"] >= state.target
+    row["within_budget"] = _within_budget(row, recipe)
+    row["seconds"] = round(time.perf_counter() - started, 2)
+    state.rows.append(row)
+    state.results[plan.name] = result
+    echo(_progress_line(row, state))
+    _choose(state)
+    _save(state, run, html=True, data=data, teacher=teacher)
+    return row
+
+
+def _progress_line(row: dict[str, Any], state: SearchState) -> str:
+    latency = f", {row['latency_us']} us" if row.get("latency_us") is not None else ""
+    verdict = ("meets" if row["met_target"] else "misses") + " the target" if state.target is not None else \
+        ("within" if row["within_budget"] else "outside") + " the budget"
+    return (f"{row['name']}: {row['size_bytes']} bytes{latency}, validation accuracy {row['val_accuracy']:.4f} "
+            f"{verdict} ({row['seconds']} s)")
+
+
+def _latency(student: nn.Module, data: RunData) -> dict[str, Any]:
+    """The candidate's ONNX Runtime latency per sample (batch 1, one thread), from a temporary int8 export."""
+    example = batch_inputs(next(iter(data.val)))[:1]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "candidate.onnx"
+        try:
+            export_onnx(student, path, example)
+        except ExportError as error:
+            return {"latency_us": None, "export_error": str(error)}
+        measured = measure_latency({"int8": path}, None, first_samples(data.val, LATENCY_SAMPLES), batches=(1,),
+                                   budget_s=LATENCY_BUDGET_S)
+    return {"latency_us": measured["1"]["int8"]["batch1"]}
+
+
+def _within_budget(row: dict[str, Any], recipe: Recipe) -> bool:
+    budget = recipe.search.budget
+    if budget is None:
+        return True
+    if budget.size_bytes is not None and row["size_bytes"] > budget.size_bytes:
+        return False
+    return budget.latency_us is None or (row.get("latency_us") is not None and row["latency_us"] <= budget.latency_us)
+
+
+def _choose(state: SearchState) -> None:
+    """The choice, on validation: the smallest meeting the target (or most accurate within budget); failing that the most accurate."""
+    rows = state.rows
+    if state.target is not None:
+        fitting = [row for row in rows if row["met_target"] and row["within_budget"]]
+        best = min(fitting, key=lambda row: (row["size_bytes"], -row["val_accuracy"])) if fitting else None
+    else:
+        fitting = [row for row in rows if row["within_budget"]]
+        best = max(fitting, key=lambda row: (row["val_accuracy"], -row["size_bytes"])) if fitting else None
+    if best is None:
+        best = max(rows, key=lambda row: (row["val_accuracy"], -row["size_bytes"]))
+    state.chosen = best["name"]
+
+
+def _section(state: SearchState) -> dict[str, Any]:
+    rows = sorted(state.rows, key=lambda row: (row["size_bytes"], row["name"]))
+    objectives = ["size_bytes"] + (["latency_us"] if rows and all(row.get("latency_us") is not None for row in rows) else [])
+    flags = pareto_flags([[row[key] for key in objectives] for row in rows], [row["val_accuracy"] for row in rows])
+    rows = [{**row, "pareto": flag} for row, flag in zip(rows, flags, strict=True)]
+    chosen = next(row for row in rows if row["name"] == state.chosen)
+    met = chosen["within_budget"] and (state.target is None or chosen["met_target"])
+    return {**state.section, "pareto_objectives": [*objectives, "val_accuracy"], "candidates": rows,
+            "chosen": chosen, "target_met": bool(met), "budget_met": bool(met)}
+
+
+def _save(state: SearchState, run: RunDir, html: bool = False, data: RunData | None = None, teacher=None) -> None:
+    """Save the chosen candidate, with the search so far, as the search's result in the run folder."""
+    result = state.results[state.chosen]
+    result.report["search"] = _section(state)
+    result.save(run.path)
+    if html:
+        write_html_report(result, data, run, teacher)
+
+
+def _finish(state: SearchState, run: RunDir, data: RunData, teacher) -> dict[str, Any]:
     result = state.results[state.chosen]
     if result.recipe.export.onnx or result.recipe.export.packed:
         result.report.update(export_outputs(result.student, result.recipe, data, run))
-    result.report["search"] = _search_section(state, candidates)
-    result.save(run.path)
-    write_html_report(result, data, run, teacher)
+    _save(state, run, html=True, data=data, teacher=teacher)
     return result.report["search"]
