@@ -46,12 +46,13 @@ from typing import Any
 from torch import nn
 
 from qdistill.batch import batch_inputs
-from qdistill.errors import ExportError
+from qdistill.errors import ExportError, RecipeError
 from qdistill.evaluate import evaluate, theoretical_size_bytes
 from qdistill.export.latency import first_samples, measure_latency
 from qdistill.export.onnx import export_onnx
-from qdistill.quant import prepare
-from qdistill.quant.allocate import allocate, smallest_size
+from qdistill.models import build_model
+from qdistill.quant import is_quantized, prepare
+from qdistill.quant.allocate import allocate
 from qdistill.recipe import Recipe
 from qdistill.report.search_page import pareto_flags
 from qdistill.runs.deploy import export_outputs
@@ -104,6 +105,7 @@ def run_search(recipe: Recipe, out: str | Path, show_progress: bool = True, echo
 
 def _search(recipe: Recipe, run: RunDir, show_progress: bool, echo) -> dict[str, Any]:
     data = prepare_data(recipe)
+    sizes = size_model(recipe, data) if recipe.search.mode == "mixed" else None  # a budget too small fails here, untrained
     teacher, _ = obtain_teacher(recipe, data, run, resume=False, show_progress=show_progress, reuse_cached=True)
     teacher_accuracy = evaluate(teacher, data.val, data.bundle.num_classes)["accuracy"]
     spec = recipe.search
@@ -111,7 +113,7 @@ def _search(recipe: Recipe, run: RunDir, show_progress: bool, echo) -> dict[str,
         plans, section = _uniform_plans(recipe)
         target = _accuracy_target(recipe, teacher_accuracy)
     else:
-        plans, section = _mixed_plans(recipe, data, teacher, echo)
+        plans, section = _mixed_plans(recipe, data, teacher, sizes, echo)
         target = _accuracy_target(recipe, teacher_accuracy) if _targets_accuracy(recipe) else None
     section = {"mode": spec.mode, "target_accuracy": target, "teacher_accuracy": teacher_accuracy, **section}
     state = SearchState(target=target, teacher_accuracy=teacher_accuracy, section=section)
@@ -146,25 +148,56 @@ def _uniform_plans(recipe: Recipe) -> tuple[list[Plan], dict[str, Any]]:
     return plans, {"ladder": ladder}
 
 
-def _mixed_plans(recipe: Recipe, data: RunData, teacher: nn.Module, echo) -> tuple[list[Plan], dict[str, Any]]:
+@dataclass
+class SizeModel:
+    """The theoretical size as a function of the weight widths: ``fixed_bits + sum(params[layer] * bits)``.
+
+    ``fixed_bits`` (biases, scales, float layers) is the widest student's size in bytes times 8 less
+    its weights' bits: the size rounds bits up to bytes, so this may count up to 7 bits too many,
+    which keeps every allocation within its budget.
+    """
+
+    params: dict[str, int]
+    fixed_bits: int
+
+    def bytes(self, weight_bits: dict[str, int]) -> int:
+        """The size in bytes with ``weight_bits`` per layer."""
+        return _bytes(self.fixed_bits + sum(self.params[name] * bits for name, bits in weight_bits.items()))
+
+
+def size_model(recipe: Recipe, data: RunData) -> SizeModel:
+    """The student's ``SizeModel`` (from its architecture only); a size budget below the smallest size is a ``RecipeError``."""
+    spec = recipe.search
+    float_student = build_student(recipe, data) or build_model(recipe.model, data.model_kwargs)
+    reference = prepare(float_student, widest_spec(recipe.quant, spec.weight_bits, spec.act_bits))
+    params = {name: module.weight.numel() for name, module in reference.named_modules() if is_quantized(module)}
+    sizes = SizeModel(params, 8 * theoretical_size_bytes(reference) - sum(params.values()) * max(spec.weight_bits))
+    smallest = sizes.bytes({name: min(spec.weight_bits) for name in params})
+    budget = spec.budget.size_bytes if spec.budget is not None else None
+    if budget is not None and budget < smallest:
+        raise RecipeError(f"search.budget.size_bytes: {budget} is below the smallest size the allowed widths reach "
+                          f"({smallest} bytes, every weight at {min(spec.weight_bits)} bits); allowed: at least {smallest}")
+    return sizes
+
+
+def _mixed_plans(recipe: Recipe, data: RunData, teacher: nn.Module, sizes: SizeModel,
+                 echo) -> tuple[list[Plan], dict[str, Any]]:
     spec = recipe.search
     float_student = build_student(recipe, data) or copy.deepcopy(teacher)
     sensitivity = layer_sensitivity(teacher, float_student, recipe, data.train, spec.weight_bits, spec.act_bits,
                                     spec.sensitivity_batches)
     echo(f"sensitivity of {len(sensitivity['layers'])} layers and ops measured in {sensitivity['seconds']} s")
-    groups, fixed_bits = _allocation_groups(recipe, float_student, data, sensitivity)
-    widest = fixed_bits + sum(max(size for _, size in options.values()) for options in groups.values())
-    top = spec.budget.size_bytes if spec.budget is not None and spec.budget.size_bytes is not None else _bytes(widest)
-    low = fixed_bits + smallest_size(groups)
-    budgets = _ladder(top, _bytes(low), spec.points)
+    groups = _allocation_groups(sensitivity)
+    top = spec.budget.size_bytes if spec.budget is not None and spec.budget.size_bytes is not None else \
+        sizes.bytes({name: max(spec.weight_bits) for name in sizes.params})
+    budgets = _ladder(top, sizes.bytes({name: min(spec.weight_bits) for name in sizes.params}), spec.points)
     plans, seen = [], set()
     for budget in budgets:
-        chosen = allocate(groups, 8 * budget - fixed_bits, what="search.budget.size_bytes (allocatable bits)")
+        chosen = allocate(groups, 8 * budget - sizes.fixed_bits, what="search.budget.size_bytes (allocatable bits)")
         key = tuple(sorted(chosen.items()))
-        if key in seen:
-            continue
-        seen.add(key)
-        plans.append(_mixed_plan(recipe, len(plans) + 1, budget, chosen, groups, fixed_bits))
+        if key not in seen:
+            seen.add(key)
+            plans.append(_mixed_plan(recipe, len(plans) + 1, budget, chosen, groups, sizes))
     plans.sort(key=lambda plan: plan.info["predicted_size_bytes"])
     section = {"budget": spec.budget.model_dump() if spec.budget is not None else None,
                "weight_bits_allowed": spec.weight_bits, "act_bits_allowed": spec.act_bits,
@@ -184,36 +217,29 @@ def _ladder(top: int, low: int, points: int) -> list[int]:
     return [int(round(top - index * step)) for index in range(points)]
 
 
-def _allocation_groups(recipe: Recipe, float_student: nn.Module, data: RunData,
-                       sensitivity: dict[str, Any]) -> tuple[dict[str, dict[int, tuple[float, float]]], int]:
-    """The integer program's groups (``layer`` weight widths, ``layer@act`` activation widths: (rise, bits))
-    and the bits that do not depend on the widths (biases, scales, float layers) with the widest widths' size."""
-    spec = recipe.search
+def _allocation_groups(sensitivity: dict[str, Any]) -> dict[str, dict[int, tuple[float, float]]]:
+    """The integer program's groups: ``layer`` (weight widths) and ``layer@act`` (activation widths),
+    each width with (sensitivity, bits it stores)."""
     groups: dict[str, dict[int, tuple[float, float]]] = {}
-    varying = 0
     for name, entry in sensitivity["layers"].items():
         if "weight" in entry:
             groups[name] = {int(bits): (rise, entry["params"] * int(bits)) for bits, rise in entry["weight"].items()}
-            varying += entry["params"] * max(spec.weight_bits)
         if "act" in entry:
             groups[f"{name}@act"] = {int(bits): (rise, 0.0) for bits, rise in entry["act"].items()}
-    reference = prepare(float_student, widest_spec(recipe.quant, spec.weight_bits, spec.act_bits))
-    # the theoretical size rounds its bits up to bytes, so 8 * bytes may exceed the true bits by up to 7:
-    # counting those as fixed keeps every allocation within its budget
-    fixed_bits = 8 * theoretical_size_bytes(reference) - varying
-    return groups, fixed_bits
+    return groups
 
 
-def _mixed_plan(recipe: Recipe, index: int, budget: int, chosen: dict[str, int], groups, fixed_bits: int) -> Plan:
+def _mixed_plan(recipe: Recipe, index: int, budget: int, chosen: dict[str, int], groups, sizes: SizeModel) -> Plan:
     per_layer: dict[str, dict[str, int | None]] = {}
     for group, bits in chosen.items():
         layer, _, act = group.partition("@")
         per_layer.setdefault(layer, {"weight_bits": None, "act_bits": None})["act_bits" if act else "weight_bits"] = bits
     overrides = {name: {key: value for key, value in row.items() if value is not None} for name, row in per_layer.items()}
     data = recipe.to_dict()
-    data["quant"] = widest_spec(recipe.quant, recipe.search.weight_bits, recipe.search.act_bits, overrides).model_dump(mode="json")
-    bits = fixed_bits + sum(groups[group][option][1] for group, option in chosen.items())
-    info = {"allocation_budget_bytes": budget, "predicted_size_bytes": _bytes(bits),
+    data["quant"] = widest_spec(recipe.quant, recipe.search.weight_bits, recipe.search.act_bits,
+                                overrides).model_dump(mode="json")
+    weights = {name: row["weight_bits"] for name, row in per_layer.items() if row["weight_bits"] is not None}
+    info = {"allocation_budget_bytes": budget, "predicted_size_bytes": sizes.bytes(weights),
             "predicted_sensitivity": sum(groups[group][option][0] for group, option in chosen.items())}
     return Plan(f"mixed{index}", Recipe.from_dict(data), info)
 
@@ -255,7 +281,7 @@ def _try(plan: Plan, state: SearchState, run: RunDir, data: RunData, teacher, sh
     state.results[plan.name] = result
     echo(_progress_line(row, state))
     _choose(state)
-    _save(state, run, html=True, data=data, teacher=teacher)
+    _save(state, run)  # report.html is drawn once, at the end (it takes longer than saving the student)
     return row
 
 
