@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,19 @@ def test_cli_prints_the_front(tmp_path, capsys):
 def test_bad_search_sections_are_one_line_errors(search):
     with pytest.raises(RecipeError, match=r"^recipe field search"):
         qd.Recipe(search=search)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["mnist_search_size", "resnet_search_latency"])
+def test_shipped_search_recipes_run_end_to_end(name, tmp_path, capsys):
+    path = Path(__file__).parents[2] / "recipes" / f"{name}.yaml"
+    out = tmp_path / "out"
+    code = main(["search", str(path), "--out", str(out), "--no-progress", "train.epochs=1", "teacher_train.epochs=1",
+                 "search.points=2"])
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    budget = report["search"]["budget"]
+    for row in report["search"]["candidates"]:
+        assert row["latency_us"] > 0 and (budget["size_bytes"] is None or row["size_bytes"] <= budget["size_bytes"])
+    assert report["export"]["onnx"]["agreement_with_student"] >= 0.999  # the chosen mixed student exports integer
+    assert (out / "model.onnx").is_file() and (out / "report.html").is_file()
