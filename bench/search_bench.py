@@ -19,6 +19,7 @@ Run: ``PYTHONPATH=src python bench/search_bench.py [out_folder]`` (default out/s
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -113,6 +114,7 @@ def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "out/search_bench")
     if out.exists():
         shutil.rmtree(out)
+    print(f"torch threads 2; cores {os.cpu_count()}; load average at start {os.getloadavg()[0]:.2f}", flush=True)
     for label, (recipe_file, time_target) in MODELS.items():
         for line in bench_model(label, recipe_file, time_target, out / Path(recipe_file).stem):
             print(line, flush=True)
