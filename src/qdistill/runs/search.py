@@ -130,8 +130,9 @@ def _search(recipe: Recipe, run: RunDir, show_progress: bool, echo) -> dict[str,
 
 
 def _targets_accuracy(recipe: Recipe) -> bool:
+    """Whether a mixed search has an accuracy target: given, or implied by giving no size or latency budget."""
     budget = recipe.search.budget
-    return budget is None or budget.target_accuracy is not None
+    return budget is None or budget.target_accuracy is not None or recipe.search.target_accuracy is not None
 
 
 def _accuracy_target(recipe: Recipe, teacher_accuracy: float) -> float:
