@@ -10,9 +10,9 @@ smallest candidate that meets the accuracy target.
    a narrower weight or activation width, measured on held-out training batches.
 2. **Allocation** (``quant/allocate.py``): per-layer widths from ``search.weight_bits`` and
    ``search.act_bits`` minimising the summed sensitivity within a size, solved exactly as an
-   integer program. ``search.points`` sizes are allocated, evenly spaced from the budget's
-   ``size_bytes`` (default: every layer at the widest widths) down towards the smallest size the
-   widths allow; allocations that come out equal are trained once.
+   integer program, at 24 sizes evenly spaced from the budget's ``size_bytes`` (default: every
+   layer at the widest widths) down to the smallest size the widths allow. Of the distinct
+   allocations, ``search.points`` are trained, evenly spread, the one at the budget always.
 3. **Training** with QAT + KD, like any run; each candidate's ONNX Runtime latency is measured
    (batch 1, one thread) when ``search.latency`` is true.
 4. **Choice** on the validation split: with an accuracy target, the smallest candidate that
@@ -62,6 +62,7 @@ from qdistill.runs.sensitivity import layer_sensitivity, widest_spec
 from qdistill.runs.stages import RunData, build_student, obtain_teacher, prepare_data
 from qdistill.runs.student import Result
 
+GRID = 24  # size budgets allocated from the top down to the smallest; search.points distinct ones are trained
 LATENCY_SAMPLES = 16
 LATENCY_BUDGET_S = 0.1  # per number, split over the rounds: enough for a tiny model's median
 
@@ -191,14 +192,15 @@ def _mixed_plans(recipe: Recipe, data: RunData, teacher: nn.Module, sizes: SizeM
     groups = _allocation_groups(sensitivity)
     top = spec.budget.size_bytes if spec.budget is not None and spec.budget.size_bytes is not None else \
         sizes.bytes({name: max(spec.weight_bits) for name in sizes.params})
-    budgets = _ladder(top, sizes.bytes({name: min(spec.weight_bits) for name in sizes.params}), spec.points)
-    plans, seen = [], set()
-    for budget in budgets:
+    grid = _ladder(top, sizes.bytes({name: min(spec.weight_bits) for name in sizes.params}), max(spec.points, GRID))
+    distinct: dict[tuple, tuple[int, dict[str, int]]] = {}
+    for budget in grid:  # largest first: each allocation is kept at the largest budget that gives it
         chosen = allocate(groups, 8 * budget - sizes.fixed_bits, what="search.budget.size_bytes (allocatable bits)")
-        key = tuple(sorted(chosen.items()))
-        if key not in seen:
-            seen.add(key)
-            plans.append(_mixed_plan(recipe, len(plans) + 1, budget, chosen, groups, sizes))
+        distinct.setdefault(tuple(sorted(chosen.items())), (budget, chosen))
+    picked = spread(list(distinct.values()), spec.points)
+    budgets = [budget for budget, _ in picked]
+    plans = [_mixed_plan(recipe, index, budget, chosen, groups, sizes)
+             for index, (budget, chosen) in enumerate(picked, start=1)]
     plans.sort(key=lambda plan: plan.info["predicted_size_bytes"])
     section = {"budget": spec.budget.model_dump() if spec.budget is not None else None,
                "weight_bits_allowed": spec.weight_bits, "act_bits_allowed": spec.act_bits,
@@ -210,12 +212,26 @@ def _bytes(bits: float) -> int:
     return int(math.ceil(bits / 8))
 
 
-def _ladder(top: int, low: int, points: int) -> list[int]:
-    """``points`` sizes in bytes from ``top`` down towards ``low`` (``low`` itself only as the last of many)."""
-    if points == 1 or top <= low:
+def _ladder(top: int, low: int, steps: int) -> list[int]:
+    """``steps`` sizes in bytes, evenly spaced from ``top`` down to ``low``."""
+    if steps == 1 or top <= low:
         return [top]
-    step = (top - low) / points
-    return [int(round(top - index * step)) for index in range(points)]
+    step = (top - low) / (steps - 1)
+    return [int(round(top - index * step)) for index in range(steps)]
+
+
+def spread(items: list[Any], count: int) -> list[Any]:
+    """``count`` of ``items`` evenly spread, the first always among them (all when there are no more).
+
+    Example:
+        >>> spread(list("abcdefg"), 3), spread(list("ab"), 3), spread(list("abc"), 1)
+        (['a', 'd', 'g'], ['a', 'b'], ['a'])
+    """
+    if len(items) <= count:
+        return items
+    if count == 1:
+        return items[:1]
+    return [items[round(index * (len(items) - 1) / (count - 1))] for index in range(count)]
 
 
 def _allocation_groups(sensitivity: dict[str, Any]) -> dict[str, dict[int, tuple[float, float]]]:
