@@ -21,11 +21,12 @@ from qdistill.export import format_export_summary
 from qdistill.recipe import Recipe
 from qdistill.report import COLUMNS
 from qdistill.report.runs_page import column_text
+from qdistill.report.search_page import row_name
 from qdistill.runs.demo import COMPARE_PAGE, ROW_KEYS, compare_runs, run_demo
 from qdistill.runs.deploy import export_directory
 from qdistill.runs.recipe_run import run_recipe
 from qdistill.runs.rundir import RunDir, load_recipe, load_run
-from qdistill.runs.search import candidate_name, run_search
+from qdistill.runs.search import run_search
 from qdistill.runs.stages import prepare_data
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole when piped to a file
@@ -107,18 +108,34 @@ def _export(args: argparse.Namespace) -> int:
 def _search(args: argparse.Namespace) -> int:
     recipe = Recipe.from_yaml(args.recipe).with_overrides(args.overrides)
     section = run_search(recipe, args.out, show_progress=not args.no_progress, echo=console.print)
-    table = Table(title=f"search: target validation accuracy {section['target_accuracy']:.4f} "
-                        f"(teacher {section['teacher_accuracy']:.4f})")
-    for column in ("candidate", "val accuracy", "test accuracy", "size bytes", "epochs", "seconds", "meets target"):
+    console.print(search_table(section))
+    chosen = section["chosen"]
+    verdict = ("meets the target" if section.get("target_accuracy") is not None else "within the budget") \
+        if section["target_met"] else "nothing met the target or budget; most accurate on validation kept"
+    console.print(f"chosen {row_name(chosen)} ({chosen['size_bytes']} bytes, test accuracy {chosen['accuracy']:.4f}): "
+                  f"{verdict}; wrote {args.out}")
+    return 0
+
+
+def search_table(section: dict) -> Table:
+    """Every candidate of a search, the Pareto-optimal ones marked (front: no other is smaller, faster and as accurate)."""
+    target = section.get("target_accuracy")
+    table = Table(title=f"search ({section.get('mode', 'uniform')}): "
+                        + (f"target validation accuracy {target:.4f} " if target is not None else "")
+                        + f"(teacher {section['teacher_accuracy']:.4f}); * = Pareto front")
+    columns = ("candidate", "front", "size bytes", "latency us", "val accuracy", "test accuracy", "weight bits",
+               "act bits", "epochs", "seconds")
+    for column in columns:
         table.add_column(column, justify="right")
     for row in section["candidates"]:
-        table.add_row(candidate_name(row["weight_bits"], row["act_bits"]), f"{row['val_accuracy']:.4f}", f"{row['accuracy']:.4f}",
-                      str(row["size_bytes"]), str(row["epochs"]), str(row["seconds"]), "yes" if row["met_target"] else "no")
-    console.print(table)
-    chosen = section["chosen"]
-    verdict = "smallest student that meets the target" if section["target_met"] else "no candidate met the target; most accurate kept"
-    console.print(f"chosen {candidate_name(chosen['weight_bits'], chosen['act_bits'])}: {verdict}; wrote {args.out}")
-    return 0
+        widths = row.get("per_layer", {}).values()
+        table.add_row(row_name(row), "*" if row.get("pareto") else "", str(row["size_bytes"]),
+                      "-" if row.get("latency_us") is None else f"{row['latency_us']:.1f}",
+                      f"{row['val_accuracy']:.4f}", f"{row['accuracy']:.4f}",
+                      "/".join(str(w["weight_bits"]) for w in widths if w["weight_bits"] is not None),
+                      "/".join(str(w["act_bits"]) for w in widths if w["act_bits"] is not None),
+                      str(row["epochs"]), str(row["seconds"]))
+    return table
 
 
 def _recipe_command(commands, name: str, help_text: str, default_out: str, handler) -> argparse.ArgumentParser:

@@ -192,23 +192,77 @@ class ExportSpec(_Section):
     packed: bool = True
 
 
-class SearchSpec(_Section):
-    """``qdistill search``: bit widths to try, smallest first, and the accuracy to reach.
+class SearchBudget(_Section):
+    """``search.budget``: what the mixed-precision student must fit (every key given applies).
 
-    The target is ``target_accuracy`` when given, else the teacher's accuracy minus
-    ``max_accuracy_drop`` percentage points.
+    ``size_bytes``: theoretical size (weights at their widths plus scales, report.json
+    ``student.size_bytes``); ``latency_us``: ONNX Runtime latency per sample (batch 1, one thread),
+    measured on each trained candidate; ``target_accuracy``: validation accuracy to reach with the
+    smallest student.
     """
 
+    size_bytes: int | None = Field(None, ge=1)
+    latency_us: float | None = Field(None, gt=0.0)
+    target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _something(self) -> SearchBudget:
+        if self.size_bytes is None and self.latency_us is None and self.target_accuracy is None:
+            raise ValueError("give at least one of size_bytes, latency_us, target_accuracy")
+        return self
+
+
+def _widths(values: list[int], key: str) -> None:
+    if not values or not all(2 <= bits <= 8 for bits in values) or len(set(values)) != len(values):
+        raise ValueError(f"{key} {values} must list distinct widths, each from 2 to 8 (the widths export keeps integer)")
+
+
+class SearchSpec(_Section):
+    """``qdistill search``: ``uniform`` tries bit widths in ``candidates`` (a binary search, smallest
+    first) until the accuracy target is met; ``mixed`` measures each layer's sensitivity and allocates
+    per-layer widths from ``weight_bits`` and ``act_bits`` under ``budget``, training ``points``
+    allocations. ``mode`` defaults to ``mixed`` when a budget is given, else ``uniform``.
+
+    The target is ``target_accuracy`` (or ``budget.target_accuracy``) when given, else the teacher's
+    accuracy minus ``max_accuracy_drop`` percentage points (when no size or latency budget is given).
+
+    Example:
+        >>> SearchSpec(budget={"size_bytes": 100000}).mode, SearchSpec().mode
+        ('mixed', 'uniform')
+    """
+
+    mode: Literal["uniform", "mixed"] = "uniform"
     candidates: list[list[int]] = Field(default_factory=lambda: [[2, 2], [3, 3], [4, 4], [4, 8], [8, 8]],
                                         min_length=1)
     max_accuracy_drop: float = Field(0.5, ge=0.0, le=100.0)
     target_accuracy: float | None = Field(None, gt=0.0, le=1.0)
+    budget: SearchBudget | None = None
+    weight_bits: list[int] = Field(default_factory=lambda: [2, 4, 8])
+    act_bits: list[int] = Field(default_factory=lambda: [4, 8])
+    points: int = Field(3, ge=1, le=20)
+    sensitivity_batches: int = Field(4, ge=1, le=1000)
+    latency: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_mode(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") is None:
+            return {**data, "mode": "mixed" if data.get("budget") is not None else "uniform"}
+        return data
 
     @model_validator(mode="after")
     def _bits_in_range(self) -> SearchSpec:
         for candidate in self.candidates:
             if len(candidate) != 2 or not all(2 <= bits <= 8 for bits in candidate):
                 raise ValueError(f"candidate {candidate} must be [weight_bits, act_bits], each from 2 to 8")
+        _widths(self.weight_bits, "weight_bits")
+        _widths(self.act_bits, "act_bits")
+        if self.budget is not None and self.mode == "uniform":
+            raise ValueError("budget applies to mode mixed (per-layer widths); uniform searches use target_accuracy")
+        if self.budget is not None and self.budget.target_accuracy is not None and self.target_accuracy is not None:
+            raise ValueError("give the accuracy target once: budget.target_accuracy or target_accuracy")
+        if self.budget is not None and self.budget.latency_us is not None and not self.latency:
+            raise ValueError("budget.latency_us needs latency: true (each candidate's latency is measured)")
         return self
 
 
