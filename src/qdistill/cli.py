@@ -27,6 +27,7 @@ from qdistill.runs.recipe_run import run_recipe
 from qdistill.runs.rundir import RunDir, load_recipe, load_run
 from qdistill.runs.search import candidate_name, run_search
 from qdistill.runs.stages import prepare_data
+from qdistill.runtime import serve_bench
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole when piped to a file
 errors = Console(stderr=True)
@@ -104,6 +105,23 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_bench(args: argparse.Namespace) -> int:
+    compare = args.compare
+    if compare is None and (Path(args.path).parent / "model.onnx").is_file():
+        compare = Path(args.path).parent / "model.onnx"  # the run folder's int8 file
+    info = serve_bench(args.path, compare=compare, threads=args.threads)
+    console.print(f"packed file {info['path']} ({info['file_bytes']:,} bytes), input {info['input_shape']}, "
+                  f"threads: {info['threads']}")
+    console.print(f"load (rebuild the int8 graph + ONNX Runtime session): first {info['load_ms']['first']:.1f} ms, "
+                  f"best {info['load_ms']['best']:.1f} ms")
+    console.print("latency µs/sample: " + ", ".join(f"{key} {value:.1f}" for key, value in info["latency_us_per_sample"].items()))
+    if "outputs_equal" in info:
+        verdict = "yes" if info["outputs_equal"] else "NO"
+        console.print(f"outputs equal {info['compared_with']} bit for bit: {verdict}")
+        return 0 if info["outputs_equal"] else 1
+    return 0
+
+
 def _search(args: argparse.Namespace) -> int:
     recipe = Recipe.from_yaml(args.recipe).with_overrides(args.overrides)
     section = run_search(recipe, args.out, show_progress=not args.no_progress, echo=console.print)
@@ -155,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("directory", help="folder written by `qdistill run`")
     export.add_argument("--format", choices=["onnx", "packed", "all"], default="all", help="what to write")
     export.set_defaults(handler=_export)
+    bench = commands.add_parser("serve-bench", help="load a packed file as an int8 ONNX Runtime session and time it",
+                                formatter_class=formatter)
+    bench.add_argument("path", help="packed file (student.qpack.safetensors) written by `qdistill run`/`export`")
+    bench.add_argument("--compare", default=None,
+                       help="int8 ONNX file whose outputs must be equal bit for bit (default: model.onnx beside PATH, if any)")
+    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
+    bench.set_defaults(handler=_serve_bench)
     compare = commands.add_parser("compare", help="table and compare.html over run folders", formatter_class=formatter)
     compare.add_argument("directories", nargs="+", metavar="DIR", help="run folders (each with a report.json)")
     compare.add_argument("--out", default=COMPARE_PAGE, help="the HTML file to write")
