@@ -28,6 +28,7 @@ from qdistill.runs.rundir import RunDir, load_recipe, load_run
 from qdistill.runs.search import candidate_name, run_search
 from qdistill.runs.stages import prepare_data
 from qdistill.runtime import serve_bench
+from qdistill.train import distributed
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole when piped to a file
 errors = Console(stderr=True)
@@ -69,9 +70,15 @@ def _cell(value: Any) -> str:
 def _run(args: argparse.Namespace) -> int:
     overrides = args.overrides + (["train.tensorboard=true"] if args.tensorboard else [])
     recipe = Recipe.from_yaml(args.recipe).with_overrides(overrides)
-    result = run_recipe(recipe, args.out, resume=args.resume, show_progress=not args.no_progress)
-    _print_metrics(result.report)
-    console.print(f"wrote {Path(args.out) / 'report.json'}")
+    try:
+        result = run_recipe(recipe, args.out, resume=args.resume, show_progress=not args.no_progress)
+    except BaseException:
+        distributed.teardown(wait=False)
+        raise
+    if distributed.is_main():  # under torchrun, rank 0 reports for all
+        _print_metrics(result.report)
+        console.print(f"wrote {Path(args.out) / 'report.json'}")
+    distributed.teardown()
     return 0
 
 
