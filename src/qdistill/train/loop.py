@@ -25,7 +25,7 @@ from rich.progress import Progress as Bar
 from torch import nn
 
 from qdistill.batch import batch_parts, to_device
-from qdistill.errors import NonFiniteError
+from qdistill.errors import NonFiniteError, QdistillError
 from qdistill.kd.losses import LossParts
 from qdistill.quant.quantizer import quantizer_parameters
 from qdistill.recipe import TrainSpec
@@ -90,6 +90,8 @@ class _Loop:
     def __init__(self, module, loader, spec, phase, validate, plan):
         self.module, self.loader, self.spec, self.validate, self.plan = module, loader, spec, validate, plan
         self.forward = distributed.wrap(module)  # DistributedDataParallel under torchrun, else the module
+        if spec.compile:
+            self.forward = torch.compile(self.forward)  # compiled at the first step (minutes on a CPU)
         self.device = next(module.parameters()).device
         self.steps_per_epoch = len(loader)
         self.step_sizes = quantizer_parameters(module)  # found once: the module tree does not change while training
@@ -128,7 +130,7 @@ class _Loop:
         x, labels, teacher_logits = (to_device(part, self.device) for part in batch_parts(batch))
         if "lr" not in self.sums:
             self.sums["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this epoch's first step uses
-        parts = self.forward(x, labels) if teacher_logits is None else self.forward(x, labels, teacher_logits)
+        parts = self._forward(x, labels, teacher_logits)
         _check_finite(parts, self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
@@ -146,6 +148,16 @@ class _Loop:
         self.sums["batches"] = self.sums.get("batches", 0.0) + 1
         self.progress.step_in_epoch += 1
         self.progress.global_step += 1
+
+    def _forward(self, x, labels, teacher_logits) -> LossParts:
+        arguments = (x, labels) if teacher_logits is None else (x, labels, teacher_logits)
+        if not self.spec.compile:
+            return self.forward(*arguments)
+        try:
+            return self.forward(*arguments)
+        except torch._dynamo.exc.TorchDynamoException as error:  # compiler missing or op unsupported
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise QdistillError(f"train.compile: torch.compile failed ({reason}); set train.compile: false") from None
 
     def end_epoch(self, seconds: float) -> dict[str, Any]:
         self.sums = distributed.mean_over_ranks(self.sums)  # every rank ran as many batches (padded shards)
