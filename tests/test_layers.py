@@ -18,7 +18,7 @@ LAYERS = {
     "data": 2, "models": 2, "quant": 2,
     "kd": 3, "train": 3, "evaluate": 3,
     "export": 4,
-    "report": 5,
+    "report": 5, "runtime": 5,
     "runs": 6,
     "api": 7, "__init__": 7,
     "cli": 8, "__main__": 8,

@@ -10,8 +10,8 @@ Example:
     (4, 4.0)
 """
 
-from qdistill import api, kd, quant
+from qdistill import api, kd, quant, runtime
 from qdistill.api import *  # noqa: F403  (the public names; api.py is their one list)
 from qdistill.version import __version__
 
-__all__ = [*api.__all__, "__version__", "kd", "quant"]
+__all__ = [*api.__all__, "__version__", "kd", "quant", "runtime"]

@@ -28,6 +28,8 @@ from qdistill.runs.recipe_run import run_recipe
 from qdistill.runs.rundir import RunDir, load_recipe, load_run
 from qdistill.runs.search import run_search
 from qdistill.runs.stages import prepare_data
+from qdistill.runtime import serve_bench
+from qdistill.train import distributed
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole when piped to a file
 errors = Console(stderr=True)
@@ -69,9 +71,15 @@ def _cell(value: Any) -> str:
 def _run(args: argparse.Namespace) -> int:
     overrides = args.overrides + (["train.tensorboard=true"] if args.tensorboard else [])
     recipe = Recipe.from_yaml(args.recipe).with_overrides(overrides)
-    result = run_recipe(recipe, args.out, resume=args.resume, show_progress=not args.no_progress)
-    _print_metrics(result.report)
-    console.print(f"wrote {Path(args.out) / 'report.json'}")
+    try:
+        result = run_recipe(recipe, args.out, resume=args.resume, show_progress=not args.no_progress)
+    except BaseException:
+        distributed.teardown(wait=False)
+        raise
+    if distributed.is_main():  # under torchrun, rank 0 reports for all
+        _print_metrics(result.report)
+        console.print(f"wrote {Path(args.out) / 'report.json'}")
+    distributed.teardown()
     return 0
 
 
@@ -102,6 +110,23 @@ def _eval(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     section = export_directory(args.directory, args.format)
     console.print(format_export_summary(section))
+    return 0
+
+
+def _serve_bench(args: argparse.Namespace) -> int:
+    compare = args.compare
+    if compare is None and (Path(args.path).parent / "model.onnx").is_file():
+        compare = Path(args.path).parent / "model.onnx"  # the run folder's int8 file
+    info = serve_bench(args.path, compare=compare, threads=args.threads)
+    console.print(f"packed file {info['path']} ({info['file_bytes']:,} bytes), input {info['input_shape']}, "
+                  f"threads: {info['threads']}")
+    console.print(f"load (rebuild the int8 graph + ONNX Runtime session): first {info['load_ms']['first']:.1f} ms, "
+                  f"best {info['load_ms']['best']:.1f} ms")
+    console.print("latency µs/sample: " + ", ".join(f"{key} {value:.1f}" for key, value in info["latency_us_per_sample"].items()))
+    if "outputs_equal" in info:
+        verdict = "yes" if info["outputs_equal"] else "NO"
+        console.print(f"outputs equal {info['compared_with']} bit for bit: {verdict}")
+        return 0 if info["outputs_equal"] else 1
     return 0
 
 
@@ -172,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("directory", help="folder written by `qdistill run`")
     export.add_argument("--format", choices=["onnx", "packed", "all"], default="all", help="what to write")
     export.set_defaults(handler=_export)
+    bench = commands.add_parser("serve-bench", help="load a packed file as an int8 ONNX Runtime session and time it",
+                                formatter_class=formatter)
+    bench.add_argument("path", help="packed file (student.qpack.safetensors) written by `qdistill run`/`export`")
+    bench.add_argument("--compare", default=None,
+                       help="int8 ONNX file whose outputs must be equal bit for bit (default: model.onnx beside PATH, if any)")
+    bench.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: its own)")
+    bench.set_defaults(handler=_serve_bench)
     compare = commands.add_parser("compare", help="table and compare.html over run folders", formatter_class=formatter)
     compare.add_argument("directories", nargs="+", metavar="DIR", help="run folders (each with a report.json)")
     compare.add_argument("--out", default=COMPARE_PAGE, help="the HTML file to write")

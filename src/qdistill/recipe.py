@@ -177,6 +177,7 @@ class TrainSpec(_Section):
     checkpoint_every_steps: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
     tensorboard: bool = False  # write TensorBoard scalars under DIR/tb/ (needs qdistill[tensorboard])
+    compile: bool = False  # train through torch.compile (inductor; on the CPU it needs a C++ compiler)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSpec:

@@ -64,7 +64,7 @@ def test_header_and_sizes(digits, digits_teacher, tmp_path):
     with safe_open(str(path), framework="pt") as handle:
         header = json.loads(handle.metadata()[HEADER_KEY])
         packed = handle.get_tensor("classifier.2.weight.packed")
-    assert header["format_version"] == 2 and header["qdistill_version"]
+    assert header["format_version"] == 3 and header["qdistill_version"]
     assert header["layers"]["classifier.2"]["weight_bits"] == 2
     assert packed.dtype == torch.uint8 and packed.numel() == 128 * 256 * 2 // 8  # four 2-bit values per byte
     assert info["file_bytes"] * 8 < fp32_safetensors_bytes(digits_teacher)
@@ -112,7 +112,7 @@ def _rewrite_header(path, change):
 
 def test_unknown_version(packed_file, digits_teacher):
     _rewrite_header(packed_file, lambda header: header.update(format_version=99))
-    with pytest.raises(FileFormatError, match="format_version 99 is not supported; allowed: 1, 2$"):
+    with pytest.raises(FileFormatError, match="format_version 99 is not supported; allowed: 1, 2, 3$"):
         load_packed(packed_file, model=digits_teacher)
 
 

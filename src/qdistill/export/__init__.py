@@ -35,7 +35,16 @@ from qdistill.export.onnx import (
     integer_kernels,
     verify_onnx,
 )
-from qdistill.export.packed import fp32_safetensors_bytes, load_packed, pack_bits, save_packed, unpack_bits
+from qdistill.export.packed import (
+    fp32_safetensors_bytes,
+    load_packed,
+    pack_bits,
+    read_packed,
+    rebuild_info,
+    save_packed,
+    unpack_bits,
+    unpack_student,
+)
 from qdistill.quant.modules import is_quantized
 from qdistill.quant.quantizer import Quantizer
 
@@ -98,14 +107,17 @@ def _onnx_section(student: nn.Module, path: Path, example: Any, val_loader: Iter
 
 def export_all(student: nn.Module, example_input: Any, val_loader: Iterable[Any] | None, *,
                onnx_path: str | Path | None = None, packed_path: str | Path | None = None,
-               float_model: nn.Module | None = None, latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
+               float_model: nn.Module | None = None, latency_budget_s: float = BUDGET_SECONDS,
+               packed_rebuild: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the int8 ONNX file and/or the packed file at the paths given; returns report.json's ``export`` section.
 
     The caller names the files (a run folder's names belong to ``qdistill.runs.rundir``); a path
     left None is not written, and its key is absent (``{}`` when neither is given).
     ``float_model`` is the fp32 baseline for latency and file size (default: the student's own
     float copy, same architecture). With ``val_loader`` None the ONNX file is written without the
-    parity gate and its section says ``parity_checked: false``.
+    parity gate and its section says ``parity_checked: false``. ``packed_rebuild``
+    (``export.packed.rebuild_info``) goes into the packed file's header, so that
+    ``qdistill.runtime.load`` can rebuild the int8 graph from it.
 
     Example:
         >>> from qdistill import models, quant
@@ -121,7 +133,7 @@ def export_all(student: nn.Module, example_input: Any, val_loader: Iterable[Any]
     if onnx_path is not None:
         section["onnx"] = _onnx_section(student, Path(onnx_path), example_input, val_loader, baseline, latency_budget_s)
     if packed_path is not None:
-        packed = save_packed(student, packed_path)
+        packed = save_packed(student, packed_path, packed_rebuild)
         section["packed"] = {**packed, "fp32_file_bytes": fp32_safetensors_bytes(baseline)}
     return section
 
@@ -194,6 +206,6 @@ def format_export_summary(section: dict[str, Any]) -> str:
 __all__ = [
     "check_integer_kernels", "diagnose_layers", "export_all",
     "export_float_onnx", "export_onnx", "float_copy", "format_export_summary", "integer_kernels", "load_packed",
-    "pack_bits",
-    "save_packed", "unpack_bits", "verify_onnx",
+    "pack_bits", "read_packed", "rebuild_info",
+    "save_packed", "unpack_bits", "unpack_student", "verify_onnx",
 ]

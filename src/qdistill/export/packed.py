@@ -22,6 +22,13 @@ one-line ``ModelError`` (the file does not fit that architecture). ``format_vers
 skeleton, or from a float architecture whose only quantizers are its layers'; anything else is
 refused naming the first quantizer whose bits the file does not record.
 
+``format_version`` 3 adds an optional ``rebuild`` entry (``rebuild_info``): the float
+architecture (the recipe's model section without its checkpoint, and the data's model
+arguments), the quant section ``prepare`` was given, and the export settings (``opset``, the
+input shape of one sample batch). With it ``qdistill.runtime.load(path)`` rebuilds the int8 ONNX
+graph from the file alone; without it (``save_packed`` called with no ``rebuild``, or a version 2
+file) the caller passes the architecture. Version 1 and 2 files are still read.
+
 Example (4-bit weights; the first and last layers keep 8 bits, ``first_last_bits``):
     >>> import tempfile, torch
     >>> from qdistill import models
@@ -40,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,12 +65,13 @@ from qdistill.quant.fake_quant import MIN_SCALE, IntRange
 from qdistill.quant.modules import is_quantized
 from qdistill.quant.prepare import prepare
 from qdistill.quant.quantizer import Quantizer
-from qdistill.recipe import QuantSpec
+from qdistill.recipe import ModelSpec, QuantSpec
 from qdistill.version import __version__
 
 FORMAT_NAME = "qdistill.qpack"
-FORMAT_VERSION = 2  # 2: the header's "quantizers" table (bit width of every quantizer)
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # 2: the header's "quantizers" table (bit width of every quantizer); 3: optional "rebuild"
+READABLE_VERSIONS = (1, 2, 3)
+REBUILD_KEYS = ("model", "model_kwargs", "quant", "export")
 HEADER_KEY = "qdistill_qpack"
 PACKED_SUFFIX = ".packed"
 
@@ -184,7 +193,21 @@ def _crc(tensor: torch.Tensor) -> int:
     return zlib.crc32(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
 
 
-def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def rebuild_info(model: ModelSpec, model_kwargs: dict[str, Any], quant: QuantSpec, input_shape: Iterable[int],
+                 opset: int) -> dict[str, Any]:
+    """The header's ``rebuild`` entry: what ``qdistill.runtime.load`` needs to rebuild the int8 graph.
+
+    Example:
+        >>> info = rebuild_info(ModelSpec(name="mlp", checkpoint="teacher.safetensors"), {"num_classes": 3}, QuantSpec(), (1, 1, 4, 4), 13)
+        >>> info["model"]["name"], info["model"]["checkpoint"], info["export"]
+        ('mlp', None, {'opset': 13, 'input_shape': [1, 1, 4, 4]})
+    """
+    return {"model": model.model_copy(update={"checkpoint": None}).model_dump(mode="json"),
+            "model_kwargs": json.loads(json.dumps(model_kwargs)), "quant": quant.model_dump(mode="json"),
+            "export": {"opset": int(opset), "input_shape": [int(size) for size in input_shape]}}
+
+
+def packed_tensors(student: nn.Module, rebuild: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The tensors and header ``save_packed`` writes (also used to measure sizes in memory).
 
     Example (a 128 x 256 weight at 4 bits: two values per byte):
@@ -211,11 +234,16 @@ def packed_tensors(student: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
         "layers": layers, "quantizers": quantizer_table(student),
         "crc32": {key: _crc(value) for key, value in tensors.items()},
     }
+    if rebuild is not None:
+        header["rebuild"] = rebuild
     return tensors, header
 
 
-def save_packed(student: nn.Module, path: str | Path) -> dict[str, Any]:
+def save_packed(student: nn.Module, path: str | Path, rebuild: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the packed file atomically; returns ``{path, file_bytes}`` (bytes measured on disk).
+
+    ``rebuild`` (``rebuild_info``) is stored in the header so that ``qdistill.runtime.load`` can
+    rebuild the int8 ONNX graph from the file alone.
 
     Example:
         >>> import tempfile
@@ -225,7 +253,7 @@ def save_packed(student: nn.Module, path: str | Path) -> dict[str, Any]:
         ...     sorted(save_packed(student, f"{folder}/student.qpack.safetensors"))
         ['file_bytes', 'path']
     """
-    tensors, header = packed_tensors(student)
+    tensors, header = packed_tensors(student, rebuild)
     metadata = {HEADER_KEY: json.dumps(header, separators=(",", ":"))}
     path = atomic_write(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
     return {"path": str(path), "file_bytes": path.stat().st_size}
@@ -272,6 +300,9 @@ def _check_header(header: Any, tensors: dict[str, torch.Tensor], path: Path) -> 
     if version >= 2 and not _valid_quantizers(header.get("quantizers")):
         raise FileFormatError(f"packed file {str(path)!r}: the header's 'quantizers' table is missing or malformed "
                               "(each entry needs integer bits 2..8, signed, axis, instance; corrupt file)")
+    if version >= 3 and "rebuild" in header and not _valid_rebuild(header["rebuild"]):
+        raise FileFormatError(f"packed file {str(path)!r}: the header's 'rebuild' entry is malformed (it needs "
+                              f"{', '.join(REBUILD_KEYS)}; export needs an integer opset and a positive input_shape; corrupt file)")
     checksums = header.get("crc32", {})
     if set(checksums) != set(tensors):
         missing = sorted(set(checksums) ^ set(tensors))[:3]
@@ -279,6 +310,35 @@ def _check_header(header: Any, tensors: dict[str, torch.Tensor], path: Path) -> 
     for key, tensor in tensors.items():
         if _crc(tensor) != checksums[key]:
             raise FileFormatError(f"packed file {str(path)!r}: tensor {key!r} fails its CRC32 check (corrupt file)")
+
+
+def _valid_rebuild(rebuild: Any) -> bool:
+    if not isinstance(rebuild, dict) or not all(isinstance(rebuild.get(key), dict) for key in REBUILD_KEYS):
+        return False
+    export, shape = rebuild["export"], rebuild["export"].get("input_shape")
+    return (isinstance(export.get("opset"), int) and isinstance(shape, list) and len(shape) >= 1
+            and all(isinstance(size, int) and size >= 1 for size in shape))
+
+
+def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked JSON header and the tensors of a packed file (every tensor's CRC checked).
+
+    ``load_packed`` is ``read_packed`` then ``unpack_student``; ``qdistill.runtime.load`` reads the
+    header first to rebuild the architecture, then unpacks without reading the file again.
+
+    Example:
+        >>> import tempfile
+        >>> from qdistill import models
+        >>> student = prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     header, tensors = read_packed(save_packed(student, f"{folder}/s.qpack.safetensors")["path"])
+        >>> header["format_version"], "rebuild" in header, tensors["net.4.weight.packed"].dtype
+        (3, False, torch.uint8)
+    """
+    path = Path(path)
+    header, tensors = _read(path)
+    _check_header(header, tensors, path)
+    return header, tensors
 
 
 def _valid_quantizers(table: Any) -> bool:
@@ -401,8 +461,25 @@ def load_packed(path: str | Path, model: nn.Module) -> nn.Module:
         ('QuantLinear', 4, 8)
     """
     path = Path(path)
-    header, tensors = _read(path)
-    _check_header(header, tensors, path)
+    header, tensors = read_packed(path)
+    return unpack_student(header, tensors, model, path)
+
+
+def unpack_student(header: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module,
+                   path: str | Path) -> nn.Module:
+    """The student of a file ``read_packed`` returned (``load_packed``'s second half; ``path`` names it in errors).
+
+    Example:
+        >>> import tempfile
+        >>> from qdistill import models
+        >>> student = prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4), {"weight_bits": 4, "act_bits": 8})
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     header, tensors = read_packed(save_packed(student, f"{folder}/s.qpack.safetensors")["path"])
+        >>> x = torch.rand(2, 1, 4, 4)
+        >>> torch.equal(unpack_student(header, tensors, student, "s.qpack.safetensors")(x), student.eval()(x))
+        True
+    """
+    path = Path(path)
     student, rebuilt = _skeleton(model, header, path)
     _check_layers(student, header["layers"], path)
     _apply_quantizer_bits(student, header, rebuilt, path)  # and checks a given skeleton's bits

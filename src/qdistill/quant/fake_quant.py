@@ -1,7 +1,9 @@
 """Fake quantization math: integer ranges, the LSQ straight-through op, and its ONNX form.
 
 Forward values are ``(clamp(round_half_to_even(x * (1/s)) + z, qmin, qmax) - z) * s`` in float32,
-computed by torch's own ``fake_quantize_per_{tensor,channel}_affine`` kernels. They multiply by the
+the formula of torch's ``fake_quantize_per_{tensor,channel}_affine`` kernels (``reference_fake_quantize``),
+written out in tensor ops for training (``LsqFakeQuantize``, bit for bit the kernels' result for finite
+inputs) so that one sweep also yields what the backward needs. They multiply by the
 float32 reciprocal of the step where ONNX ``QuantizeLinear`` divides; the two agree except for a
 value within one ulp of a half-integer step (about one in a million at 8 bits), which lands one
 step apart.
@@ -81,37 +83,56 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor, axis: int | None) -> to
     return values.reshape(shape)
 
 
+def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qrange: IntRange, axis: int | None,
+                 need_slope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(output, inside, slope)`` in one sweep: the fake-quantized values, the float 0/1 "inside" mask
+    and, when ``need_slope``, the step-size slope ``d out / d scale`` (before the gradient scale).
+
+    The output is torch's kernel formula written out: ``((clamp(round(x * (1/s)) + z) - z) * s``, the
+    codes integer-valued floats (exact), so it is the kernels' float32 result bit for bit for any
+    finite ``x``. The slope is ``round(x/s) - x/s`` inside and ``qmin - z`` / ``qmax - z`` outside,
+    i.e. ``(clamped code - z) - (x/s) * inside`` everywhere. Computing it here, while the forward has
+    ``x/s`` and the codes at hand, leaves the backward two products and a sum.
+    """
+    inv_scale = 1.0 / _broadcast(scale, x, axis)
+    zero = _broadcast(zero_point.to(x.dtype), x, axis)
+    scaled = x * inv_scale  # the product torch's kernels round
+    code = torch.round(scaled).add_(zero)
+    levels = code.clamp(qrange.qmin, qrange.qmax)
+    inside = levels.eq(code).to(x.dtype)
+    levels.sub_(zero)  # q - z: integers, exact
+    output = levels * _broadcast(scale, x, axis)
+    slope = levels.sub_(scaled.mul_(inside)) if need_slope else None  # outside: (q - z) - 0 (x * 0 is +-0)
+    return output, inside, slope
+
+
 class LsqFakeQuantize(torch.autograd.Function):
-    """Fake quantization with straight-through input gradients and the LSQ step-size gradient."""
+    """Fake quantization with straight-through input gradients and the LSQ step-size gradient.
+
+    Fused: the forward also forms the "inside" mask and the step-size slope (``_lsq_forward``), so
+    the backward is ``grad * inside`` and ``sum(grad * slope)``, bit for bit the written-out
+    formula's results (tests/quant/test_fake_quant.py).
+    """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qrange: IntRange, axis: int | None, grad_factor: float):
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.qrange, ctx.axis, ctx.grad_factor = qrange, axis, grad_factor
-        return reference_fake_quantize(x, scale, zero_point, qrange, axis)
+        output, inside, slope = _lsq_forward(x, scale, zero_point, qrange, axis, need_slope=scale.requires_grad)
+        ctx.save_for_backward(inside, slope)
+        ctx.scale_shape, ctx.axis, ctx.grad_factor = scale.shape, axis, grad_factor
+        return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        x, scale, zero_point = ctx.saved_tensors
-        qrange, axis = ctx.qrange, ctx.axis
-        inv_scale = 1.0 / _broadcast(scale, x, axis)
-        zero = _broadcast(zero_point.to(x.dtype), x, axis)
-        scaled = x * inv_scale  # the same product the forward kernel rounds
-        rounded = torch.round(scaled)
-        below = rounded + zero < qrange.qmin
-        above = rounded + zero > qrange.qmax
-        inside = ~(below | above)
-        grad_x = grad_output * inside
+        inside, slope = ctx.saved_tensors
+        grad_x = grad_output * inside if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            step_slope = torch.where(below, qrange.qmin - zero, torch.where(above, qrange.qmax - zero, rounded - scaled))
-            per_element = grad_output * step_slope
-            if axis is None:
-                grad_scale = per_element.sum().reshape(scale.shape)
+            per_element = grad_output * slope
+            if ctx.axis is None:
+                grad_scale = per_element.sum()
             else:
-                dims = [dim for dim in range(x.dim()) if dim != axis]
-                grad_scale = per_element.sum(dim=dims).reshape(scale.shape)
-            grad_scale = grad_scale * ctx.grad_factor
+                grad_scale = per_element.sum(dim=[dim for dim in range(slope.dim()) if dim != ctx.axis])
+            grad_scale = grad_scale.reshape(ctx.scale_shape) * ctx.grad_factor
         return grad_x, grad_scale, None, None, None, None
 
 

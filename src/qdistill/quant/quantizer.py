@@ -65,6 +65,7 @@ class Quantizer(nn.Module):
         self._low: torch.Tensor | None = None
         self._high: torch.Tensor | None = None
         self._samples: list[torch.Tensor] = []
+        self._initialized_seen: tuple[torch.Tensor, int, bool] | None = None
 
     @property
     def bits(self) -> int:
@@ -128,11 +129,34 @@ class Quantizer(nn.Module):
             per_step //= x.shape[0]
         return per_step
 
+    def is_initialized(self) -> bool:
+        """``bool(self.initialized)``, read from the tensor only after it changed.
+
+        Reading a tensor's value is a host synchronisation on a GPU; the flag changes a handful
+        of times per run (calibration, ``load_state_dict``, ``fill_``), each of which bumps the
+        tensor's version counter or replaces the tensor (``.to(device)``), so a training step
+        reads only the counter.
+
+        Example:
+            >>> quantizer = Quantizer(bits=8, signed=False)
+            >>> quantizer.is_initialized()
+            False
+            >>> quantizer.initialized.fill_(True); quantizer.is_initialized()
+            tensor(True)
+            True
+        """
+        flag, seen = self.initialized, getattr(self, "_initialized_seen", None)  # None: pickled before the cache
+        if flag.is_inference():
+            return bool(flag)  # inference tensors have no version counter
+        if seen is None or seen[0] is not flag or seen[1] != flag._version:
+            seen = self._initialized_seen = (flag, flag._version, bool(flag))
+        return seen[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observing:
             self._record(x)
             return x
-        if not bool(self.initialized):
+        if not self.is_initialized():
             return x
         grad_factor = lsq_grad_factor(self.elements_per_step(x), self.qrange)
         return fake_quantize(x, self.scale, self.zero_point, self.qrange, self.axis, grad_factor)

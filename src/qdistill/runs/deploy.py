@@ -9,8 +9,9 @@ from torch import nn
 
 from qdistill.batch import batch_inputs
 from qdistill.errors import RecipeError
-from qdistill.export import export_all
+from qdistill.export import export_all, rebuild_info
 from qdistill.export.latency import BUDGET_SECONDS
+from qdistill.export.onnx import OPSET
 from qdistill.io import atomic_write_json
 from qdistill.recipe import ExportSpec, Recipe
 from qdistill.runs.rundir import RunDir, load_recipe, load_run, read_report
@@ -27,8 +28,11 @@ def export_outputs(student: nn.Module, recipe: Recipe, data: RunData, run: RunDi
     """
     spec = spec or recipe.export
     example = batch_inputs(next(iter(data.train)))[:1]
+    # what qdistill.runtime.load needs to rebuild model.onnx from the packed file alone
+    rebuild = rebuild_info(recipe.student or recipe.model, data.model_kwargs, recipe.quant, example.shape, OPSET)
     section = export_all(student, example, data.val, onnx_path=run.onnx if spec.onnx else None,
-                         packed_path=run.packed if spec.packed else None, latency_budget_s=latency_budget_s)
+                         packed_path=run.packed if spec.packed else None, latency_budget_s=latency_budget_s,
+                         packed_rebuild=rebuild)
     return {"export": section} if section else {}
 
 

@@ -17,6 +17,7 @@ from qdistill.runs.deploy import export_outputs
 from qdistill.runs.rundir import RunDir, output_dir
 from qdistill.runs.stages import RunData, build_student, check_classes, checkpoint_plan, obtain_teacher, prepare_data
 from qdistill.runs.student import Result, distill
+from qdistill.train import distributed
 from qdistill.train.tensorboard import require_tensorboard
 
 SAMPLE_IMAGES = 10  # the method's worked example shows the first ten test images with their predictions
@@ -27,11 +28,15 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
                export: bool = True) -> Result:
     """Run one recipe end to end and write its outputs under ``out``; returns the Result.
 
+    Under torchrun every process trains its shard (``train.distributed``); rank 0 alone exports
+    and writes files.
+
     Example:
         >>> result = run_recipe(Recipe.from_yaml("recipes/digits_w8a8.yaml"), "out/digits")  # doctest: +SKIP
     """
     if recipe.train.tensorboard:
         require_tensorboard()  # before any folder or training: a missing extra is a one-line error
+    distributed.setup()
     with output_dir(out) as run:
         data = data or prepare_data(recipe)
         teacher_history = None
@@ -45,6 +50,8 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
         result.report["data"] = {**result.report.get("data", {}), **data.bundle.split_sizes()}
         if teacher_history is not None:
             result.report["teacher"]["history"] = teacher_history
+        if not distributed.is_main():
+            return result  # rank 0 writes the files
         if export and (recipe.export.onnx or recipe.export.packed):
             result.report.update(export_outputs(result.student, result.recipe, data, run))
         result.save(run.path)

@@ -47,6 +47,7 @@ from qdistill.io import (
 from qdistill.models import build_model
 from qdistill.quant import prepare
 from qdistill.recipe import Recipe
+from qdistill.train.distributed import is_main
 
 FORMAT_VERSION = 1
 METADATA_KEY = "qdistill"
@@ -143,7 +144,9 @@ def output_dir(path: str | Path) -> Iterator[RunDir]:
 
 def save_run(run: RunDir, student: nn.Module, report: dict[str, Any], recipe: Recipe,
              model_kwargs: dict[str, Any]) -> None:
-    """Write the student's weights, the recipe and report.json (each atomically)."""
+    """Write the student's weights, the recipe and report.json (each atomically; rank 0 only under torchrun)."""
+    if not is_main():
+        return
     metadata = {METADATA_KEY: json.dumps({"model_kwargs": model_kwargs, "format_version": FORMAT_VERSION})}
     save_weights(run.student, student.state_dict(), metadata)
     atomic_write_text(run.recipe, recipe.to_yaml())
@@ -151,7 +154,9 @@ def save_run(run: RunDir, student: nn.Module, report: dict[str, Any], recipe: Re
 
 
 def save_teacher(run: RunDir, teacher: nn.Module, history: list[dict[str, Any]]) -> None:
-    """The teacher trained in this run, and its training history (so a resumed run reports it too)."""
+    """The teacher trained in this run, and its training history (so a resumed run reports it too; rank 0 only)."""
+    if not is_main():
+        return
     atomic_write_json(run.teacher_history, history)  # first: a teacher file always has its history beside it
     save_weights(run.teacher, teacher.state_dict())
 

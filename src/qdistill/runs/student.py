@@ -20,7 +20,7 @@ from qdistill.quant import layer_table, prepare
 from qdistill.recipe import Recipe
 from qdistill.report import bit_summary, build_report
 from qdistill.runs.rundir import RunDir, save_run
-from qdistill.train import CheckpointPlan, fit
+from qdistill.train import CheckpointPlan, distributed, fit
 from qdistill.train.tensorboard import require_tensorboard, step_sizes
 
 
@@ -117,7 +117,7 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     torch.manual_seed(recipe.train.seed)
     if hasattr(getattr(train, "sampler", None), "set_epoch"):
         train.sampler.set_epoch(0)  # calibrate on the same batches whatever ran on this loader before
-    quantized = prepare(float_student, recipe.quant, calibration_data=train)
+    quantized = prepare(float_student, recipe.quant, calibration_data=distributed.global_loader(train))
     _paired_classes(frozen_teacher, quantized, example)
     alpha = recipe.distill.alpha if labelled else 1.0  # label-free: the teacher is the only target
     distiller = Distiller(frozen_teacher, quantized, KDLoss(recipe.distill.temperature, alpha),

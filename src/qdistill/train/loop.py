@@ -3,6 +3,10 @@
 ``fit`` trains any module whose forward ``(x, labels)`` returns ``LossParts`` (a ``Distiller``
 or a ``Supervised`` wrapper). With a checkpoint folder it saves everything at each epoch end and
 every ``checkpoint_every_steps`` steps, and continues from there bit for bit.
+
+Under torchrun (``train.distributed``) each process trains on its shard of the batches inside
+``DistributedDataParallel``, the history is averaged over the processes, and only rank 0 writes
+checkpoints and TensorBoard files.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from rich.progress import Progress as Bar
 from torch import nn
 
 from qdistill.batch import batch_parts, to_device
-from qdistill.errors import NonFiniteError
+from qdistill.errors import NonFiniteError, QdistillError
 from qdistill.kd.losses import LossParts
 from qdistill.quant.quantizer import quantizer_parameters
 from qdistill.recipe import TrainSpec
+from qdistill.train import distributed
 from qdistill.train.checkpoint import Progress, find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
 from qdistill.train.optim import make_optimizer, make_scheduler
 from qdistill.train.tensorboard import TensorBoardLog
@@ -58,7 +63,12 @@ def fingerprint(*parts: str) -> str:
 
 
 def _check_finite(parts: LossParts, progress: Progress) -> None:
-    for name, value in parts.items().items():
+    items = parts.items()
+    if distributed.active():  # every rank must stop together, or the others wait forever in the all-reduce
+        stacked = torch.stack([value.detach().float() for value in items.values()])
+        torch.distributed.all_reduce(stacked)
+        items = dict(zip(items, stacked, strict=True))
+    for name, value in items.items():
         if not torch.isfinite(value):
             raise NonFiniteError(
                 f"training stopped at step {progress.global_step} (epoch {progress.epoch + 1}): loss part {name!r} "
@@ -79,6 +89,9 @@ class _Loop:
 
     def __init__(self, module, loader, spec, phase, validate, plan):
         self.module, self.loader, self.spec, self.validate, self.plan = module, loader, spec, validate, plan
+        self.forward = distributed.wrap(module)  # DistributedDataParallel under torchrun, else the module
+        if spec.compile:
+            self.forward = torch.compile(self.forward)  # compiled at the first step (minutes on a CPU)
         self.device = next(module.parameters()).device
         self.steps_per_epoch = len(loader)
         self.step_sizes = quantizer_parameters(module)  # found once: the module tree does not change while training
@@ -94,7 +107,7 @@ class _Loop:
 
     def save(self) -> None:
         self.last_good = {key: value.detach().clone() for key, value in self.module.state_dict().items()}
-        if self.plan is not None:
+        if self.plan is not None and distributed.is_main():
             save_checkpoint(self.plan.directory, self.module.state_dict(), self.training_state(), self.progress,
                             self.plan.fingerprint)
 
@@ -117,7 +130,7 @@ class _Loop:
         x, labels, teacher_logits = (to_device(part, self.device) for part in batch_parts(batch))
         if "lr" not in self.sums:
             self.sums["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this epoch's first step uses
-        parts = self.module(x, labels) if teacher_logits is None else self.module(x, labels, teacher_logits)
+        parts = self._forward(x, labels, teacher_logits)
         _check_finite(parts, self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
@@ -136,7 +149,18 @@ class _Loop:
         self.progress.step_in_epoch += 1
         self.progress.global_step += 1
 
+    def _forward(self, x, labels, teacher_logits) -> LossParts:
+        arguments = (x, labels) if teacher_logits is None else (x, labels, teacher_logits)
+        if not self.spec.compile:
+            return self.forward(*arguments)
+        try:
+            return self.forward(*arguments)
+        except torch._dynamo.exc.TorchDynamoException as error:  # compiler missing or op unsupported
+            reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            raise QdistillError(f"train.compile: torch.compile failed ({reason}); set train.compile: false") from None
+
     def end_epoch(self, seconds: float) -> dict[str, Any]:
+        self.sums = distributed.mean_over_ranks(self.sums)  # every rank ran as many batches (padded shards)
         batches = max(self.sums.get("batches", 1.0), 1.0)
         record = {"epoch": self.progress.epoch + 1, "loss": self.sums.get("total", 0.0) / batches,
                   "kd_loss": self.sums.get("kd", 0.0) / batches, "task_loss": self.sums.get("task", 0.0) / batches}
@@ -169,10 +193,14 @@ def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
         >>> [record["epoch"] for record in history], sorted(history[0])[:3]
         ([1, 2], ['epoch', 'kd_loss', 'loss'])
     """
-    torch.manual_seed(spec.seed)
+    torch.manual_seed(spec.seed + distributed.rank())  # rank 0 draws what one process draws; others their own masks
+    if distributed.active():
+        loader = distributed.shard_loader(loader)
+        show_progress = show_progress and distributed.is_main()
+        tensorboard = tensorboard if distributed.is_main() else None
     loop = _Loop(module, loader, spec, phase, validate, plan)
-    if plan is not None and plan.resume:
-        loop.restore()
+    if plan is not None and plan.resume and loop.restore() and distributed.rank() > 0:
+        torch.manual_seed(spec.seed + distributed.rank() + 7919 * loop.progress.global_step)  # not rank 0's saved stream
     loop.last_good = {key: value.detach().clone() for key, value in module.state_dict().items()}
     sampler = getattr(loader, "sampler", None)
     log = TensorBoardLog(tensorboard) if tensorboard is not None else None

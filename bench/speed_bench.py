@@ -1,0 +1,255 @@
+"""Issue 15 benchmark: training-step cost, int8 latency, the packed runtime, and torchrun scaling.
+
+Printed in one run (every number measured here; the machine's load average is printed with it,
+since on a shared machine wall times are only comparable within one section):
+
+1. **Step ratios** (``step_ratios``): the demo CNN (mnist_cnn) at batch 64 with 2 threads, each step
+   a plain Adam step: fp32 (cross-entropy), QAT W4A4 (cross-entropy), QAT+KD with cached teacher
+   logits, QAT+KD with the teacher live, and QAT+KD cached through ``torch.compile`` (its compile
+   time printed apart). Interleaved rounds (order reversed every other round); each number is the
+   best of the rounds' medians. Targets: QAT+KD cached <= 1.2x fp32, live <= 1.6x.
+2. **int8 / fp32 / quantize_static latency** (``latency_rows``): the demo CNN's int8 file
+   (``export_onnx``), its fp32 file and ONNX Runtime's ``quantize_static`` (QDQ, per-channel,
+   MinMax on 320 images) at batch 1 and 64, 1 and 2 threads; ResNet-18 at 64x64 when torchvision
+   is installed (else the row says it was skipped).
+3. **Packed runtime** (``packed_runtime``): ``qdistill.runtime.load`` of the packed W4A4 file, load
+   time (first and best of 5), latency next to model.onnx's, outputs bit-equal or not.
+4. **torchrun** (``torchrun_scaling``): ``qdistill run`` of a W4A4 mnist5k recipe in 1 process at batch 64
+   and with ``torchrun --nproc_per_node=2`` at batch 32 per process: wall time, student accuracy
+   and the first epoch's loss.
+
+Usage: ``python bench/speed_bench.py [--skip compile,latency,runtime,torchrun] [--out out/speed_bench]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+import qdistill
+from qdistill import models
+from qdistill.data import load_data
+from qdistill.export import export_float_onnx, export_onnx, rebuild_info, save_packed
+from qdistill.export.latency import interleaved_us_per_sample, make_session, measure_latency
+from qdistill.kd import Distiller, KDLoss, freeze
+from qdistill.quant import prepare
+from qdistill.recipe import DataSpec, ModelSpec, QuantSpec
+from qdistill.train import Supervised
+
+BATCH, ROUNDS, STEPS = 64, 5, 8
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def _timed(step, steps: int) -> float:
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps
+
+
+def _adam_step(module, optimizer, loss_of):
+    def step():
+        loss = loss_of()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def step_ratios(threads: int = 2, compile_too: bool = True) -> dict[str, float]:
+    """Median step times (ms) and ratios to the fp32 step; see the module docstring."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    x, y = torch.rand(BATCH, 1, 28, 28), torch.randint(0, 10, (BATCH,))
+    teacher, float_model = models.create("mnist_cnn"), models.create("mnist_cnn")
+    spec = QuantSpec(weight_bits=4, act_bits=4)
+    student = prepare(teacher, spec, calibration_data=[(x, y)])
+    qat_only = prepare(teacher, spec, calibration_data=[(x, y)])
+    distiller = Distiller(teacher, student, KDLoss(4.0, 0.9)).train()
+    with torch.no_grad():
+        cached = freeze(teacher)(x)  # what the teacher-logit cache hands the step
+    supervised = Supervised(qat_only).train()
+    float_model.train()
+    steps = {
+        "fp32": _adam_step(float_model, torch.optim.Adam(float_model.parameters(), 1e-3),
+                           lambda: F.cross_entropy(float_model(x), y)),
+        "qat": _adam_step(supervised, torch.optim.Adam(supervised.parameters(), 1e-3), lambda: supervised(x, y).total),
+        "qat_kd_cached": _adam_step(distiller, torch.optim.Adam(student.parameters(), 1e-3),
+                                    lambda: distiller(x, y, cached).total),
+    }
+    steps["qat_kd_live"] = _adam_step(distiller, torch.optim.Adam(student.parameters(), 1e-3),
+                                      lambda: distiller(x, y).total)
+    compile_seconds = None
+    if compile_too:
+        compiled_student = prepare(teacher, spec, calibration_data=[(x, y)])
+        compiled = torch.compile(Distiller(teacher, compiled_student, KDLoss(4.0, 0.9)).train())
+        step = _adam_step(compiled, torch.optim.Adam(compiled_student.parameters(), 1e-3),
+                          lambda: compiled(x, y, cached).total)
+        started = time.perf_counter()
+        step()
+        compile_seconds = time.perf_counter() - started
+        steps["qat_kd_cached_compiled"] = step
+    for step in steps.values():
+        _timed(step, 3)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for round_index in range(ROUNDS):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            times[name].append(statistics.median(_timed(steps[name], 1) for _ in range(STEPS)))
+    best = {name: min(values) * 1e3 for name, values in times.items()}
+    result = {f"{name}_ms": value for name, value in best.items()}
+    result.update({f"{name}_ratio": value / best["fp32"] for name, value in best.items() if name != "fp32"})
+    if compile_seconds is not None:
+        result["compile_seconds"] = compile_seconds
+    return result
+
+
+class _Images(CalibrationDataReader):
+    def __init__(self, images: torch.Tensor, input_name: str) -> None:
+        self.batches = iter([{input_name: images[i:i + 32].numpy()} for i in range(0, len(images), 32)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _demo_student(bundle):
+    kwargs = bundle.model_kwargs()
+    torch.manual_seed(0)
+    float_model = models.create("mnist_cnn", **kwargs).eval()
+    quant = QuantSpec(weight_bits=4, act_bits=4)
+    student = prepare(float_model, quant, calibration_data=[bundle.train_x[i:i + 64] for i in range(0, 512, 64)])
+    return float_model, student, kwargs, quant
+
+
+def latency_rows(bundle, folder: Path, budget_s: float) -> dict[str, dict]:
+    """int8 (qdistill) / fp32 / quantize_static latency of the demo CNN (and ResNet-18 with torchvision)."""
+    float_model, student, _, _ = _demo_student(bundle)
+    example = bundle.train_x[:1]
+    int8 = export_onnx(student, folder / "int8.onnx", example)["path"]
+    fp32 = export_float_onnx(float_model, folder / "fp32.onnx", example)["path"]
+    static = folder / "static.onnx"
+    quantize_static(fp32, str(static), _Images(bundle.train_x[:320].float(), "input"), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    rows = {"mnist_cnn": measure_latency({"int8": int8, "fp32": fp32, "quantize_static": str(static)}, None,
+                                         bundle.val_x[:64], budget_s=budget_s)}
+    try:
+        import torchvision  # noqa: F401  (the vision extra)
+    except ImportError:
+        rows["resnet18"] = {"skipped": "torchvision is not installed (pip install qdistill[vision])"}
+    return rows
+
+
+def packed_runtime(bundle, folder: Path) -> dict:
+    """Load time and latency of ``qdistill.runtime.load`` on the demo CNN's packed W4A4 file."""
+    _, student, kwargs, quant = _demo_student(bundle)
+    onnx_path = export_onnx(student, folder / "model.onnx", bundle.train_x[:1])["path"]
+    packed = save_packed(student, folder / "student.qpack.safetensors",
+                         rebuild_info(ModelSpec(name="mnist_cnn"), kwargs, quant, (1, *bundle.train_x.shape[1:]), 13))
+    seconds = []
+    for _ in range(5):
+        started = time.perf_counter()
+        session = qdistill.runtime.load(packed["path"], threads=1)
+        seconds.append(time.perf_counter() - started)
+    reference = make_session(onnx_path, threads=1)
+    result = {"file_bytes": packed["file_bytes"], "load_ms_first": seconds[0] * 1e3, "load_ms_best": min(seconds) * 1e3}
+    for batch in (1, 64):
+        feed = {"input": bundle.val_x[:batch].numpy()}
+        runs = {"packed": lambda feed=feed: session.run(None, feed), "model.onnx": lambda feed=feed: reference.run(None, feed)}
+        result[f"batch{batch}_us"] = interleaved_us_per_sample(runs, batch)
+    feed = {"input": bundle.val_x.numpy()}
+    result["bit_equal"] = bool(np.array_equal(session.run(None, feed)[0], reference.run(None, feed)[0]))
+    return result
+
+
+TORCHRUN_RECIPE = {"model": {"name": "mnist_cnn"}, "data": {"name": "mnist5k", "batch_size": 64},
+                   "quant": {"weight_bits": 4, "act_bits": 4}, "train": {"epochs": 3, "lr": 5e-4},
+                   "teacher_train": {"epochs": 3, "lr": 1e-3, "schedule": "constant"},
+                   "export": {"onnx": False, "packed": False}}
+
+
+def torchrun_scaling(folder: Path) -> dict[str, dict]:
+    """``qdistill run`` in 1 process (batch 64) vs ``torchrun --nproc_per_node=2`` (batch 32 each)."""
+    recipe = folder / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(TORCHRUN_RECIPE))
+    environment = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    commands = {
+        "1 process, batch 64": [sys.executable, "-m", "qdistill", "run", str(recipe)],
+        "2 processes, batch 32 each": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       "--nproc_per_node=2", "-m", "qdistill", "run", str(recipe), "data.batch_size=32"],
+    }
+    results = {}
+    for index, (label, command) in enumerate(commands.items()):
+        out = folder / f"run{index}"
+        started = time.perf_counter()
+        subprocess.run([*command, "--out", str(out), "--no-progress"], env=environment, check=True,
+                       capture_output=True, text=True)
+        report = json.loads((out / "report.json").read_text())
+        results[label] = {"seconds": time.perf_counter() - started, "student_accuracy": report["student"]["accuracy"],
+                          "teacher_accuracy": report["teacher"]["accuracy"], "first_epoch_loss": report["history"][0]["loss"]}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip", default="", help="comma-separated: compile, latency, runtime, torchrun")
+    parser.add_argument("--budget", type=float, default=0.4, help="latency seconds per number")
+    parser.add_argument("--out", default=None, help="folder for the files (default: a temporary one)")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = Path(args.out or temporary)
+        folder.mkdir(parents=True, exist_ok=True)
+        print(f"[{_load()}]")
+        ratios = step_ratios(compile_too="compile" not in skip)
+        print("1. training step, mnist_cnn, batch 64, 2 threads (best of interleaved rounds' medians):")
+        print(f"   fp32 {ratios['fp32_ms']:.1f} ms | QAT {ratios['qat_ms']:.1f} ms ({ratios['qat_ratio']:.2f}x) | "
+              f"QAT+KD cached {ratios['qat_kd_cached_ms']:.1f} ms ({ratios['qat_kd_cached_ratio']:.2f}x, target <= 1.2x) | "
+              f"QAT+KD live {ratios['qat_kd_live_ms']:.1f} ms ({ratios['qat_kd_live_ratio']:.2f}x, target <= 1.6x)")
+        if "qat_kd_cached_compiled_ms" in ratios:
+            print(f"   QAT+KD cached, torch.compile: {ratios['qat_kd_cached_compiled_ms']:.1f} ms "
+                  f"({ratios['qat_kd_cached_compiled_ratio']:.2f}x; first step with compilation {ratios['compile_seconds']:.0f} s)")
+        bundle = load_data(DataSpec(name="mnist5k"))
+        if "latency" not in skip:
+            print(f"[{_load()}]\n2. ONNX Runtime latency, µs/sample (batch1 / batch64):")
+            for model, rows in latency_rows(bundle, folder, args.budget).items():
+                if "skipped" in rows:
+                    print(f"   {model}: skipped ({rows['skipped']})")
+                    continue
+                for threads in ("1", "all"):
+                    cells = ", ".join(f"{name} {row['batch1']:.1f} / {row['batch64']:.1f}" for name, row in rows[threads].items())
+                    print(f"   {model}, {rows['method']['threads'][threads]} thread(s): {cells}")
+        if "runtime" not in skip:
+            packed = packed_runtime(bundle, folder)
+            print(f"[{_load()}]\n3. packed runtime (W4A4 mnist_cnn, {packed['file_bytes']:,} bytes, 1 thread): load first "
+                  f"{packed['load_ms_first']:.0f} ms, best {packed['load_ms_best']:.0f} ms; outputs bit-equal to model.onnx: "
+                  f"{'yes' if packed['bit_equal'] else 'NO'}")
+            for batch in (1, 64):
+                cells = packed[f"batch{batch}_us"]
+                print(f"   batch {batch}: packed session {cells['packed']:.1f} µs/sample, model.onnx {cells['model.onnx']:.1f}")
+        if "torchrun" not in skip:
+            print(f"[{_load()}]\n4. qdistill run (mnist5k, W4A4, teacher 3 + student 3 epochs), OMP_NUM_THREADS=1 per process:")
+            for label, row in torchrun_scaling(folder).items():
+                print(f"   {label}: {row['seconds']:.0f} s, student accuracy {row['student_accuracy']:.4f} "
+                      f"(teacher {row['teacher_accuracy']:.4f}), first-epoch loss {row['first_epoch_loss']:.5f}")
+
+
+if __name__ == "__main__":
+    main()
