@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from torch import nn
 from qdistill.batch import batch_inputs, split_batch
 from qdistill.errors import DataError, ModelError, QdistillError
 from qdistill.evaluate import evaluate
-from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, freeze
+from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, MixedLoader, freeze
 from qdistill.models.outputs import class_logits
 from qdistill.quant import layer_table, prepare
 from qdistill.recipe import Recipe
@@ -88,7 +89,8 @@ def _paired_classes(teacher: nn.Module, student: nn.Module, example: torch.Tenso
 def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe: Recipe | dict | None = None, *,
             test: Iterable[Any] | None = None, student: nn.Module | None = None,
             checkpoint: CheckpointPlan | None = None, show_progress: bool = True,
-            model_kwargs: dict[str, Any] | None = None, tensorboard_dir: str | Path | None = None) -> Result:
+            model_kwargs: dict[str, Any] | None = None, tensorboard_dir: str | Path | None = None,
+            unlabeled: Iterable[Any] | None = None) -> Result:
     """Train a quantized student of ``teacher`` with QAT + KD and evaluate it.
 
     ``train``/``val``/``test`` yield ``(x, y)`` or ``(x,)``. Validation steers training (early
@@ -97,6 +99,11 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     report.json says so in ``evaluated_on``). ``student`` is an optional float model of another
     architecture (default: a copy of the teacher). The teacher is never modified. With
     ``train.tensorboard: true`` the scalars go to ``tensorboard_dir`` (``qdistill run`` uses ``DIR/tb``).
+
+    ``unlabeled`` (a loader of inputs, e.g. ``data.make_unlabeled_loader``) is transfer data the
+    student learns from the teacher alone, mixed into every step by ``kd.mixing``'s rule; it is
+    used when the recipe distils (``distill.alpha > 0``), and report.json's ``data`` counts the
+    labelled and unlabeled samples used.
 
     Example:
         >>> result = qd.distill(teacher, train_loader, val_loader, {"quant": {"weight_bits": 4}},  # doctest: +SKIP
@@ -127,7 +134,14 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
         return evaluate(quantized, val, num_classes)["accuracy"] if val_labelled else None
 
     cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, recipe, alpha)
-    history = fit(distiller, cached if cached is not None else train, recipe.train, phase="student", validate=validate,
+    loader = cached if cached is not None else train
+    unlabeled_samples = 0
+    if _uses_unlabeled(unlabeled, recipe, alpha):
+        unlabeled_samples = check_loader(unlabeled, "unlabeled data", num_classes)[1]
+        loader, teacher_logits = _mixed(loader, unlabeled, frozen_teacher, teacher_logits)
+    sizes.update(labelled_samples=train_samples if labelled else 0,
+                 unlabeled_samples=(0 if labelled else train_samples) + unlabeled_samples)
+    history = fit(distiller, loader, recipe.train, phase="student", validate=validate,
                   plan=checkpoint, show_progress=show_progress, tensorboard=tensorboard_dir)
     distiller.remove_hooks()
     extra = {"data": sizes, "teacher_logits": teacher_logits, "evaluated_on": "test" if test is not None else "validation"}
@@ -156,6 +170,26 @@ def _teacher_logits_source(train: Iterable[Any], teacher: nn.Module, recipe: Rec
         return None, "live"  # feature hints need the teacher's inner activations at every step
     cached = CachedTeacherLoader.wrap(train, teacher)
     return cached, "cached" if cached is not None else "live"
+
+
+def _uses_unlabeled(unlabeled: Iterable[Any] | None, recipe: Recipe, alpha: float) -> bool:
+    """Unlabeled data trains only with the KD loss: without it (``distill.alpha: 0``) it is left out, with a warning
+    when the recipe asked for ``data.unlabeled`` (``data.label_fraction``'s remainder is left out quietly: QAT on the
+    labelled fraction is that recipe's no-KD baseline)."""
+    if unlabeled is None:
+        return False
+    if alpha == 0:
+        if recipe.data.unlabeled is not None:
+            warnings.warn("data.unlabeled is not used: distill.alpha is 0 (QAT only), and unlabeled samples train "
+                          "with the KD loss alone; set distill.alpha > 0 to learn from them", stacklevel=3)
+        return False
+    return True
+
+
+def _mixed(loader: Iterable[Any], unlabeled: Iterable[Any], teacher: nn.Module, teacher_logits: str) -> tuple[MixedLoader, str]:
+    """The mixed loader (``kd.mixing``); its teacher logits are cached only when both parts can be."""
+    cached = CachedTeacherLoader.wrap(unlabeled, teacher) if teacher_logits == "cached" else None
+    return MixedLoader(loader, cached if cached is not None else unlabeled), "cached" if cached is not None else "live"
 
 
 def make_report(recipe: Recipe, teacher: nn.Module, student: nn.Module, loader: Iterable[Any], num_classes: int,
