@@ -99,9 +99,9 @@ def test_demo_quick(tmp_path):
     done = qdistill("demo", "--quick", "--no-progress", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "demo.json").read_text())
-    keys = {"run", "weight_bits", "act_bits", "kd", "params", "size_bytes", "accuracy", "f1_macro",
-            "agreement_with_teacher", "seconds"}
-    assert [row["run"] for row in rows][0] == "teacher" and len(rows) == 8
+    keys = {"run", "weight_bits", "act_bits", "kd", "labelled", "unlabeled", "params", "size_bytes", "accuracy",
+            "kd_gain_pp", "f1_macro", "agreement_with_teacher", "seconds"}
+    assert [row["run"] for row in rows][0] == "teacher" and len(rows) == 13
     assert all(set(row) == keys for row in rows)
     for row in rows[1:]:
         assert (tmp_path / row["run"] / "report.json").is_file()

@@ -194,6 +194,10 @@ class FeatureHint(_Section):
 class DistillSpec(_Section):
     """KD loss: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
 
+    ``features``: feature-hint pairs, or ``auto``: the documented pair of the built-in models
+    (``models.convnet.hint_layer``: the last convolution block's output of ``mnist_cnn`` and
+    ``mnist_cnn_small``, the last hidden layer of ``mlp``, joined by an adapter when widths differ).
+
     ``student_init``: a student of another architecture (the ``student`` section, without a
     checkpoint) starts from the teacher's weights where shapes allow (``teacher``: each layer keeps
     the teacher's most important channels, ``models.narrow``) or from its own random initialisation
@@ -202,7 +206,7 @@ class DistillSpec(_Section):
 
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
-    features: list[FeatureHint] = Field(default_factory=list)
+    features: list[FeatureHint] | Literal["auto"] = Field(default_factory=list)
     student_init: Literal["teacher", "scratch"] = "teacher"
 
 

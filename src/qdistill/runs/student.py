@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from qdistill.batch import batch_inputs, split_batch
-from qdistill.errors import DataError, ModelError, QdistillError
+from qdistill.errors import DataError, ModelError, QdistillError, RecipeError
 from qdistill.evaluate import evaluate
 from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, MixedLoader, freeze
+from qdistill.models.convnet import hint_layer
 from qdistill.models.outputs import class_logits
 from qdistill.quant import layer_table, prepare
-from qdistill.recipe import Recipe
+from qdistill.recipe import FeatureHint, Recipe
 from qdistill.report import bit_summary, build_report
 from qdistill.runs.rundir import RunDir, save_run
 from qdistill.train import CheckpointPlan, fit
@@ -127,13 +128,14 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     quantized = prepare(float_student, recipe.quant, calibration_data=train)
     _paired_classes(frozen_teacher, quantized, example)
     alpha = recipe.distill.alpha if labelled else 1.0  # label-free: the teacher is the only target
+    hints = feature_hints(recipe)
     distiller = Distiller(frozen_teacher, quantized, KDLoss(recipe.distill.temperature, alpha),
-                          recipe.distill.features, example_input=example)
+                          hints, example_input=example)
 
     def validate() -> float | None:
         return evaluate(quantized, val, num_classes)["accuracy"] if val_labelled else None
 
-    cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, recipe, alpha)
+    cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, bool(hints), alpha)
     loader = cached if cached is not None else train
     unlabeled_samples = 0
     if _uses_unlabeled(unlabeled, recipe, alpha):
@@ -161,15 +163,33 @@ def _tensorboard_dir(recipe: Recipe, directory: str | Path | None) -> Path | Non
     return Path(directory)
 
 
-def _teacher_logits_source(train: Iterable[Any], teacher: nn.Module, recipe: Recipe,
+def _teacher_logits_source(train: Iterable[Any], teacher: nn.Module, hints: bool,
                            alpha: float) -> tuple[CachedTeacherLoader | None, str]:
     """The cached loader (or None) and how the student gets the teacher's logits: cached, live or unused."""
-    if alpha == 0 and not recipe.distill.features:
+    if alpha == 0 and not hints:
         return None, "unused"
-    if recipe.distill.features:
+    if hints:
         return None, "live"  # feature hints need the teacher's inner activations at every step
     cached = CachedTeacherLoader.wrap(train, teacher)
     return cached, "cached" if cached is not None else "live"
+
+
+def feature_hints(recipe: Recipe) -> list[FeatureHint]:
+    """``distill.features``, with ``auto`` resolved to the built-in models' documented pair (``models.convnet.hint_layer``).
+
+    Example:
+        >>> [hint.student for hint in feature_hints(Recipe(student={"name": "mnist_cnn_small"}, distill={"features": "auto"}))]
+        ['features']
+    """
+    if recipe.distill.features != "auto":
+        return list(recipe.distill.features)
+    student_spec = recipe.student or recipe.model
+    teacher_layer = hint_layer(recipe.model.name or "", recipe.model.kwargs)
+    student_layer = hint_layer(student_spec.name or "", student_spec.kwargs)
+    if teacher_layer is None or student_layer is None:
+        raise RecipeError("distill.features: auto knows the built-in models mnist_cnn, mnist_cnn_small and mlp; for "
+                          "other models give the pairs, e.g. [{student: layer3, teacher: layer3}]")
+    return [FeatureHint(student=student_layer, teacher=teacher_layer)]
 
 
 def _uses_unlabeled(unlabeled: Iterable[Any] | None, recipe: Recipe, alpha: float) -> bool:
