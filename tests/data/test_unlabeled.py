@@ -6,8 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 
+from data.digit_images import digit_pixels, write_digit_folder
 from qdistill.data import load_data, make_loaders, make_unlabeled_loader
 from qdistill.data.unlabeled import stratified_keep
 from qdistill.errors import DataError, RecipeError
@@ -120,3 +122,27 @@ def test_unlabeled_loader_leaves_the_labelled_order_alone(tmp_path):
     seen = torch.cat([batch[0] for batch in loader])
     assert _rows(seen) == _rows(mixed.unlabeled_x) and len(seen) == mixed.unlabeled_samples
     assert make_unlabeled_loader(load_data(DataSpec(name="digits")), 32, seed=0) is None
+
+
+def test_unlabeled_image_folder_is_decoded_like_the_training_images(tmp_path):
+    write_digit_folder(tmp_path / "labelled", count_per_class=6)
+    flat = tmp_path / "extra" / "any" / "depth"
+    flat.mkdir(parents=True)
+    for number, (_, pixels) in enumerate(digit_pixels(count_per_class=2)):
+        Image.fromarray(pixels).save(flat / f"{number}.png")
+    (flat / "notes.txt").write_text("not an image")
+    spec = DataSpec(image_folder=str(tmp_path / "labelled"), image_size=16, normalize="imagenet",
+                    unlabeled={"image_folder": str(tmp_path / "extra")}, workers=0)
+    bundle = load_data(spec)
+    assert bundle.unlabeled_samples == 20 and bundle.unlabeled_x.normalization == bundle.train_x.normalization
+    assert tuple(bundle.unlabeled_x[0].shape) == bundle.input_shape == (3, 16, 16)
+    scarce = load_data(spec.model_copy(update={"label_fraction": 0.5}))
+    assert scarce.unlabeled_samples == 20 + scarce.unlabeled_from_train and scarce.unlabeled_from_train > 0
+    assert set(scarce.unlabeled_x.files) >= set(bundle.unlabeled_x.files)
+
+
+def test_unlabeled_image_folder_without_images(tmp_path):
+    write_digit_folder(tmp_path / "labelled", count_per_class=6)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="data.unlabeled.image_folder: .* has no images"):
+        load_data(DataSpec(image_folder=str(tmp_path / "labelled"), unlabeled={"image_folder": str(tmp_path / "empty")}))
