@@ -46,7 +46,8 @@ def test_run_then_eval(tmp_path):
     assert len(report["teacher"]["history"]) == 3
     # metrics come from the held-out test split; validation numbers stay in the history
     assert report["evaluated_on"] == "test"
-    assert report["data"] == {"train_samples": 1150, "val_samples": 288, "test_samples": 359}
+    assert report["data"] == {"train_samples": 1150, "val_samples": 288, "test_samples": 359, "labelled_samples": 1150,
+                              "unlabeled_samples": 0}
     assert all(0 < record["val_accuracy"] <= 1 for record in report["history"])
     evaluated = qdistill("eval", str(out))
     assert evaluated.returncode == 0, evaluated.stderr
