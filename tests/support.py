@@ -54,3 +54,13 @@ def dict_output_model(**kwargs) -> nn.Module:
 def softmax_output_model(**kwargs) -> nn.Module:
     """Returns probabilities instead of logits."""
     return _Wrapped(lambda logits: torch.softmax(logits, dim=1), **kwargs)
+
+
+def unlabeled_digits() -> torch.Tensor:
+    """``data.unlabeled.factory`` for digits-shaped inputs: 12 constant images (used as returned)."""
+    return torch.full((12, 1, 8, 8), 0.5)
+
+
+def unlabeled_wrong_shape() -> torch.Tensor:
+    """``data.unlabeled.factory`` whose samples do not match digits' (1, 8, 8)."""
+    return torch.zeros(3, 1, 4, 4)

@@ -46,7 +46,8 @@ def test_run_then_eval(tmp_path):
     assert len(report["teacher"]["history"]) == 3
     # metrics come from the held-out test split; validation numbers stay in the history
     assert report["evaluated_on"] == "test"
-    assert report["data"] == {"train_samples": 1150, "val_samples": 288, "test_samples": 359}
+    assert report["data"] == {"train_samples": 1150, "val_samples": 288, "test_samples": 359, "labelled_samples": 1150,
+                              "unlabeled_samples": 0}
     assert all(0 < record["val_accuracy"] <= 1 for record in report["history"])
     evaluated = qdistill("eval", str(out))
     assert evaluated.returncode == 0, evaluated.stderr
@@ -99,9 +100,9 @@ def test_demo_quick(tmp_path):
     done = qdistill("demo", "--quick", "--no-progress", "--out", str(tmp_path))
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "demo.json").read_text())
-    keys = {"run", "weight_bits", "act_bits", "kd", "params", "size_bytes", "accuracy", "f1_macro",
-            "agreement_with_teacher", "seconds"}
-    assert [row["run"] for row in rows][0] == "teacher" and len(rows) == 8
+    keys = {"run", "weight_bits", "act_bits", "kd", "labelled", "unlabeled", "params", "size_bytes", "accuracy",
+            "kd_gain_pp", "f1_macro", "agreement_with_teacher", "seconds"}
+    assert [row["run"] for row in rows][0] == "teacher" and len(rows) == 13
     assert all(set(row) == keys for row in rows)
     for row in rows[1:]:
         assert (tmp_path / row["run"] / "report.json").is_file()

@@ -20,6 +20,7 @@ MODEL_SOURCES = ("name", "factory", *ZOOS)
 DATA_SOURCES = ("name", "npz", "factory", "image_folder")
 DEFAULT_IMAGE_SIZE = 224
 IMAGE_FOLDER_DEFAULTS = {"image_size": None, "augment": "none", "workers": 2}  # keys for image folders only
+UNLABELED_SOURCES = ("npz", "image_folder", "factory")
 
 
 class _Section(BaseModel):
@@ -61,6 +62,30 @@ class ModelSpec(_Section):
         return next((zoo for zoo in ZOOS if getattr(self, zoo) is not None), None)
 
 
+class UnlabeledSpec(_Section):
+    """Unlabeled transfer data (``data.unlabeled``): inputs the student learns from the teacher alone (KD loss only).
+
+    Exactly one source: ``npz`` (an array ``x``; any ``y`` is ignored), ``image_folder`` (every image under
+    the folder, no classes; goes with ``data.image_folder``) or ``factory`` (``module:function`` returning an
+    input tensor). ``limit`` keeps the first samples only.
+
+    Example:
+        >>> UnlabeledSpec(npz="extra.npz").limit is None
+        True
+    """
+
+    npz: str | None = None
+    image_folder: str | None = None
+    factory: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UnlabeledSpec:
+        if sum(getattr(self, key) is not None for key in UNLABELED_SOURCES) != 1:
+            raise ValueError("give exactly one of 'npz' (path), 'image_folder' (path) or 'factory' (module:function)")
+        return self
+
+
 class DataSpec(_Section):
     """Which data: a built-in ``name``, an ``npz`` file (arrays x, y), a ``factory``, or an
     ``image_folder`` (one folder per class, as torchvision's ImageFolder), and how it is split.
@@ -75,9 +100,16 @@ class DataSpec(_Section):
     of the training images), ``workers`` (DataLoader processes that decode the images) and
     ``normalize: imagenet`` (ImageNet's per-channel mean and standard deviation).
 
+    Scarce labels: ``label_fraction`` keeps the labels of a stratified fraction of the training split
+    (chosen by ``seed``) and treats the rest as unlabeled; ``unlabeled`` adds unlabeled transfer data
+    (``UnlabeledSpec``). Unlabeled samples train with the KD loss only (``kd.mixing``): every step
+    adds ``round(batch_size * unlabeled_ratio)`` of them to a labelled batch.
+
     Example:
         >>> DataSpec(image_folder="photos").image_size
         224
+        >>> DataSpec(name="mnist5k", label_fraction=0.1).label_fraction
+        0.1
     """
 
     name: Literal["mnist5k", "digits"] | None = None
@@ -93,6 +125,9 @@ class DataSpec(_Section):
     image_size: int | None = Field(None, ge=1, le=4096)
     augment: Literal["none", "standard"] = "none"
     workers: int = Field(2, ge=0, le=64)
+    label_fraction: float | None = Field(None, gt=0.0, le=1.0)
+    unlabeled: UnlabeledSpec | None = None
+    unlabeled_ratio: float = Field(1.0, gt=0.0, le=1000.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -114,6 +149,9 @@ class DataSpec(_Section):
             self._no_image_keys()
         elif self.limit is not None:
             raise ValueError("limit applies to mnist5k, digits and npz data; for an image_folder make a smaller folder")
+        if self.unlabeled is not None and self.unlabeled.image_folder is not None and self.image_folder is None:
+            raise ValueError("unlabeled.image_folder goes with image_folder data (the images are decoded as RGB at "
+                             "image_size); for array data give unlabeled.npz or unlabeled.factory")
         return self
 
     def _no_image_keys(self) -> None:
@@ -154,11 +192,22 @@ class FeatureHint(_Section):
 
 
 class DistillSpec(_Section):
-    """KD loss: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``."""
+    """KD loss: ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``.
+
+    ``features``: feature-hint pairs, or ``auto``: the documented pair of the built-in models
+    (``models.convnet.hint_layer``: the last convolution block's output of ``mnist_cnn`` and
+    ``mnist_cnn_small``, the last hidden layer of ``mlp``, joined by an adapter when widths differ).
+
+    ``student_init``: a student of another architecture (the ``student`` section, without a
+    checkpoint) starts from the teacher's weights where shapes allow (``teacher``: each layer keeps
+    the teacher's most important channels, ``models.narrow``) or from its own random initialisation
+    (``scratch``).
+    """
 
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
-    features: list[FeatureHint] = Field(default_factory=list)
+    features: list[FeatureHint] | Literal["auto"] = Field(default_factory=list)
+    student_init: Literal["teacher", "scratch"] = "teacher"
 
 
 class TrainSpec(_Section):

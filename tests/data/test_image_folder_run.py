@@ -63,7 +63,8 @@ def test_qdistill_run_trains_an_rgb_model_on_an_image_folder(folder, tmp_path, m
     out = tmp_path / "run"
     assert main(["run", str(tmp_path / "recipe.yaml"), "--out", str(out), "--no-progress"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["data"] == {"train_samples": 64, "val_samples": 16, "test_samples": 20}
+    assert report["data"] == {"train_samples": 64, "val_samples": 16, "test_samples": 20, "labelled_samples": 64,
+                              "unlabeled_samples": 0}
     assert report["teacher_logits"] == "cached"
     assert report["recipe"]["data"]["image_folder"] == str(folder)
     assert (out / "model.onnx").is_file() and (out / "student.qpack.safetensors").is_file()

@@ -105,7 +105,8 @@ def test_zoo_models_prepare_and_take_a_qat_kd_step_on_an_image_folder(images, zo
     convs = {layer for layer, module in teacher.named_modules() if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))}
     assert quantized == convs  # qdistill.quant.prepare quantized every conv and linear layer
     assert len(result.report["history"]) == 1 and torch.isfinite(torch.tensor(result.report["history"][0]["loss"]))
-    assert result.report["data"] == {"train_samples": 38, "val_samples": 10, "test_samples": 12}
+    assert result.report["data"] == {"train_samples": 38, "val_samples": 10, "test_samples": 12, "labelled_samples": 38,
+                                     "unlabeled_samples": 0}
     assert result.report["teacher_logits"] == "cached"
 
 

@@ -19,7 +19,7 @@ RECIPE = {"model": {"name": "mnist_cnn"}, "data": {"name": "digits", "batch_size
           "quant": {"weight_bits": 4, "act_bits": 4}, "train": {"epochs": 2, "lr": 2e-3},
           "teacher_train": {"epochs": 4, "lr": 3e-3}, "export": {"onnx": False, "packed": False}}
 GOLDEN = {
-    "data": {"train_samples": 576, "val_samples": 144, "test_samples": 180},
+    "data": {"train_samples": 576, "val_samples": 144, "test_samples": 180, "labelled_samples": 576, "unlabeled_samples": 0},
     "teacher_accuracy": 158 / 180,
     "student_accuracy": 158 / 180,
     "agreement_with_teacher": 172 / 180,

@@ -16,11 +16,17 @@ class DataBundle:
     folder the inputs are ``data.images.LazyImages`` (decoded when indexed or loaded; ``len``,
     ``shape`` and slicing work as on a tensor) and ``class_names`` are its class folders.
 
+    ``unlabeled_x`` holds inputs without labels that the student learns from the teacher alone: the
+    first ``unlabeled_from_train`` of them are training samples whose labels ``data.label_fraction``
+    set aside, the rest come from ``data.unlabeled``.
+
     Example:
         >>> bundle = DataBundle(torch.zeros(8, 1, 4, 4), torch.zeros(8, dtype=torch.long),
         ...                     torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), 10)
         >>> bundle.model_kwargs(), bundle.split_sizes()
         ({'in_channels': 1, 'num_classes': 10, 'image_size': 4}, {'train_samples': 8, 'val_samples': 2})
+        >>> bundle.unlabeled_x, bundle.unlabeled_samples
+        (None, 0)
     """
 
     train_x: torch.Tensor
@@ -31,6 +37,8 @@ class DataBundle:
     test_x: torch.Tensor | None = None
     test_y: torch.Tensor | None = None
     class_names: list[str] | None = None
+    unlabeled_x: torch.Tensor | None = None
+    unlabeled_from_train: int = 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -40,6 +48,11 @@ class DataBundle:
     def has_labels(self) -> bool:
         return self.train_y is not None
 
+    @property
+    def unlabeled_samples(self) -> int:
+        """How many unlabeled inputs there are (label-stripped training samples plus ``data.unlabeled``)."""
+        return 0 if self.unlabeled_x is None else len(self.unlabeled_x)
+
     def model_kwargs(self) -> dict[str, int]:
         """Arguments built-in models take to fit this data (channels, classes, image size)."""
         shape = self.input_shape
@@ -47,8 +60,11 @@ class DataBundle:
         return {"in_channels": channels, "num_classes": self.num_classes, "image_size": shape[-1]}
 
     def split_sizes(self) -> dict[str, int]:
-        """Samples per split, as report.json's ``data`` section records them."""
-        sizes = {"train_samples": len(self.train_x), "val_samples": len(self.val_x)}
+        """Samples per split, as report.json's ``data`` section records them.
+
+        ``train_samples`` is the whole training split, including samples whose labels ``data.label_fraction`` set aside.
+        """
+        sizes = {"train_samples": len(self.train_x) + self.unlabeled_from_train, "val_samples": len(self.val_x)}
         if self.test_x is not None:
             sizes["test_samples"] = len(self.test_x)
         return sizes

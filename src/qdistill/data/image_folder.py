@@ -5,7 +5,8 @@ classes are the sorted folder names. When ``root`` has ``train/`` (and ``val/``,
 folders of that layout, they are the splits; a missing ``test/`` is set aside from ``train/``
 (``data.test_fraction``), then a missing ``val/`` (``data.val_fraction``). Otherwise the split rule
 of ``data/splits.py`` applies to all images. Nothing is decoded here: the splits are
-``LazyImages`` that decode in the loaders' workers.
+``LazyImages`` that decode in the loaders' workers. ``data.unlabeled.image_folder`` is a folder of
+images without classes (any layout), decoded like the training images.
 """
 
 from __future__ import annotations
@@ -132,4 +133,19 @@ def load_image_folder(spec: DataSpec) -> DataBundle:
         return LazyImages(files, spec.image_size, norm, augment, spec.workers), torch.from_numpy(labels)
 
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = (part(split) for split in SPLITS)
-    return DataBundle(train_x, train_y, val_x, val_y, len(classes), test_x, test_y, class_names=classes)
+    unlabeled = spec.unlabeled.image_folder if spec.unlabeled is not None else None
+    return DataBundle(train_x, train_y, val_x, val_y, len(classes), test_x, test_y, class_names=classes,
+                      unlabeled_x=None if unlabeled is None else unlabeled_images(Path(unlabeled), train_x))
+
+
+def unlabeled_images(root: Path, like: LazyImages) -> LazyImages:
+    """``data.unlabeled.image_folder``: every image under ``root`` (any depth, sorted, no classes), decoded as ``like``.
+
+    The images get the training split's size, normalisation and augmentation.
+    """
+    if not root.is_dir():
+        raise DataError(f"data.unlabeled.image_folder: {str(root)!r} is not a folder; give a folder of images")
+    files = sorted(str(path) for path in root.rglob("*") if _is_image_file(path))
+    if not files:
+        raise DataError(f"data.unlabeled.image_folder: {str(root)!r} has no images; allowed: {' '.join(IMAGE_SUFFIXES)} files")
+    return LazyImages(files, like.size, like.normalization, like.augment, like.workers)

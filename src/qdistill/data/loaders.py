@@ -15,6 +15,7 @@ from qdistill.data.bundle import DataBundle
 from qdistill.data.images import ImageDataset, ImageDecodeError, LazyImages
 
 EVAL_BATCH_SIZE = 256  # validation and test batches: no gradients, so larger batches are free
+UNLABELED_SEED_OFFSET = 7919  # the unlabeled stream's own shuffles, independent of the labelled batches' order
 
 
 class EpochSampler(Sampler[int]):
@@ -113,3 +114,20 @@ def make_loaders(bundle: DataBundle, batch_size: int, seed: int) -> tuple[DataLo
     if bundle.test_x is not None:
         test = make_loader(bundle.test_x, bundle.test_y, max(batch_size, EVAL_BATCH_SIZE), seed, shuffle=False)
     return train, val, test
+
+
+def make_unlabeled_loader(bundle: DataBundle, batch_size: int, seed: int) -> DataLoader | None:
+    """A shuffled loader of the bundle's unlabeled inputs (batches ``(x,)``), or None when it has none.
+
+    Its order comes from ``seed + UNLABELED_SEED_OFFSET``, so adding unlabeled data never changes the
+    order of the labelled batches.
+
+    Example:
+        >>> bundle = DataBundle(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), torch.zeros(1, 2), None, 2,
+        ...                     unlabeled_x=torch.ones(5, 2))
+        >>> [len(batch[0]) for batch in make_unlabeled_loader(bundle, 2, seed=0)]
+        [2, 2, 1]
+    """
+    if bundle.unlabeled_x is None:
+        return None
+    return make_loader(bundle.unlabeled_x, None, batch_size, seed + UNLABELED_SEED_OFFSET, shuffle=True)

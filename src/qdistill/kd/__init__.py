@@ -1,9 +1,12 @@
-"""Knowledge distillation: KD losses, the frozen teacher, feature hints, the Distiller and the teacher-logit cache."""
+"""Knowledge distillation: KD losses, the frozen teacher, feature hints, the Distiller, the teacher-logit cache and
+the mixing of unlabeled transfer data."""
 
 from qdistill.kd.cache import CachedTeacherLoader
 from qdistill.kd.distiller import Distiller
 from qdistill.kd.hints import FeatureTap, make_adapter
-from qdistill.kd.losses import KDLoss, LossParts, soft_kl
+from qdistill.kd.losses import UNLABELED, KDLoss, LossParts, soft_kl, soft_kl_each
+from qdistill.kd.mixing import MixedLoader, mix
 from qdistill.kd.teacher import freeze
 
-__all__ = ["CachedTeacherLoader", "Distiller", "FeatureTap", "KDLoss", "LossParts", "freeze", "make_adapter", "soft_kl"]
+__all__ = ["UNLABELED", "CachedTeacherLoader", "Distiller", "FeatureTap", "KDLoss", "LossParts", "MixedLoader", "freeze",
+           "make_adapter", "mix", "soft_kl", "soft_kl_each"]

@@ -34,11 +34,32 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(student_log_probs, teacher_log_probs, reduction="batchmean", log_target=True)
 
 
+UNLABELED = -1  # the label of an unlabeled sample inside a mixed batch (``kd.mixing.MixedLoader``)
+
+
+def soft_kl_each(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``soft_kl`` per sample, shape ``(B,)`` (its mean is ``soft_kl``).
+
+    Example:
+        >>> each = soft_kl_each(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]]), 1.0)
+        >>> [round(value, 4) for value in each.tolist()], round(each.mean().item(), 6) == round(
+        ...     soft_kl(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]]), 1.0).item(), 6)
+        ([0.4621, 0.0], True)
+    """
+    student_log_probs = F.log_softmax(student_logits / temperature, dim=-1)  # (B, C)
+    teacher_log_probs = F.log_softmax(teacher_logits / temperature, dim=-1)  # (B, C)
+    return F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)
+
+
 class KDLoss(nn.Module):
     """``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)``.
 
     The ``T^2`` factor keeps the soft-target gradients on the scale of the hard-label ones
     (Hinton et al. 2015). Without labels only the KD term is used (label-free distillation).
+    In a batch that mixes labelled samples with unlabeled ones (label ``UNLABELED``), each labelled
+    sample contributes ``alpha * T^2 * KL + (1 - alpha) * CE`` and each unlabeled one ``T^2 * KL``
+    alone; the total is the mean over the batch (``kd`` and ``task`` are logged as the mean KD term over
+    all samples and the mean cross-entropy over the labelled ones).
 
     Example:
         >>> student_logits = torch.tensor([[2.0, 0.0]], requires_grad=True)
@@ -58,6 +79,8 @@ class KDLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
                 labels: torch.Tensor | None = None) -> LossParts:
+        if labels is not None and bool((labels == UNLABELED).any()):
+            return self._mixed(student_logits, teacher_logits, labels)
         zero = student_logits.new_zeros(())
         kd = zero
         if teacher_logits is not None and self.alpha > 0:
@@ -70,3 +93,16 @@ class KDLoss(nn.Module):
         else:
             total = self.alpha * kd + (1.0 - self.alpha) * task
         return LossParts(total=total, kd=kd, task=task)
+
+    def _mixed(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None,
+               labels: torch.Tensor) -> LossParts:
+        """Per-sample rule for a batch with unlabeled samples (see the class docstring)."""
+        labelled = labels != UNLABELED  # (B,)
+        zero = student_logits.new_zeros(())
+        task_sum = F.cross_entropy(student_logits[labelled], labels[labelled], reduction="sum") if labelled.any() else zero
+        count = max(int(labelled.sum()), 1)
+        if teacher_logits is None or self.alpha == 0:  # no teacher signal: unlabeled samples carry no loss
+            return LossParts(total=task_sum / count, kd=zero, task=task_sum / count)
+        kd_each = soft_kl_each(student_logits, teacher_logits, self.temperature) * self.temperature**2  # (B,)
+        total = (self.alpha * kd_each[labelled].sum() + (1.0 - self.alpha) * task_sum + kd_each[~labelled].sum())
+        return LossParts(total=total / len(labels), kd=kd_each.mean(), task=task_sum / count)

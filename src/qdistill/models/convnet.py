@@ -71,3 +71,22 @@ def mnist_cnn_small(in_channels: int = 1, num_classes: int = 10, image_size: int
 def mlp(in_channels: int = 1, num_classes: int = 10, image_size: int = 28, **kwargs: Any) -> nn.Module:
     """Two hidden layers (256, 128) on the flattened input."""
     return MLP(in_channels * image_size * image_size, num_classes, **kwargs)
+
+
+def hint_layer(name: str, kwargs: dict[str, Any] | None = None) -> str | None:
+    """The layer a built-in model offers for feature hints (``distill.features: auto``), or None for other models.
+
+    ``mnist_cnn`` and ``mnist_cnn_small``: ``features``, the output of the last conv block (before the
+    classifier; a 1x1 conv adapter maps the half-width student's channels to the teacher's). ``mlp``: the
+    last hidden layer's activation.
+
+    Example:
+        >>> hint_layer("mnist_cnn_small"), hint_layer("mlp"), hint_layer("mlp", {"hidden": [64]}), hint_layer("resnet18")
+        ('features', 'net.5', 'net.2', None)
+    """
+    if name in ("mnist_cnn", "mnist_cnn_small"):
+        return "features"
+    if name == "mlp":
+        hidden = (kwargs or {}).get("hidden", (256, 128))
+        return f"net.{3 * len(hidden) - 1}" if hidden else None  # Flatten, then (Linear, ReLU, Dropout) per layer
+    return None

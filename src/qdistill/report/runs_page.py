@@ -53,7 +53,8 @@ def run_row(name: str, report: dict[str, Any], href: str | None = None) -> dict[
             "agreement_with_teacher": student.get("agreement_with_teacher"),
             "latency_us": (onnx.get("latency_us_per_sample") or {}).get("batch1"),
             "teacher_accuracy": teacher_accuracy, "teacher_size_bytes": teacher.get("size_bytes"),
-            "kept_teacher_accuracy": kept}
+            "kept_teacher_accuracy": kept, "labelled_samples": (report.get("data") or {}).get("labelled_samples"),
+            "unlabeled_samples": (report.get("data") or {}).get("unlabeled_samples")}
 
 
 def teachers(rows: list[dict[str, Any]]) -> dict[tuple[float, int], list[str]]:
@@ -66,9 +67,11 @@ def teachers(rows: list[dict[str, Any]]) -> dict[tuple[float, int], list[str]]:
 
 
 def kd_pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """(no-KD row, KD row) of runs with the same bits, parameters and teacher: what KD alone changed."""
+    """(no-KD row, KD row) of runs with the same bits, parameters, teacher and labelled samples: what KD alone changed
+    (the KD run may have learned from unlabeled samples too: that is what KD can use and QAT cannot)."""
     def key(row: dict[str, Any]) -> tuple:
-        return row["bits"], row["weight_bits"], row["act_bits"], row["params"], row["teacher_accuracy"]
+        return (row["bits"], row["weight_bits"], row["act_bits"], row["params"], row["teacher_accuracy"],
+                row.get("labelled_samples"))
     plain = {key(row): row for row in rows if not row["kd"]}
     return [(plain[key(row)], row) for row in rows if row["kd"] and key(row) in plain]
 
@@ -101,7 +104,8 @@ def _summary_text(rows: list[dict[str, Any]]) -> str:
     pairs = kd_pairs(rows)
     if pairs:
         lines.append("<b>What KD changed</b> (KD run minus the same student trained without KD): " + ", ".join(
-            f"{kd['bits']} {points(kd['accuracy'] - plain['accuracy'])} accuracy" for plain, kd in pairs) + ".")
+            f"{escape(kd['run'])}: {kd['bits']}{_labels_text(kd)} {points(kd['accuracy'] - plain['accuracy'])} accuracy"
+            for plain, kd in pairs) + ".")
     return "".join(f"<p>{line}</p>" for line in lines)
 
 
@@ -163,14 +167,23 @@ def _kd_section(rows: list[dict[str, Any]]) -> str:
     pairs = kd_pairs(rows)
     if not pairs:
         return ""
-    labels = [f"{kd['bits']}: {kd['run']} vs {plain['run']}" for plain, kd in pairs]
+    labels = [f"{kd['bits']}{_labels_text(kd)}: {kd['run']} vs {plain['run']}" for plain, kd in pairs]
     series = {"accuracy": [100 * (kd["accuracy"] - plain["accuracy"]) for plain, kd in pairs],
               "agreement with teacher": [100 * ((kd["agreement_with_teacher"] or 0) - (plain["agreement_with_teacher"] or 0))
                                          for plain, kd in pairs]}
     chart = figures.hbars("what KD changed", labels, series, "KD minus no KD (percentage points; right is better)")
-    body = [[kd["bits"], percent(plain["accuracy"]), percent(kd["accuracy"]), points(kd["accuracy"] - plain["accuracy"]),
+    body = [[kd["bits"], kd["params"], kd.get("labelled_samples"), kd.get("unlabeled_samples"), percent(plain["accuracy"]),
+             percent(kd["accuracy"]), points(kd["accuracy"] - plain["accuracy"]),
              percent(plain["agreement_with_teacher"]), percent(kd["agreement_with_teacher"])] for plain, kd in pairs]
-    return chart + table(["bits", "accuracy without KD", "with KD", "KD changed", "agreement without KD", "with KD"], body)
+    return chart + table(["bits", "parameters", "labelled samples", "unlabeled samples (KD only)", "accuracy without KD",
+                          "with KD", "KD changed", "agreement without KD", "with KD"], body)
+
+
+def _labels_text(row: dict[str, Any]) -> str:
+    """`` (N labels + M unlabeled)`` when the run learned from unlabeled samples, else nothing."""
+    if not row.get("unlabeled_samples"):
+        return ""
+    return f" ({row['labelled_samples']} labels + {row['unlabeled_samples']} unlabeled)"
 
 
 def _chart_note(rows: list[dict[str, Any]]) -> str:

