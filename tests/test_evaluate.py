@@ -36,7 +36,8 @@ def test_no_warning_when_every_class_is_present():
 
 
 class _LayerScale(nn.Module):
-    """A per-channel multiplier whose parameter is called ``scale`` (as in ConvNeXt's layer scale)."""
+    """A per-channel multiplier whose parameter is called ``scale`` (as in ConvNeXt's layer scale); after a
+    ReLU, so ``prepare`` cannot fold it into the linear layer and the student keeps it."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
@@ -44,7 +45,7 @@ class _LayerScale(nn.Module):
         self.scale = nn.Parameter(torch.ones(width))
 
     def forward(self, x):
-        return self.fc(x) * self.scale
+        return torch.relu(self.fc(x)) * self.scale
 
 
 def test_parameter_count_tells_quantizer_steps_by_type_not_by_name():

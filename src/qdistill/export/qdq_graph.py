@@ -127,8 +127,19 @@ class _Index:
         self.outputs = {value.name for value in graph.output}
 
 
+_NAMES: dict[int, tuple[int, str, dict[str, onnx.TensorProto]]] = {}  # id(graph) -> (count, last name, by name)
+
+
 def _initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
-    return {tensor.name: tensor for tensor in graph.initializer}
+    """Initializers by name; kept between calls (a big graph has thousands) while count and last name stay."""
+    count = len(graph.initializer)
+    last = graph.initializer[count - 1].name if count else ""
+    cached = _NAMES.get(id(graph))
+    if cached is None or cached[0] != count or cached[1] != last:
+        cached = (count, last, {tensor.name: tensor for tensor in graph.initializer})
+        _NAMES.clear()  # one graph is rewritten at a time
+        _NAMES[id(graph)] = cached
+    return cached[2]
 
 
 def _array(graph: onnx.GraphProto, name: str) -> np.ndarray:
@@ -136,11 +147,14 @@ def _array(graph: onnx.GraphProto, name: str) -> np.ndarray:
 
 
 def _set_initializer(graph: onnx.GraphProto, name: str, array: np.ndarray) -> str:
-    for index, tensor in enumerate(graph.initializer):
-        if tensor.name == name:
-            del graph.initializer[index]
-            break
-    graph.initializer.append(numpy_helper.from_array(np.array(array, order="C"), name))  # keeps 0-d scalars 0-d
+    tensor = numpy_helper.from_array(np.array(array, order="C"), name)  # keeps 0-d scalars 0-d
+    existing = _initializers(graph).get(name)
+    if existing is not None:
+        existing.CopyFrom(tensor)  # in place: the count, the order and the cache stay valid
+        return name
+    graph.initializer.append(tensor)
+    _NAMES[id(graph)][2][name] = graph.initializer[-1]
+    _NAMES[id(graph)] = (len(graph.initializer), name, _NAMES[id(graph)][2])
     return name
 
 
@@ -332,9 +346,9 @@ def _name_weight(graph: onnx.GraphProto, dequantize: onnx.NodeProto, name: str) 
     return LayerInfo(name, op, inputs[0], output)
 
 
-def _layer_input_dequantize(graph: onnx.GraphProto, info: LayerInfo) -> onnx.NodeProto | None:
+def _layer_input_dequantize(graph: onnx.GraphProto, info: LayerInfo, index: _Index | None = None) -> onnx.NodeProto | None:
     """The DequantizeLinear on a Conv/Gemm/MatMul layer's data input, or None."""
-    index = _Index(graph)
+    index = index or _Index(graph)
     layer_node = index.producer.get(info.output)
     if layer_node is None or info.op not in ("Conv", "Gemm", "MatMul"):
         return None
@@ -348,10 +362,12 @@ def _activation_quantizes(graph: onnx.GraphProto) -> list[str]:
     return [node.output[0] for node in graph.node if node.op_type == "QuantizeLinear" and node.input[0] not in constants]
 
 
-def _group(graph: onnx.GraphProto, quantized: str):
+def _group(graph: onnx.GraphProto, quantized: str, index: _Index | None = None):
     """``(Q, Clip or None, [DQ, ...])`` of one activation quantizer, or None for other patterns."""
-    index = _Index(graph)
-    quantize = index.producer[quantized]
+    index = index or _Index(graph)
+    quantize = index.producer.get(quantized)
+    if quantize is None:  # removed: a twin took over its readers
+        return None
     users = index.consumers[quantized]
     clip = users[0] if len(users) == 1 and users[0].op_type == "Clip" else None
     if clip is not None:
@@ -400,9 +416,9 @@ def _quantize_value(value: float, scale: float, zero_point: int, dtype: np.dtype
     return int(np.clip(code, limits.min, limits.max))
 
 
-def _movable_chain(graph: onnx.GraphProto, start: str) -> list[onnx.NodeProto]:
+def _movable_chain(graph: onnx.GraphProto, start: str, index: _Index | None = None) -> list[onnx.NodeProto]:
     """Ops between a producer and ``start`` that commute with quantization, nearest first."""
-    index = _Index(graph)
+    index = index or _Index(graph)
     chain: list[onnx.NodeProto] = []
     tensor = start
     while True:
@@ -419,14 +435,14 @@ def _movable_chain(graph: onnx.GraphProto, start: str) -> list[onnx.NodeProto]:
         tensor = node.input[0]
 
 
-def _twin(graph: onnx.GraphProto, quantize: onnx.NodeProto, tensor: str) -> onnx.NodeProto | None:
+def _twin(graph: onnx.GraphProto, quantize: onnx.NodeProto, tensor: str, index: _Index) -> onnx.NodeProto | None:
     """Another QuantizeLinear reading ``tensor`` with the same scale and zero point as ``quantize``."""
     constants = _initializers(graph)
 
     def values(node):
         return [numpy_helper.to_array(constants[name]).tobytes() if name in constants else name for name in node.input[1:]]
 
-    for user in _Index(graph).consumers[tensor]:
+    for user in index.consumers[tensor]:
         if user is not quantize and user.op_type == "QuantizeLinear" and values(user) == values(quantize):
             return user
     return None
@@ -438,14 +454,15 @@ def _move_quantize_up(graph: onnx.GraphProto, quantized: str, prefix: str) -> bo
     Where the ops in between start at a tensor that an identical Q already reads (one shared
     quantizer, reached directly and through a max pool), they run on that Q's integers instead.
     """
-    group = _group(graph, quantized)
+    index = _Index(graph)  # built once: the edits below do not change what the lookups read
+    group = _group(graph, quantized, index)
     if group is None:
         return False
     quantize, _, dequantizes = group
     scale, zero_point, low, high, dtype = _name_activation(graph, prefix, group)
-    chain = _movable_chain(graph, quantize.input[0])
+    chain = _movable_chain(graph, quantize.input[0], index)
     top = chain[-1].input[0] if chain else quantize.input[0]
-    twin = _twin(graph, quantize, top) if chain else None
+    twin = _twin(graph, quantize, top, index) if chain else None
     integer = quantize.output[0]
     if twin is not None:
         integer = twin.output[0]
@@ -460,9 +477,9 @@ def _move_quantize_up(graph: onnx.GraphProto, quantized: str, prefix: str) -> bo
             low = max(low, _quantize_value(bounds[0], scale, zero_point, dtype))
             high = min(high, _quantize_value(bounds[1], scale, zero_point, dtype))
         if node.op_type in ("Relu", "Clip"):
-            _repoint_shapes(graph, node.output[0], integer)  # absorbed: nothing to copy
+            _repoint_shapes(graph, node.output[0], integer, index)  # absorbed: nothing to copy
         else:
-            integer = _integer_copy(graph, node, integer)
+            integer = _integer_copy(graph, node, integer, index)
         graph.node.remove(node)
     limits = np.iinfo(dtype)
     if (low, high) != (limits.min, limits.max):
@@ -473,34 +490,36 @@ def _move_quantize_up(graph: onnx.GraphProto, quantized: str, prefix: str) -> bo
         integer = f"{prefix}_clipped"
     for node in dequantizes:
         node.input[0] = integer
-    return bool(chain)
+    return twin is not None
 
 
 def _move_all_quantizes(graph: onnx.GraphProto, layers: dict[str, LayerInfo]) -> None:
     """Every activation Q moves up; a layer's input quantizer is named ``<layer>.input``."""
     prefixes: dict[str, str] = {}
+    index = _Index(graph)
     for info in layers.values():
-        dequantize = _layer_input_dequantize(graph, info)
-        producer = _Index(graph).producer.get(dequantize.input[0]) if dequantize is not None else None
+        dequantize = _layer_input_dequantize(graph, info, index)
+        producer = index.producer.get(dequantize.input[0]) if dequantize is not None else None
         if producer is not None and producer.op_type == "Clip":
-            producer = _Index(graph).producer.get(producer.input[0])
+            producer = index.producer.get(producer.input[0])
         if producer is not None and producer.op_type == "QuantizeLinear":
             prefixes.setdefault(producer.output[0], f"{info.name}.input")
+    quantizes = {node.output[0]: node for node in graph.node if node.op_type == "QuantizeLinear"}
+    twins = False
     for quantized in _activation_quantizes(graph):
-        node = _Index(graph).producer[quantized]
+        node = quantizes[quantized]
         fallback = node.name.strip("/").replace("/", ".").removesuffix(".QuantizeLinear") or quantized
-        _move_quantize_up(graph, quantized, prefixes.get(quantized, fallback))
+        twins |= _move_quantize_up(graph, quantized, prefixes.get(quantized, fallback))
     # a Q whose twin took over its max pool may now move further up (MOVE_PASSES bounds the rounds)
-    for _ in range(MOVE_PASSES):
-        moved = False
+    for _ in range(MOVE_PASSES if twins else 0):
+        quantizes = {node.output[0]: node for node in graph.node if node.op_type == "QuantizeLinear"}
         for quantized in _activation_quantizes(graph):
-            node = _Index(graph).producer[quantized]
-            moved |= _move_quantize_up(graph, quantized, node.input[1].removesuffix("_scale"))
-        if not moved:
-            break
+            if quantized in quantizes:
+                _move_quantize_up(graph, quantized, quantizes[quantized].input[1].removesuffix("_scale"))
     _merge_twin_quantizes(graph)
+    index = _Index(graph)
     for info in layers.values():
-        dequantize = _layer_input_dequantize(graph, info)
+        dequantize = _layer_input_dequantize(graph, info, index)
         info.act_input = dequantize.input[0] if dequantize is not None else None
 
 
@@ -527,26 +546,28 @@ def _merge_twin_quantizes(graph: onnx.GraphProto) -> bool:
     return merged
 
 
-def _repoint_shapes(graph: onnx.GraphProto, float_tensor: str, integer_tensor: str) -> None:
+def _repoint_shapes(graph: onnx.GraphProto, float_tensor: str, integer_tensor: str, index: _Index | None = None) -> None:
     """Shape ops (``x.view(x.size(0), -1)``) read the integer twin, which has the same shape."""
-    for user in _Index(graph).consumers[float_tensor]:
+    for user in (index or _Index(graph)).consumers[float_tensor]:
         if user.op_type == "Shape":
             user.input[0] = integer_tensor
 
 
-def _integer_copy(graph: onnx.GraphProto, node: onnx.NodeProto, integer_input: str) -> str:
+def _integer_copy(graph: onnx.GraphProto, node: onnx.NodeProto, integer_input: str, index: _Index | None = None) -> str:
     """The same op (MaxPool, Flatten, Reshape, Identity) on the integer tensor."""
     output = f"{node.output[0]}_quantized"
     copy = helper.make_node(node.op_type, [integer_input, *node.input[1:]], [output], name=f"{node.name}_quantized")
     copy.attribute.extend(node.attribute)
     graph.node.append(copy)
-    _repoint_shapes(graph, node.output[0], output)
+    _repoint_shapes(graph, node.output[0], output, index)
     return output
 
 
-def _integer_output_form(graph: onnx.GraphProto, info: LayerInfo) -> None:
-    """Choose how ORT runs the layer in integers: fused with the next Q, or an explicit integer op."""
-    index = _Index(graph)
+def _integer_output_form(graph: onnx.GraphProto, info: LayerInfo, index: _Index | None = None) -> None:
+    """Choose how ORT runs the layer in integers: fused with the next Q, or an explicit integer op.
+
+    ``index`` may be shared by the calls for all layers: each edits only its own layer's nodes."""
+    index = index or _Index(graph)
     node = index.producer.get(info.output)
     if node is None or info.op not in ("Conv", "Gemm") or info.act_input is None:
         info.form = "lookup" if info.op == "Gather" else "float"
@@ -555,16 +576,16 @@ def _integer_output_form(graph: onnx.GraphProto, info: LayerInfo) -> None:
     if len(users) == 1 and users[0].op_type == "QuantizeLinear" and info.output not in index.outputs:
         info.form = "fused with the next layer's QuantizeLinear"
         if info.op == "Conv":
-            _quantize_conv_bias(graph, node, users[0], info)
+            _quantize_conv_bias(graph, node, users[0], info, index)
         return
     if info.op == "Gemm":
         _split_gemm_bias(graph, node, info)
     else:
-        _conv_integer(graph, node, info)
+        _conv_integer(graph, node, info, index)
 
 
 def _quantize_conv_bias(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onnx.NodeProto,
-                        info: LayerInfo) -> None:
+                        info: LayerInfo, index: _Index) -> None:
     """Give QLinearConv an int32 bias chosen so an all-zero input window rounds as in PyTorch.
 
     ORT adds the bias as an integer in units of ``s_x * s_w`` and requantizes ``acc * M`` with
@@ -575,7 +596,7 @@ def _quantize_conv_bias(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: 
     """
     if len(node.input) < 3 or node.input[2] not in _initializers(graph):
         return
-    dequantize = _Index(graph).producer[node.input[0]]
+    dequantize = index.producer[node.input[0]]
     input_scale = np.float32(_array(graph, dequantize.input[1]).reshape(()))
     output_scale = np.float32(_array(graph, quantize.input[1]).reshape(()))
     bias = _array(graph, node.input[2]).astype(np.float32)
@@ -614,11 +635,11 @@ def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerIn
     graph.node.append(helper.make_node("Add", [product, bias], [output], name=f"{info.name}.bias_add"))
 
 
-def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo) -> None:
+def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, index: _Index) -> None:
     # QLinearConv needs a quantized output; without one ORT would run DQ -> Conv in float, so the
     # layer becomes ConvInteger (int32 accumulator) and a float rescale by s_x * s_w per channel.
     info.form = "ConvInteger + float rescale"
-    dequantize = _Index(graph).producer[node.input[0]]
+    dequantize = index.producer[node.input[0]]
     input_scale, input_zero = dequantize.input[1], dequantize.input[2]
     weight_scale = _array(graph, f"{info.name}.weight_scale").astype(np.float32)
     multiplier = (np.float32(_array(graph, input_scale)) * weight_scale).astype(np.float32)
@@ -718,8 +739,9 @@ def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict
     lookup_ops = _install_lookups(graph, lookups)
     _integer_lookups(graph, lookup_ops)
     ops.update(lookup_ops)
+    index = _Index(graph)
     for info in layers.values():
-        _integer_output_form(graph, info)
+        _integer_output_form(graph, info, index)
     _prune(graph)
     toposort(graph)
     position = {output: order for order, node in enumerate(graph.node) for output in node.output}
