@@ -107,3 +107,7 @@ def test_demo_quick(tmp_path):
     for row in rows[1:]:
         assert (tmp_path / row["run"] / "report.json").is_file()
         assert row["accuracy"] > 0.85
+    # the 10% rows keep labels on 10% of the 3200 training images per class (320); only KD uses the rest
+    counts = {row["run"]: (row["labelled"], row["unlabeled"]) for row in rows}
+    assert counts["w4a4_kd"] == (3200, 0) and counts["w4a4_10pct_qat"] == (320, 0)
+    assert counts["w4a4_10pct_kd"] == counts["small_w4a4_10pct_kd"] == (320, 2880)
