@@ -336,7 +336,28 @@ class QuantElementwise(QuantInputOf):
         return table
 
 
-class QuantAdd(nn.Module):
+class _TwoInputOp(nn.Module):
+    """An op on two fake-quantized tensors (``QuantAdd``, ``QuantMul``, ``QuantMatMul``): its quantizers and bits."""
+
+    combines = "combines"  # the verb of the one-line error
+
+    def __init__(self, input_quantizers: list[Quantizer]) -> None:
+        super().__init__()
+        if len(input_quantizers) != 2:
+            raise ModelError(f"input_quantizers: {len(input_quantizers)} given; allowed: exactly 2 "
+                             f"({type(self).__name__} {self.combines} two tensors)")
+        self.input0_quantizer, self.input1_quantizer = input_quantizers
+
+    @property
+    def act_bits(self) -> int:
+        return max(self.input0_quantizer.bits, self.input1_quantizer.bits)
+
+    def input_slots(self) -> list[str]:
+        """Attribute names of the quantizer of each positional input."""
+        return ["input0_quantizer", "input1_quantizer"]
+
+
+class QuantAdd(_TwoInputOp):
     """``a + b`` of two fake-quantized tensors: a residual addition (ONNX Runtime: ``QLinearAdd``).
 
     ``prepare`` puts one where a model's forward adds two tensors (``out + identity``).
@@ -347,19 +368,7 @@ class QuantAdd(nn.Module):
         torch.Size([2, 4])
     """
 
-    def __init__(self, input_quantizers: list[Quantizer]) -> None:
-        super().__init__()
-        if len(input_quantizers) != 2:
-            raise ModelError(f"input_quantizers: {len(input_quantizers)} given; allowed: exactly 2 (QuantAdd adds two tensors)")
-        self.input0_quantizer, self.input1_quantizer = input_quantizers
-
-    @property
-    def act_bits(self) -> int:
-        return max(self.input0_quantizer.bits, self.input1_quantizer.bits)
-
-    def input_slots(self) -> list[str]:
-        """Attribute names of the quantizer of each positional input."""
-        return ["input0_quantizer", "input1_quantizer"]
+    combines = "adds"
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return quantize_output(self, self.input0_quantizer(a) + self.input1_quantizer(b))
@@ -397,7 +406,7 @@ class QuantCat(nn.Module):
         return quantize_output(self, torch.cat(inputs, dim=self.dim))
 
 
-class QuantMul(nn.Module):
+class QuantMul(_TwoInputOp):
     """``a * b`` of two fake-quantized tensors (a squeeze-excite gate; ONNX Runtime: ``QLinearMul``).
 
     Example:
@@ -406,25 +415,13 @@ class QuantMul(nn.Module):
         torch.Size([2, 4, 3, 3])
     """
 
-    def __init__(self, input_quantizers: list[Quantizer]) -> None:
-        super().__init__()
-        if len(input_quantizers) != 2:
-            raise ModelError(f"input_quantizers: {len(input_quantizers)} given; allowed: exactly 2 (QuantMul multiplies two tensors)")
-        self.input0_quantizer, self.input1_quantizer = input_quantizers
-
-    @property
-    def act_bits(self) -> int:
-        return max(self.input0_quantizer.bits, self.input1_quantizer.bits)
-
-    def input_slots(self) -> list[str]:
-        """Attribute names of the quantizer of each positional input."""
-        return ["input0_quantizer", "input1_quantizer"]
+    combines = "multiplies"
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return quantize_output(self, self.input0_quantizer(a) * self.input1_quantizer(b))
 
 
-class QuantMatMul(nn.Module):
+class QuantMatMul(_TwoInputOp):
     """``a @ b`` of two fake-quantized activations: attention scores and their use on values
     (ONNX Runtime: ``QLinearMatMul``, or ``MatMulIntegerToFloat`` when the result stays float, as
     before a softmax).
@@ -435,19 +432,7 @@ class QuantMatMul(nn.Module):
         torch.Size([2, 3, 5, 5])
     """
 
-    def __init__(self, input_quantizers: list[Quantizer]) -> None:
-        super().__init__()
-        if len(input_quantizers) != 2:
-            raise ModelError(f"input_quantizers: {len(input_quantizers)} given; allowed: exactly 2 (QuantMatMul multiplies two tensors)")
-        self.input0_quantizer, self.input1_quantizer = input_quantizers
-
-    @property
-    def act_bits(self) -> int:
-        return max(self.input0_quantizer.bits, self.input1_quantizer.bits)
-
-    def input_slots(self) -> list[str]:
-        """Attribute names of the quantizer of each positional input."""
-        return ["input0_quantizer", "input1_quantizer"]
+    combines = "multiplies"
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.matmul(self.input0_quantizer(a), self.input1_quantizer(b))

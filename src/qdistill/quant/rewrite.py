@@ -70,6 +70,17 @@ def _is_parameter(node: fx.Node) -> bool:
     return node.op == "get_attr"
 
 
+def _activation_operands(node: fx.Node, tensors: set[fx.Node], functions: set, methods: set) -> tuple[fx.Node, fx.Node] | None:
+    """The two operands of a binary op in ``functions``/``methods`` when both are activations (not parameters)."""
+    is_op = (node.op == "call_function" and node.target in functions) or (node.op == "call_method" and node.target in methods)
+    if not is_op or node.kwargs or len(node.args) != 2:
+        return None
+    first, second = node.args
+    if not all(isinstance(arg, fx.Node) and arg in tensors and not _is_parameter(arg) for arg in (first, second)):
+        return None
+    return first, second
+
+
 def mul_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
     """The two activation operands of ``a * b`` (a gate times a feature map); None for other nodes.
 
@@ -80,14 +91,7 @@ def mul_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node
         >>> [node.name for node in graph.nodes if mul_operands(node, tensor_nodes(graph))]
         ['mul']
     """
-    is_mul = (node.op == "call_function" and node.target in MUL_FUNCTIONS) or (
-        node.op == "call_method" and node.target in MUL_METHODS)
-    if not is_mul or node.kwargs or len(node.args) != 2:
-        return None
-    first, second = node.args
-    if not all(isinstance(arg, fx.Node) and arg in tensors and not _is_parameter(arg) for arg in (first, second)):
-        return None
-    return first, second
+    return _activation_operands(node, tensors, MUL_FUNCTIONS, MUL_METHODS)
 
 
 def matmul_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.Node] | None:
@@ -98,14 +102,7 @@ def matmul_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[fx.Node, fx.N
         >>> [node.name for node in graph.nodes if matmul_operands(node, tensor_nodes(graph))]
         ['matmul']
     """
-    is_matmul = (node.op == "call_function" and node.target in MATMUL_FUNCTIONS) or (
-        node.op == "call_method" and node.target in MATMUL_METHODS)
-    if not is_matmul or node.kwargs or len(node.args) != 2:
-        return None
-    first, second = node.args
-    if not all(isinstance(arg, fx.Node) and arg in tensors and not _is_parameter(arg) for arg in (first, second)):
-        return None
-    return first, second
+    return _activation_operands(node, tensors, MATMUL_FUNCTIONS, MATMUL_METHODS)
 
 
 def cat_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[list[fx.Node], int] | None:
