@@ -1,7 +1,14 @@
 """What a batch is: the one place that splits a loader's batch into inputs, labels and cached logits.
 
 A batch is an input tensor alone, or a tuple/list ``(inputs,)``, ``(inputs, labels)`` or
-``(inputs, labels, teacher_logits)`` (the last from ``qdistill.kd.CachedTeacherLoader``).
+``(inputs, labels, teacher_logits)`` (the last from ``qdistill.kd.CachedTeacherLoader``), or a mapping
+in the Hugging Face convention: model inputs by name (``input_ids``, ``attention_mask``, ...) beside
+the optional keys ``labels`` (or ``label``) and ``teacher_logits``.
+
+*Inputs* are what the model is called with: one tensor (``model(x)``), a tuple of tensors
+(``model(*inputs)``) or a dict of tensors (``model(**inputs)``); integer tensors (token ids) stay
+integer. ``call_model``, ``move_inputs``, ``input_rows``, ``take_rows`` and ``concat_inputs`` are the
+one place that knows these three forms.
 
 Example:
     >>> import torch
@@ -14,9 +21,13 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+LABEL_KEYS = ("labels", "label")
+LOGITS_KEY = "teacher_logits"
 
 
 def batch_parts(batch: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | None]:
@@ -25,7 +36,14 @@ def batch_parts(batch: Any) -> tuple[Any, torch.Tensor | None, torch.Tensor | No
     Example:
         >>> batch_parts((torch.zeros(1, 2),))[1:]
         (None, None)
+        >>> inputs, labels, _ = batch_parts({"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.tensor([0, 1])})
+        >>> sorted(inputs), labels.tolist()
+        (['input_ids'], [0, 1])
     """
+    if isinstance(batch, Mapping):
+        labels = next((batch[key] for key in LABEL_KEYS if key in batch), None)
+        inputs = {key: value for key, value in batch.items() if key not in (*LABEL_KEYS, LOGITS_KEY)}
+        return inputs, labels, batch.get(LOGITS_KEY)
     if not isinstance(batch, (list, tuple)):
         return batch, None, None
     parts = list(batch[:3]) + [None] * (3 - min(len(batch), 3))
@@ -61,3 +79,86 @@ def to_device(value: Any, device: torch.device | str) -> Any:
         (True, 'cpu')
     """
     return None if value is None else value.to(device)
+
+
+def call_model(model: Callable[..., Any], inputs: Any) -> Any:
+    """``model`` called with ``inputs``: ``model(x)``, ``model(*inputs)`` or ``model(**inputs)``.
+
+    Example:
+        >>> call_model(lambda a, b: a + b, (torch.ones(1), torch.ones(1))).item()
+        2.0
+        >>> call_model(lambda input_ids: input_ids.shape, {"input_ids": torch.zeros(2, 7)})
+        torch.Size([2, 7])
+    """
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (list, tuple)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _map_tensors(inputs: Any, change: Callable[[torch.Tensor], Any]) -> Any:
+    if isinstance(inputs, Mapping):
+        return {key: change(value) for key, value in inputs.items()}
+    if isinstance(inputs, (list, tuple)):
+        return type(inputs)(change(value) for value in inputs)
+    return change(inputs)
+
+
+def input_tensors(inputs: Any) -> list[torch.Tensor]:
+    """The tensors of ``inputs`` in call order (a dict's in its key order).
+
+    Example:
+        >>> [tuple(t.shape) for t in input_tensors({"a": torch.ones(2, 3), "b": torch.ones(2)})]
+        [(2, 3), (2,)]
+    """
+    if isinstance(inputs, Mapping):
+        return list(inputs.values())
+    if isinstance(inputs, (list, tuple)):
+        return list(inputs)
+    return [inputs]
+
+
+def move_inputs(inputs: Any, device: torch.device | str) -> Any:
+    """``inputs`` (any of the three forms) with every tensor on ``device``; dtypes are kept.
+
+    Example:
+        >>> move_inputs({"input_ids": torch.ones(1, 2, dtype=torch.long)}, "cpu")["input_ids"].dtype
+        torch.int64
+    """
+    return _map_tensors(inputs, lambda tensor: tensor.to(device))
+
+
+def input_rows(inputs: Any) -> int:
+    """The batch size of ``inputs`` (the first dimension of its first tensor).
+
+    Example:
+        >>> input_rows((torch.ones(3, 2), torch.ones(3)))
+        3
+    """
+    return int(input_tensors(inputs)[0].shape[0])
+
+
+def take_rows(inputs: Any, rows: slice | torch.Tensor | Sequence[int]) -> Any:
+    """The given rows (a slice or indices) of every tensor in ``inputs``.
+
+    Example:
+        >>> take_rows({"input_ids": torch.arange(6).reshape(3, 2)}, slice(0, 1))["input_ids"].tolist()
+        [[0, 1]]
+    """
+    return _map_tensors(inputs, lambda tensor: tensor[rows])
+
+
+def concat_inputs(parts: Sequence[Any]) -> Any:
+    """Inputs of several batches joined along the batch dimension (all parts of one form).
+
+    Example:
+        >>> concat_inputs([torch.ones(1, 2), torch.zeros(2, 2)]).shape
+        torch.Size([3, 2])
+    """
+    first = parts[0]
+    if isinstance(first, Mapping):
+        return {key: torch.cat([part[key] for part in parts]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(torch.cat([part[index] for part in parts]) for index in range(len(first)))
+    return torch.cat(list(parts))
