@@ -97,6 +97,7 @@ from qdistill.export.qdq_graph import (
     OP_MARKER,
     LayerInfo,
     OpInfo,
+    _array,
     _prune,
     rewrite_for_int8,
 )
@@ -573,22 +574,39 @@ def _student_layer_outputs(student: nn.Module, inputs: torch.Tensor, names: list
     return outputs
 
 
-def _truncated(model: onnx.ModelProto, output: str) -> bytes:
+def _truncated(model: onnx.ModelProto, output: str, elem_type: int = onnx.TensorProto.FLOAT) -> bytes:
     """The part of ``model`` that computes ``output``, with ``output`` as its only graph output."""
     part = onnx.ModelProto.FromString(model.SerializeToString())
     del part.graph.output[:]
-    part.graph.output.append(helper.make_tensor_value_info(output, onnx.TensorProto.FLOAT, None))
+    part.graph.output.append(helper.make_tensor_value_info(output, elem_type, None))
     _prune(part.graph)
     return part.SerializeToString()
 
 
-def _layer_result(graph: onnx.GraphProto, output: str) -> str:
-    """The tensor holding a layer's whole result: a Linear on 3-D input exports as MatMul, then its bias Add."""
+def _only_user(graph: onnx.GraphProto, tensor: str) -> onnx.NodeProto | None:
+    users = [node for node in graph.node if tensor in node.input]
+    return users[0] if len(users) == 1 else None
+
+
+def _layer_result(graph: onnx.GraphProto, output: str, requantized: bool = False
+                  ) -> tuple[str, tuple[np.ndarray, np.ndarray] | None]:
+    """The tensor holding a layer's whole result as the student's layer returns it, and how to dequantize it.
+
+    A Linear on 3-D input exports as MatMul, then its bias Add. A layer the student requantizes
+    itself (``requantizer``: one rounding, as in QLinearConv) is compared on the codes of the
+    QuantizeLinear (and narrow-grid Clip) that the runtime fuses into it: ``(tensor, (scale, zero point))``.
+    """
     constants = {tensor.name for tensor in graph.initializer}
-    users = [node for node in graph.node if output in node.input]
-    if len(users) == 1 and users[0].op_type == "Add" and any(name in constants for name in users[0].input):
-        return users[0].output[0]
-    return output
+    user = _only_user(graph, output)
+    if user is not None and user.op_type == "Add" and any(name in constants for name in user.input):
+        output, user = user.output[0], _only_user(graph, user.output[0])
+    if not requantized or user is None or user.op_type != "QuantizeLinear":
+        return output, None
+    grid = (_array(graph, user.input[1]), _array(graph, user.input[2]))
+    codes, clip = user.output[0], _only_user(graph, user.output[0])
+    if clip is not None and clip.op_type == "Clip":
+        codes = clip.output[0]
+    return codes, grid
 
 
 def _sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
@@ -619,8 +637,13 @@ def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
     reference = _student_layer_outputs(student, inputs, [entry["name"] for entry in table])
     results = []
     for entry in table:
-        session = make_session(_truncated(model, _layer_result(model.graph, entry["output"])))
+        requantized = getattr(student.get_submodule(entry["name"]), "requantizer", None) is not None
+        output, grid = _layer_result(model.graph, entry["output"], requantized)
+        elem_type = onnx.TensorProto.FLOAT if grid is None else helper.np_dtype_to_tensor_dtype(grid[1].dtype)
+        session = make_session(_truncated(model, output, elem_type))
         value = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+        if grid is not None:
+            value = ((value.astype(np.float32) - grid[1].astype(np.float32)) * grid[0]).astype(np.float32)
         expected = reference.get(entry["name"])
         if expected is None or expected.shape != value.shape:
             results.append({"name": entry["name"], "sqnr_db": -math.inf, "max_abs_diff": math.inf})

@@ -50,6 +50,54 @@ class QuantLayerMixin:
         step = step.expand_as(bias)  # (C_out,)
         return bias + (torch.round(bias / step) * step - bias).detach()
 
+    def computes_on_integers(self) -> bool:
+        """True when the forward runs as an integer runtime does: no gradient, both quantizers set.
+
+        Training keeps the float formula (its gradients are the LSQ ones); evaluation, the parity
+        gate and the teacher-free forwards take ``integer_forward``, whose values are the int8
+        file's up to the final requantization.
+        """
+        input_quantizer, weight_quantizer = self.input_quantizer, self.weight_quantizer
+        return (not torch.is_grad_enabled() and input_quantizer is not None and isinstance(weight_quantizer, Quantizer)
+                and not torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing()
+                and not input_quantizer._observing and input_quantizer.is_initialized()
+                and weight_quantizer.is_initialized())
+
+    def integer_forward(self, x: torch.Tensor, layer_op) -> torch.Tensor:
+        """``layer_op`` (a conv or linear without bias) on integer codes, plus the int32 bias, scaled once.
+
+        ONNX Runtime accumulates ``(x_q - z_x) * w_q`` in int32, adds the bias in units of
+        ``s_x * s_w``, converts the sum to float32 and scales it. A float forward on dequantized
+        values rounds every partial sum instead; one code in about 10^4 then lands on the other
+        side of a rounding tie, and deep networks amplify it (ResNet-50: 30 dB at the logits).
+        Here the codes are integer-valued floats, summed exactly: in float32 while every partial
+        sum stays below 2^24 (checked on the actual codes), else in float64.
+        """
+        input_scale = self.input_quantizer.scale.clamp_min(MIN_SCALE)
+        weight_scale = self.weight_quantizer.scale.clamp_min(MIN_SCALE)
+        channel_shape = (-1,) + (1,) * (self.weight.dim() - 1)
+        x_codes = torch.round(self.quantize_input(x) / input_scale)  # q - z, exactly
+        w_codes = torch.round(self.quantized_weight() / weight_scale.reshape(channel_shape))
+        largest_sum = x_codes.abs().max() * w_codes.abs().flatten(1).sum(dim=1).max()
+        exact_dtype = torch.float32 if float(largest_sum) < 2**24 else torch.float64
+        accumulated = layer_op(x_codes.to(exact_dtype), w_codes.to(exact_dtype))
+        step = input_scale * weight_scale  # (C_out,): the bias grid, as in quantized_bias
+        out_shape = (1, -1) + (1,) * (accumulated.dim() - 2) if self.weight.dim() > 2 else (-1,)
+        if self.bias is not None:
+            bias_codes = torch.round(self.bias / step.expand_as(self.bias))
+            accumulated = accumulated + bias_codes.to(exact_dtype).reshape(out_shape)
+        accumulated = accumulated.to(x.dtype)  # int32 -> float32, as the runtime converts its sum
+        step = step.expand(self.weight.shape[0]).reshape(out_shape)
+        requantizer = self.__dict__.get("requantizer")  # set by quant.sharing.link_requantizers
+        if requantizer is None or requantizer._observing or not requantizer.is_initialized():
+            return accumulated * step
+        # the runtime's requantization: round(sum * (s_x * s_w / s_y)) + z_y, clamped; one rounding
+        output_scale = requantizer.scale.clamp_min(MIN_SCALE)
+        zero = requantizer.zero_point.to(x.dtype)
+        qrange = requantizer.qrange
+        codes = (torch.round(accumulated * (step / output_scale)) + zero).clamp_(qrange.qmin, qrange.qmax)
+        return (codes - zero) * output_scale
+
     @property
     def weight_bits(self) -> int:
         return self.weight_quantizer.bits
@@ -95,6 +143,8 @@ class QuantConv1d(QuantLayerMixin, nn.Conv1d):
     """``nn.Conv1d`` with per-output-channel weight and per-tensor input fake quantization."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.computes_on_integers():
+            return self.integer_forward(x, lambda codes, weight: self._conv_forward(codes, weight, None))
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.quantized_bias())
 
 
@@ -102,6 +152,8 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     """``nn.Conv2d`` (grouped and depthwise too) with fake-quantized weight and input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
+        if self.computes_on_integers():
+            return self.integer_forward(x, lambda codes, weight: self._conv_forward(codes, weight, None))
         return self._conv_forward(self.quantize_input(x), self.quantized_weight(), self.quantized_bias())
 
 
@@ -109,6 +161,8 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     """``nn.Linear`` with per-output-feature weight and per-tensor input fake quantization."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.computes_on_integers():
+            return self.integer_forward(x, F.linear)
         return F.linear(self.quantize_input(x), self.quantized_weight(), self.quantized_bias())
 
 

@@ -52,7 +52,7 @@ from qdistill.quant.modules import (
 )
 from qdistill.quant.quantizer import Quantizer
 from qdistill.quant.rewrite import rewrite_functional_ops
-from qdistill.quant.sharing import quantize_float_reads, share_quantizers
+from qdistill.quant.sharing import link_requantizers, quantize_float_reads, share_quantizers
 from qdistill.recipe import QuantSpec, Recipe
 
 FLOAT_BY_DESIGN = {
@@ -193,12 +193,14 @@ def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str])
     if retrace.graph is not None:
         share_quantizers(retrace.graph, student, make)
         quantize_float_reads(retrace.graph, student, make)
+        link_requantizers(retrace.graph, student)
     else:
         notes["<graph>"] = (f"{retrace.failure}; BatchNorm folding, quantized additions and shared quantizers "
                             "were applied within each module that traces on its own")
         graphs, _ = module_graphs(student, trace)
         for _, module, graph, _ in graphs:
             share_quantizers(graph, module, make)
+            link_requantizers(graph, module)
     return {**torch_module_notes(student), **notes}
 
 

@@ -216,3 +216,34 @@ def quantize_float_reads(graph: fx.Graph, namespace: nn.Module, make_quantizer: 
             module.output_quantizer = make_quantizer(module.act_bits)
             named.append(node.target)
     return named
+
+
+def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
+    """Tell each quantized conv/linear the one quantizer its result ends in; returns how many were linked.
+
+    The export fuses such a layer with that quantizer into one integer kernel (QLinearConv, QGemm)
+    that requantizes its int32 sum with ``s_x * s_w / s_y`` in one rounding. With the link the
+    student's integer forward (``QuantLayerMixin.integer_forward``) rounds the same way, so the two
+    agree code for code; ops in between (ReLU, max pool, flatten) commute with the rounding. The
+    link is a plain attribute, not a submodule: the quantizer stays owned (and saved) where it is.
+
+    Example:
+        >>> from qdistill import models
+        >>> from qdistill.quant import prepare
+        >>> block = prepare(models.create("tiny_resnet")).layer1[0]       # prepare links them
+        >>> block.conv1.requantizer is block.conv2.input_quantizer        # conv1 -> ReLU -> conv2
+        True
+    """
+    linked = 0
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        module = namespace.get_submodule(node.target)
+        if not isinstance(module, QuantLayerMixin) or module.input_quantizer is None:
+            continue
+        quantizers = {id(getattr(owner, attribute)): getattr(owner, attribute) for owner, attribute in _uses(node, namespace)}
+        if len(quantizers) == 1 and _reaches_only_quantizers(node, namespace):
+            module.__dict__["requantizer"] = next(iter(quantizers.values()))
+            linked += 1
+    return linked
+
