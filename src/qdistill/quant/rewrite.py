@@ -1,6 +1,7 @@
 """Residual additions and concatenations made quantized: ``out + identity`` becomes a ``QuantAdd``.
 
-A module whose own forward adds two tensors (or concatenates tensors) is traced on its own
+A module whose own forward adds two tensors (or multiplies, matrix-multiplies, concatenates or
+average-pools them: ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``) is traced on its own
 (``graph.trace_module``); each such op becomes a call to a new child module (``QuantAdd`` /
 ``QuantCat``, named after the op: ``layer1.0.add``) that fake-quantizes every input. The module
 keeps its class (a subclass with the generated forward), attributes, children and parameter names,
@@ -29,10 +30,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from qdistill.quant.graph import ModelTrace, module_graphs, tensor_nodes
-from qdistill.quant.modules import QuantAdd, QuantCat, QuantMatMul, QuantMul
+from qdistill.quant.modules import INPUT_QUANTIZED_CLASS, QuantAdd, QuantCat, QuantMatMul, QuantMul
 from qdistill.quant.quantizer import Quantizer
 
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
@@ -42,6 +44,7 @@ MUL_FUNCTIONS = {operator.mul, torch.mul}
 MUL_METHODS = {"mul", "__mul__"}  # not mul_: it changes its first operand
 MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm}
 MATMUL_METHODS = {"matmul", "__matmul__", "bmm"}
+POOL_FUNCTIONS = {F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d, F.avg_pool2d: nn.AvgPool2d}  # same arguments, in order
 SHAPE_METHODS = {"reshape", "view", "expand", "expand_as", "unsqueeze", "squeeze", "flatten", "contiguous", "to"}
 
 
@@ -124,10 +127,29 @@ def cat_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[list[fx.Node], i
     return list(inputs), dim
 
 
+def pool_layer(node: fx.Node, tensors: set[fx.Node]) -> nn.Module | None:
+    """The ``nn`` pooling layer a functional average pool with constant settings stands for; None otherwise.
+
+    DenseNet ends in ``F.adaptive_avg_pool2d(out, (1, 1))``: as a float op it leaves the layer before
+    it without a quantized result (a ConvInteger instead of a fused QLinearConv).
+
+    Example:
+        >>> graph = fx.symbolic_trace(lambda x: F.adaptive_avg_pool2d(x, (1, 1))).graph
+        >>> [pool_layer(node, tensor_nodes(graph)) for node in graph.nodes][1]
+        AdaptiveAvgPool2d(output_size=(1, 1))
+    """
+    if node.op != "call_function" or node.target not in POOL_FUNCTIONS or not node.args or node.args[0] not in tensors:
+        return None
+    settings = [*node.args[1:], *node.kwargs.values()]
+    if any(isinstance(value, fx.Node) for value in settings):
+        return None  # a size computed at run time
+    return POOL_FUNCTIONS[node.target](*node.args[1:], **node.kwargs)
+
+
 def _has_functional_ops(graph: fx.Graph) -> bool:
     tensors = tensor_nodes(graph)
     return any(add_operands(node, tensors) or mul_operands(node, tensors) or matmul_operands(node, tensors)
-               or cat_operands(node, tensors) for node in graph.nodes)
+               or cat_operands(node, tensors) or pool_layer(node, tensors) is not None for node in graph.nodes)
 
 
 def _free_name(module: nn.Module, wanted: str) -> str:
@@ -182,6 +204,11 @@ def rewrite_module(module: nn.Module, graph: fx.Graph, tensors: set[fx.Node],
             inputs, dim = concatenated
             child = QuantCat([make_quantizer() for _ in inputs], dim)
             added.append(_replace(graph, node, module, child, tuple(inputs), tensors))
+            continue
+        pool = pool_layer(node, tensors)
+        if pool is not None:
+            child = INPUT_QUANTIZED_CLASS[type(pool)].from_float(pool, make_quantizer())
+            added.append(_replace(graph, node, module, child, (node.args[0],), tensors))
     if added:
         graph.lint()
         install_forward(module, graph)

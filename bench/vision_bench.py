@@ -1,0 +1,191 @@
+"""Issue 11 benchmark: torchvision/timm architectures through qdistill, and an image-folder task.
+
+Printed in one run (every number measured here; the load average is printed beside the timings):
+
+1. **Parity and kernels** (``zoo_table``): every architecture of issue 11 item 2 (the torchvision
+   classification models with at most 30M parameters and the timm families, the list that
+   ``tests/models/test_zoo_parity.py`` checks against ``torchvision.models.list_models``), each with a
+   teacher trained 30 Adam steps on 3-channel 32x32 MNIST digits, prepared W8A8, one QAT+KD epoch,
+   exported to int8 ONNX with the parity gate: agreement, logit SQNR, max |logit diff|, the integer
+   kernels of its layers and ops, float fallbacks, seconds.
+2. **Image-folder task** (``folder_task``): an image folder written from the embedded MNIST subset
+   (5000 images, one folder per digit, PNG), read at 64x64 through ``data.image_folder``; torchvision
+   ResNet-18 and MobileNetV3-Small teachers trained on it, then W8A8 and W4A4 QAT+KD students from
+   them, exported (int8 ONNX + packed files). Accuracy on the folder's test split against the
+   teacher, parity, file sizes. Target: W4A4 within 1 pp of the teacher.
+3. **Latency** (``latency_table``): for the same two models, the int8 file against the fp32 ONNX file
+   and ONNX Runtime's ``quantize_static`` of it, batch 1 and 32, 1 and 2 threads, interleaved rounds.
+   Targets: ResNet-18 int8 >= 2x fp32 at batch 32 on one thread and not slower than
+   ``quantize_static``; MobileNetV3 not slower than ``quantize_static``.
+
+Needs the vision extra (``make .venv-vision/.installed``). Usage:
+``.venv-vision/bin/python bench/vision_bench.py [--skip zoo,folder,latency] [--out out/vision_bench]``
+(section 1 takes about 15 minutes on 2 cores, section 2 about 10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from qdistill.data import load_data
+from qdistill.recipe import DataSpec, Recipe
+from qdistill.runs import run_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDER_MODELS = ("resnet18", "mobilenet_v3_small")
+IMAGE_SIZE = 64
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{value:.1f}" for value in os.getloadavg())
+
+
+def _zoo_harness():
+    """The slow test's module: its architecture list and its teacher/model helpers (one owner for both)."""
+    spec = importlib.util.spec_from_file_location("zoo_parity", ROOT / "tests" / "models" / "test_zoo_parity.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def zoo_table(folder: Path) -> list[dict]:
+    """Section 1: one row per architecture (see the module docstring)."""
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import qdistill as qd
+    from qdistill.export.onnx import export_onnx
+
+    harness = _zoo_harness()
+    bundle = load_data(DataSpec(name="mnist5k"))
+    x = F.pad(bundle.train_x[:192].float(), (2, 2, 2, 2)).repeat(1, 3, 1, 1)
+    y = bundle.train_y[:192]
+    rows = []
+    names = [("torchvision", name) for name in harness.TORCHVISION] + [("timm", name) for name in harness.TIMM]
+    print(f"{'architecture':34s} {'params':>7s} {'agree':>6s} {'SQNR dB':>8s} {'max|d|':>8s} {'float':>5s} {'s':>4s}  kernels")
+    for zoo, name in names:
+        started = time.perf_counter()
+        size = harness.IMAGE_SIZE.get(name, 32)
+        images = F.interpolate(x, size=size, mode="bilinear") if size != 32 else x
+        row = {"architecture": f"{zoo} {name}"}
+        try:
+            model = harness._model(zoo, name, size)
+            row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+            teacher = harness._teacher(model, images[:64], y[:64])
+            train = DataLoader(TensorDataset(images[:64], y[:64]), batch_size=32)
+            val = DataLoader(TensorDataset(images[64:], y[64:]), batch_size=64)
+            quant = {"weight_bits": 8, "act_bits": 8, "init": "minmax", "calibration_batches": 2}
+            result = qd.distill(teacher, train, val, {"train": {"epochs": 1, "lr": 1e-5}, "quant": quant}, show_progress=False)
+            info = export_onnx(result.student, folder / f"{name}.onnx", images[:1], verify_on=val)
+            kernels = Counter(info["integer_ops"].values()) + Counter(info.get("integer_ops_other", {}).values())
+            row.update(agreement=info["agreement_with_student"], sqnr_db=info["logit_sqnr_db"],
+                       max_abs_diff=info["max_abs_logit_diff"], float_fallbacks=len(result.student.qdistill_unquantized),
+                       kernels=dict(kernels))
+        except Exception as error:  # one architecture's failure is a row of the table, not the end of the run
+            row["error"] = " ".join(str(error).split())[:160]
+        row["seconds"] = time.perf_counter() - started
+        _print_zoo_row(row)
+        rows.append(row)
+    passed = sum(1 for row in rows if row.get("agreement", 0) >= 0.999)
+    print(f"parity gate (>= 99.9% agreement and the logit bound): {passed}/{len(rows)} architectures pass; {_load()}")
+    return rows
+
+
+def _print_zoo_row(row: dict) -> None:
+    if "error" in row:
+        print(f"{row['architecture']:34s} FAIL: {row['error']}", flush=True)
+        return
+    kernels = " ".join(f"{kernel} {count}" for kernel, count in sorted(row["kernels"].items(), key=lambda item: -item[1]))
+    print(f"{row['architecture']:34s} {row['params_m']:6.1f}M {row['agreement']:6.1%} {row['sqnr_db']:8.1f} "
+          f"{row['max_abs_diff']:8.2g} {row['float_fallbacks']:5d} {row['seconds']:4.0f}  {kernels}", flush=True)
+
+
+def write_mnist_folder(root: Path) -> Path:
+    """The embedded MNIST subset as an image folder: ``root/<digit>/<n>.png`` (28x28 grey PNGs)."""
+    bundle = load_data(DataSpec(name="mnist5k"))
+    inputs = torch.cat([bundle.train_x, bundle.val_x, bundle.test_x])
+    labels = torch.cat([bundle.train_y, bundle.val_y, bundle.test_y]).tolist()
+    images = (inputs.squeeze(1).numpy() * 255).round().astype(np.uint8)
+    for number, (pixels, label) in enumerate(zip(images, labels, strict=True)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels, mode="L").save(folder / f"{number:05d}.png")
+    return root
+
+
+def _folder_recipe(name: str, folder: Path, bits: int, teacher: Path | None, epochs: int) -> Recipe:
+    model = {"torchvision": name, "kwargs": {"num_classes": 10}}
+    if teacher is not None:
+        model["checkpoint"] = str(teacher)
+    return Recipe(model=model,
+                  data={"image_folder": str(folder), "image_size": IMAGE_SIZE, "normalize": "standard",
+                        "augment": "none", "batch_size": 64, "seed": 0},
+                  quant={"weight_bits": bits, "act_bits": bits, "first_last_bits": 8},
+                  train={"epochs": epochs, "lr": 5e-4, "schedule": "cosine"},
+                  teacher_train={"epochs": 4, "lr": 1e-3, "schedule": "cosine"},
+                  export={"onnx": True, "packed": True})
+
+
+def folder_task(folder: Path, out: Path, epochs: int) -> dict[str, dict]:
+    """Section 2: teacher, W8A8 and W4A4 students per model; returns each run's report summary."""
+    results: dict[str, dict] = {}
+    for name in FOLDER_MODELS:
+        teacher_file = None
+        for bits in (8, 4):
+            run_dir = out / f"{name}_w{bits}a{bits}"
+            started = time.perf_counter()
+            result = run_recipe(_folder_recipe(name, folder, bits, teacher_file, epochs), run_dir, show_progress=False)
+            report = result.report
+            teacher_file = teacher_file or run_dir / "teacher.safetensors"
+            export = report.get("export", {})
+            row = {"teacher": report["teacher"]["accuracy"], "student": report["student"]["accuracy"],
+                   "agreement_onnx": export.get("onnx", {}).get("agreement_with_student"),
+                   "onnx_bytes": export.get("onnx", {}).get("file_bytes"),
+                   "packed_bytes": export.get("packed", {}).get("file_bytes"),
+                   "fp32_bytes": report["student"].get("size", {}).get("fp32_bytes"), "seconds": time.perf_counter() - started,
+                   "run_dir": str(run_dir)}
+            results[f"{name} W{bits}A{bits}"] = row
+            gap = (row["teacher"] - row["student"]) * 100
+            verdict = f"  W4A4 within 1 pp of the teacher: {'PASS' if gap <= 1.0 else 'FAIL'}" if bits == 4 else ""
+            print(f"{name:20s} W{bits}A{bits}  teacher {row['teacher']:.2%}  student {row['student']:.2%}  "
+                  f"({-gap:+.2f} pp)  ONNX agreement {row['agreement_onnx']}  int8 ONNX {row['onnx_bytes']} B  "
+                  f"packed {row['packed_bytes']} B  {row['seconds']:.0f} s{verdict}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: zoo, folder, latency")
+    parser.add_argument("--out", default="out/vision_bench")
+    parser.add_argument("--epochs", type=int, default=2, help="QAT+KD epochs of the folder-task students")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}; threads {torch.get_num_threads()}; cores {os.cpu_count()}; {_load()}")
+    summary: dict[str, object] = {}
+    if "zoo" not in skip:
+        print("== 1. parity and kernels, W8A8, every architecture of issue 11 item 2")
+        summary["zoo"] = zoo_table(out / "zoo")
+    if "folder" not in skip or "latency" not in skip:
+        folder = write_mnist_folder(out / "mnist_folder") if not (out / "mnist_folder").exists() else out / "mnist_folder"
+    if "folder" not in skip:
+        print(f"== 2. image-folder task: {folder} (5000 MNIST PNGs) at {IMAGE_SIZE}x{IMAGE_SIZE}")
+        summary["folder"] = folder_task(folder, out, args.epochs)
+    (out / "vision_bench.json").write_text(json.dumps(summary, indent=2, default=str))
+    print(f"written {out / 'vision_bench.json'}; {_load()}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
