@@ -37,3 +37,52 @@ def test_functional_pools_are_quantized_and_the_conv_before_them_fuses(tmp_path)
         assert torch.allclose(student.eval()(x), model(x), atol=0.05)
     info = export_onnx(student, tmp_path / "model.onnx", x[:1], verify_on=[(x, torch.zeros(16, dtype=torch.long))])
     assert info["integer_ops"]["conv"] == "QLinearConv"  # was ConvInteger: the float pool read its result
+
+
+class SqueezeExcite(nn.Module):
+    """timm's squeeze-excite shape: ReLU after a depthwise conv, then ``x.mean((2, 3), keepdim=True)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.reduce = nn.Conv2d(4, 2, 1)
+        self.expand = nn.Conv2d(2, 4, 1)
+        self.head = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv_dw(x))
+        gate = torch.sigmoid(self.expand(torch.relu(self.reduce(x.mean((2, 3), keepdim=True)))))
+        return self.head(x * gate).flatten(1)
+
+
+def test_a_spatial_mean_becomes_a_global_pool_so_the_depthwise_conv_fuses(tmp_path):
+    torch.manual_seed(0)
+    model = SqueezeExcite().eval()
+    x = torch.rand(16, 4, 6, 6)
+    student = prepare(model, {"weight_bits": 8, "act_bits": 8, "first_last_bits": None}, calibration_data=[x])
+    assert any(isinstance(module, QuantAdaptiveAvgPool2d) for module in student.modules())
+    with torch.no_grad():
+        assert torch.allclose(student.eval()(x), model(x), atol=0.05)
+    info = export_onnx(student, tmp_path / "model.onnx", x[:1], verify_on=[(x, torch.zeros(16, dtype=torch.long))])
+    assert info["integer_ops"]["conv_dw"] == "QLinearConv"
+
+
+class PositionBias(nn.Module):
+    """Swin-V2's shape: an MLP applied to a buffer (a constant table), added to the activations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.linspace(-1, 1, 8).reshape(4, 2))
+        self.bias_mlp = nn.Linear(2, 4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) + self.bias_mlp(self.table).sum(0)
+
+
+def test_a_layer_computing_on_constants_only_stays_float_with_the_reason(tmp_path):
+    x = torch.rand(16, 4)
+    student = prepare(PositionBias(), {"weight_bits": 8, "act_bits": 8, "first_last_bits": None}, calibration_data=[x])
+    assert type(student.bias_mlp) is nn.Linear and "constants only" in student.qdistill_unquantized["bias_mlp"]
+    info = export_onnx(student, tmp_path / "model.onnx", x[:1], verify_on=[(x, torch.zeros(16, dtype=torch.long))])
+    assert set(info["integer_ops"]) == {"fc"}

@@ -187,6 +187,7 @@ def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str])
     make = partial(_activation_quantizer, spec)
     op_names = _quantize_float_ops(student, spec)
     trace = trace_model(student)
+    constant_notes = _float_if_constant_input(student, trace)
     added, notes = rewrite_functional_ops(student, trace, lambda: make(spec.act_bits))
     _override_ops(student, op_names + added, layer_names, spec)
     retrace = trace_model(student) if trace.graph is not None else trace  # it now shows the new ops
@@ -201,7 +202,32 @@ def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str])
         for _, module, graph, _ in graphs:
             share_quantizers(graph, module, make)
             link_requantizers(graph, module)
-    return {**torch_module_notes(student), **notes}
+    return {**torch_module_notes(student), **notes, **constant_notes}
+
+
+CONSTANT_INPUT = ("computes on constants only (e.g. a position-bias table from buffers): the exporter and ONNX Runtime "
+                  "fold it to a float constant, so it stays float")
+
+
+def _float_if_constant_input(student: nn.Module, trace) -> dict[str, str]:
+    """Quantized conv/linear layers whose input does not depend on the model's inputs go back to float, with the reason.
+
+    Swin-V2's continuous position bias runs an MLP on a buffer; a quantized copy would export as
+    weights that ONNX Runtime folds away in float, failing the integer-kernel check.
+    """
+    if trace.graph is None:
+        return {}
+    variable: set = set()
+    notes = {}
+    for node in trace.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op == "placeholder" or any(item in variable for item in inputs):
+            variable.add(node)
+        elif (node.op == "call_module" and inputs and is_quantized(student.get_submodule(node.target))
+              and student.get_submodule(node.target).input_quantizer is not None):  # an embedding's lookup stays quantized
+            student.set_submodule(node.target, student.get_submodule(node.target).as_float())
+            notes[node.target] = CONSTANT_INPUT
+    return notes
 
 
 def _unquantized(model: nn.Module) -> dict[str, str]:

@@ -1,7 +1,7 @@
 """Residual additions and concatenations made quantized: ``out + identity`` becomes a ``QuantAdd``.
 
 A module whose own forward adds two tensors (or multiplies, matrix-multiplies, concatenates or
-average-pools them: ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``) is traced on its own
+average-pools them: ``F.adaptive_avg_pool2d``, ``F.avg_pool2d``, ``x.mean((2, 3), keepdim=True)``) is traced on its own
 (``graph.trace_module``); each such op becomes a call to a new child module (``QuantAdd`` /
 ``QuantCat``, named after the op: ``layer1.0.add``) that fake-quantizes every input. The module
 keeps its class (a subclass with the generated forward), attributes, children and parameter names,
@@ -127,17 +127,32 @@ def cat_operands(node: fx.Node, tensors: set[fx.Node]) -> tuple[list[fx.Node], i
     return list(inputs), dim
 
 
+def _is_spatial_mean(node: fx.Node, tensors: set[fx.Node]) -> bool:
+    """``x.mean((2, 3), keepdim=True)`` / ``torch.mean(...)``: a global average pool (timm's squeeze-excite)."""
+    is_mean = (node.op == "call_method" and node.target == "mean") or (node.op == "call_function" and node.target is torch.mean)
+    if not is_mean or not node.args or node.args[0] not in tensors:
+        return False
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    extra = set(node.kwargs) - {"dim", "keepdim"}
+    # (2, 3) pools H and W of an (N, C, H, W) map; (-2, -1) of any image batch. Both keep (N, C, 1, 1).
+    return keepdim is True and not extra and isinstance(dims, (tuple, list)) and tuple(dims) in ((2, 3), (-2, -1))
+
+
 def pool_layer(node: fx.Node, tensors: set[fx.Node]) -> nn.Module | None:
     """The ``nn`` pooling layer a functional average pool with constant settings stands for; None otherwise.
 
-    DenseNet ends in ``F.adaptive_avg_pool2d(out, (1, 1))``: as a float op it leaves the layer before
-    it without a quantized result (a ConvInteger instead of a fused QLinearConv).
+    DenseNet ends in ``F.adaptive_avg_pool2d(out, (1, 1))`` and timm's squeeze-excite starts with
+    ``x.mean((2, 3), keepdim=True)``: as float ops they leave the layer before them without a
+    quantized result (a ConvInteger instead of a fused QLinearConv).
 
     Example:
         >>> graph = fx.symbolic_trace(lambda x: F.adaptive_avg_pool2d(x, (1, 1))).graph
         >>> [pool_layer(node, tensor_nodes(graph)) for node in graph.nodes][1]
         AdaptiveAvgPool2d(output_size=(1, 1))
     """
+    if _is_spatial_mean(node, tensors):
+        return nn.AdaptiveAvgPool2d(1)
     if node.op != "call_function" or node.target not in POOL_FUNCTIONS or not node.args or node.args[0] not in tensors:
         return None
     settings = [*node.args[1:], *node.kwargs.values()]
