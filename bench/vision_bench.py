@@ -124,7 +124,7 @@ def write_mnist_folder(root: Path) -> Path:
     return root
 
 
-def _folder_recipe(name: str, folder: Path, bits: int, teacher: Path | None, epochs: int) -> Recipe:
+def _folder_recipe(name: str, folder: Path, bits: int, teacher: Path | None, epochs: int, teacher_epochs: int) -> Recipe:
     model = {"torchvision": name, "kwargs": {"num_classes": 10}}
     if teacher is not None:
         model["checkpoint"] = str(teacher)
@@ -133,19 +133,20 @@ def _folder_recipe(name: str, folder: Path, bits: int, teacher: Path | None, epo
                         "augment": "none", "batch_size": 64, "seed": 0},
                   quant={"weight_bits": bits, "act_bits": bits, "first_last_bits": 8},
                   train={"epochs": epochs, "lr": 5e-4, "schedule": "cosine"},
-                  teacher_train={"epochs": 4, "lr": 1e-3, "schedule": "cosine"},
+                  teacher_train={"epochs": teacher_epochs, "lr": 1e-3, "schedule": "cosine"},
                   export={"onnx": True, "packed": True})
 
 
-def folder_task(folder: Path, out: Path, epochs: int) -> dict[str, dict]:
+def folder_task(folder: Path, out: Path, epochs: int, teacher_epochs: int, names=FOLDER_MODELS) -> dict[str, dict]:
     """Section 2: teacher, W8A8 and W4A4 students per model; returns each run's report summary."""
     results: dict[str, dict] = {}
-    for name in FOLDER_MODELS:
+    for name in names:
         teacher_file = None
         for bits in (8, 4):
             run_dir = out / f"{name}_w{bits}a{bits}"
             started = time.perf_counter()
-            result = run_recipe(_folder_recipe(name, folder, bits, teacher_file, epochs), run_dir, show_progress=False)
+            recipe = _folder_recipe(name, folder, bits, teacher_file, epochs, teacher_epochs)
+            result = run_recipe(recipe, run_dir, show_progress=False)
             report = result.report
             teacher_file = teacher_file or run_dir / "teacher.safetensors"
             export = report.get("export", {})
@@ -169,6 +170,8 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: zoo, folder, latency")
     parser.add_argument("--out", default="out/vision_bench")
     parser.add_argument("--epochs", type=int, default=2, help="QAT+KD epochs of the folder-task students")
+    parser.add_argument("--teacher-epochs", type=int, default=4, help="epochs of the folder-task teachers")
+    parser.add_argument("--models", default=",".join(FOLDER_MODELS), help="folder-task torchvision models")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     out = Path(args.out)
@@ -182,7 +185,7 @@ def main() -> None:
         folder = write_mnist_folder(out / "mnist_folder") if not (out / "mnist_folder").exists() else out / "mnist_folder"
     if "folder" not in skip:
         print(f"== 2. image-folder task: {folder} (5000 MNIST PNGs) at {IMAGE_SIZE}x{IMAGE_SIZE}")
-        summary["folder"] = folder_task(folder, out, args.epochs)
+        summary["folder"] = folder_task(folder, out, args.epochs, args.teacher_epochs, args.models.split(","))
     (out / "vision_bench.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"written {out / 'vision_bench.json'}; {_load()}")
 

@@ -268,3 +268,20 @@ def test_layers_mixing_per_channel_and_per_tensor_weights_are_refused_from_the_f
     with pytest.raises(ModelError, match=r"its layers mix per-channel and per-tensor weights, which prepare cannot "
                                          r"rebuild from a float model; pass the prepared student as model"):
         load_packed(path, model=float_model)
+
+
+def test_fp32_baseline_of_a_student_with_shared_quantizers_is_the_float_model_size():
+    """MobileNetV3's squeeze-excite shares one quantizer between a pool and a product: safetensors refuses
+    shared storage, and a float model has no step sizes to count anyway."""
+    from qdistill import models
+    from qdistill.export import float_copy
+    from qdistill.export.packed import fp32_safetensors_bytes
+    from qdistill.quant import prepare
+
+    teacher = models.create("tiny_resnet")
+    student = prepare(teacher, {"weight_bits": 4, "act_bits": 4}, calibration_data=[torch.rand(4, 1, 8, 8)])
+    assert student.layer1[0].conv1.input_quantizer is student.layer1[0].add.input1_quantizer  # shared
+    float_student = float_copy(student)
+    weights = sum(parameter.numel() * 4 for name, parameter in float_student.named_parameters() if "quantizer" not in name)
+    size = fp32_safetensors_bytes(float_student)  # raised "Some tensors share memory" before
+    assert weights < size < weights + 8192  # the folded float weights and a header, no step sizes

@@ -266,8 +266,10 @@ def fp32_safetensors_bytes(model: nn.Module) -> int:
         >>> fp32_safetensors_bytes(nn.Linear(4, 2))
         168
     """
+    quantizers = tuple(f"{name}." for name, module in model.named_modules() if isinstance(module, Quantizer))
+    # a float model has no quantizer step sizes (float_copy keeps them, passing through, possibly shared)
     tensors = {key: value.detach().cpu().float().contiguous() for key, value in model.state_dict().items()
-               if value.is_floating_point()}
+               if value.is_floating_point() and not key.startswith(quantizers)}
     return len(save_bytes(tensors))
 
 
