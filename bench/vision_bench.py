@@ -36,9 +36,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
 
+import qdistill as qd
+from ort_baselines import static_quantized
 from qdistill.data import load_data
+from qdistill.export import export_float_onnx
+from qdistill.export.latency import measure_latency
+from qdistill.export.onnx import export_onnx
+from qdistill.models.build import build_model
 from qdistill.recipe import DataSpec, Recipe
 from qdistill.runs import run_recipe
 
@@ -62,12 +70,6 @@ def _zoo_harness():
 
 def zoo_table(folder: Path) -> list[dict]:
     """Section 1: one row per architecture (see the module docstring)."""
-    import torch.nn.functional as F
-    from torch.utils.data import DataLoader, TensorDataset
-
-    import qdistill as qd
-    from qdistill.export.onnx import export_onnx
-
     harness = _zoo_harness()
     bundle = load_data(DataSpec(name="mnist5k"))
     x = F.pad(bundle.train_x[:192].float(), (2, 2, 2, 2)).repeat(1, 3, 1, 1)
@@ -133,7 +135,7 @@ def _folder_recipe(name: str, folder: Path, bits: int, teacher: Path | None, epo
                   data={"image_folder": str(folder), "image_size": IMAGE_SIZE, "normalize": "standard",
                         "augment": "none", "batch_size": 64, "seed": 0},
                   quant={"weight_bits": bits, "act_bits": bits, "first_last_bits": 8},
-                  train={"epochs": epochs, "lr": 5e-4, "schedule": "cosine"},
+                  train={"epochs": epochs, "lr": 1e-4, "schedule": "cosine"},  # fine-tuning from the teacher
                   teacher_train={"epochs": teacher_epochs, "lr": 1e-3, "schedule": "cosine"},
                   export={"onnx": True, "packed": True})
 
@@ -168,6 +170,40 @@ def folder_task(folder: Path, out: Path, epochs: int, teacher_epochs: int, names
     return results
 
 
+def _previous_folder_runs(out: Path) -> dict[str, dict]:
+    """The folder-task run folders of an earlier run of this bench (``--skip folder``)."""
+    return {f"{name} W8A8": {"run_dir": str(out / f"{name}_w8a8")} for name in FOLDER_MODELS
+            if (out / f"{name}_w8a8" / "model.onnx").exists()}
+
+
+def latency_table(folder_results: dict[str, dict], folder: Path, out: Path) -> dict[str, dict]:
+    """Section 3: each folder-task model's W8A8 int8 file vs its teacher's fp32 ONNX file and ``quantize_static``."""
+    rows = {}
+    for name in FOLDER_MODELS:
+        run = folder_results.get(f"{name} W8A8")
+        if run is None:
+            continue
+        run_dir = Path(run["run_dir"])
+        recipe = Recipe.from_yaml(run_dir / "recipe.yaml")
+        bundle = load_data(recipe.data)
+        images = torch.stack([bundle.train_x[index] for index in range(352)])  # 320 to calibrate, 32 to time
+        spec = recipe.model.model_copy(update={"checkpoint": str(run_dir / "teacher.safetensors")})
+        teacher = build_model(spec, bundle.model_kwargs()).eval()
+        fp32 = export_float_onnx(teacher, out / f"{name}_fp32.onnx", images[:1])["path"]
+        static = static_quantized(fp32, out / f"{name}_static.onnx", images[:320])
+        table = measure_latency({"int8": run_dir / "model.onnx", "fp32": fp32, "quantize_static": static}, None,
+                                images[320:], batches=(1, 32))
+        rows[name] = table
+        for threads in ("1", "all"):
+            cells = table[threads]
+            for batch in ("batch1", "batch32"):
+                int8, fp32_us, static_us = (cells[key][batch] for key in ("int8", "fp32", "quantize_static"))
+                print(f"{name:20s} threads {table['all_threads'] if threads == 'all' else 1} {batch:8s} "
+                      f"int8 {int8:9.1f} us  fp32 {fp32_us:9.1f} us ({fp32_us / int8:4.2f}x)  "
+                      f"quantize_static {static_us:9.1f} us ({static_us / int8:4.2f}x)", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip", default="", help="comma-separated sections to skip: zoo, folder, latency")
@@ -189,6 +225,9 @@ def main() -> None:
     if "folder" not in skip:
         print(f"== 2. image-folder task: {folder} (5000 MNIST PNGs) at {IMAGE_SIZE}x{IMAGE_SIZE}")
         summary["folder"] = folder_task(folder, out, args.epochs, args.teacher_epochs, args.models.split(","))
+    if "latency" not in skip:
+        print("== 3. int8 latency vs fp32 ONNX and quantize_static (us per sample; >1x: int8 faster)")
+        summary["latency"] = latency_table(summary.get("folder") or _previous_folder_runs(out), folder, out)
     (out / "vision_bench.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"written {out / 'vision_bench.json'}; {_load()}")
 

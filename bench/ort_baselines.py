@@ -1,0 +1,32 @@
+"""ONNX Runtime's own quantization of an fp32 ONNX file: the baseline qdistill's int8 files are timed against.
+
+``quantize_static`` as its documentation shows for CNNs: QDQ format, per-channel int8 weights, uint8
+activations, MinMax calibration on real images. Shared by the benchmarks (speed_bench, vision_bench).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import torch
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+
+class ImageBatches(CalibrationDataReader):
+    """Calibration batches of 32 images, fed under the model's input name."""
+
+    def __init__(self, images: torch.Tensor, input_name: str) -> None:
+        self.batches = iter([{input_name: images[i:i + 32].numpy()} for i in range(0, len(images), 32)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def static_quantized(fp32_path: str | Path, out_path: str | Path, images: torch.Tensor) -> str:
+    """``quantize_static`` of ``fp32_path`` calibrated on ``images``; returns the written path."""
+    input_name = onnx.load(str(fp32_path)).graph.input[0].name
+    quantize_static(str(fp32_path), str(out_path), ImageBatches(images.float(), input_name), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return str(out_path)
