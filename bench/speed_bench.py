@@ -37,9 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 import qdistill
+from ort_baselines import static_quantized
 from qdistill import models
 from qdistill.data import load_data
 from qdistill.export import export_float_onnx, export_onnx, rebuild_info, save_packed
@@ -121,14 +121,6 @@ def step_ratios(threads: int = 2, compile_too: bool = True) -> dict[str, float]:
     return result
 
 
-class _Images(CalibrationDataReader):
-    def __init__(self, images: torch.Tensor, input_name: str) -> None:
-        self.batches = iter([{input_name: images[i:i + 32].numpy()} for i in range(0, len(images), 32)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
 def _demo_student(bundle):
     kwargs = bundle.model_kwargs()
     torch.manual_seed(0)
@@ -145,9 +137,7 @@ def latency_rows(bundle, folder: Path, budget_s: float) -> dict[str, dict]:
     int8 = export_onnx(student, folder / "int8.onnx", example)["path"]
     fp32 = export_float_onnx(float_model, folder / "fp32.onnx", example)["path"]
     static = folder / "static.onnx"
-    quantize_static(fp32, str(static), _Images(bundle.train_x[:320].float(), "input"), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+    static_quantized(fp32, static, bundle.train_x[:320])
     rows = {"mnist_cnn": measure_latency({"int8": int8, "fp32": fp32, "quantize_static": str(static)}, None,
                                          bundle.val_x[:64], budget_s=budget_s)}
     try:
