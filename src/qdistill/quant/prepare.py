@@ -223,10 +223,11 @@ def _float_if_constant_input(student: nn.Module, trace) -> dict[str, str]:
         inputs = node.all_input_nodes
         if node.op == "placeholder" or any(item in variable for item in inputs):
             variable.add(node)
-        elif (node.op == "call_module" and inputs and is_quantized(student.get_submodule(node.target))
-              and student.get_submodule(node.target).input_quantizer is not None):  # an embedding's lookup stays quantized
-            student.set_submodule(node.target, student.get_submodule(node.target).as_float())
-            notes[node.target] = CONSTANT_INPUT
+        elif node.op == "call_module" and inputs:
+            layer = student.get_submodule(node.target)
+            if is_quantized(layer) and layer.input_quantizer is not None:  # an embedding's lookup stays quantized
+                student.set_submodule(node.target, layer.as_float())
+                notes[node.target] = CONSTANT_INPUT
     return notes
 
 
