@@ -100,7 +100,7 @@ from qdistill.export.qdq_graph import (
     OpInfo,
     _array,
     _prune,
-    float_code_step,
+    float_code_codes,
     rewrite_for_int8,
 )
 from qdistill.io import atomic_write
@@ -606,9 +606,9 @@ def _layer_result(graph: onnx.GraphProto, output: str, requantized: bool = False
     itself (``requantizer``: one rounding, as in QLinearConv) is compared on the codes of the
     QuantizeLinear (and narrow-grid Clip) that the runtime fuses into it: ``(tensor, (scale, zero point))``.
     """
-    step = float_code_step(graph, output)
-    if step is not None:  # a narrow conv's accumulator: compared before its output rounding
-        return output, (step, np.zeros((), np.float32))
+    narrow = float_code_codes(graph, output)  # a narrow conv: its codes, computed as the runtime does
+    if narrow is not None:
+        return narrow
     constants = {tensor.name for tensor in graph.initializer}
     user = _only_user(graph, output)
     if user is not None and user.op_type == "Add" and any(name in constants for name in user.input):

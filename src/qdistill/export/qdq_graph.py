@@ -695,25 +695,33 @@ def _float_code_conv(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onn
     info.output, info.weight, info.form = accumulator, f"{name}.weight_codes", FLOAT_CODE_FORM
 
 
-def float_code_step(graph: onnx.GraphProto, accumulator: str) -> np.ndarray | None:
-    """For a layer in ``FLOAT_CODE_FORM``: the per-channel step that turns its accumulator into real
-    units (``M * s_y``, i.e. ``s_x * s_w`` up to float rounding), else None. Used by the per-layer
-    diagnosis, which compares the accumulator (before the output rounding) with the student.
+def float_code_codes(graph: onnx.GraphProto, accumulator: str) -> tuple[str, tuple[np.ndarray, np.ndarray]] | None:
+    """For a layer in ``FLOAT_CODE_FORM``: add to ``graph`` the layer's own output codes (its
+    requantization applied before the MaxPool that the runtime graph runs first) and return
+    ``(tensor, (scale, zero point))``; None for any other layer. For the per-layer diagnosis,
+    which compares each layer's codes with the student's; the runtime graph does not need them.
     """
     index = _Index(graph)
-    user = index.consumers.get(accumulator, [None])[0]
-    if user is not None and user.op_type == "MaxPool":
-        user = index.consumers.get(user.output[0], [None])[0]
-    if user is None or user.op_type != "Mul" or not user.name.endswith(".requantize"):
+    pool = index.consumers.get(accumulator, [None])[0]
+    mul = index.consumers.get(pool.output[0], [None])[0] if pool is not None and pool.op_type == "MaxPool" else pool
+    if mul is None or mul.op_type != "Mul" or not mul.name.endswith(".requantize"):
         return None
-    quantize = index.consumers[user.output[0]][0]
-    codes = quantize.output[0]
-    reader = index.consumers[codes][0] if index.consumers[codes] else None
-    if reader is not None and reader.op_type == "Clip":
-        reader = index.consumers[reader.output[0]][0] if index.consumers[reader.output[0]] else None
-    if reader is None or reader.op_type != "DequantizeLinear":
+    quantize = index.consumers[mul.output[0]][0]
+    after = index.consumers.get(quantize.output[0], [])
+    clip = after[0] if len(after) == 1 and after[0].op_type == "Clip" else None
+    readers = index.consumers.get(clip.output[0] if clip else quantize.output[0], [])
+    scales = [reader.input[1] for reader in readers if reader.op_type == "DequantizeLinear"]
+    if not scales:
         return None
-    return (_array(graph, user.input[0]) * np.float32(_array(graph, reader.input[1]).reshape(()))).astype(np.float32)
+    prefix = mul.name[: -len(".requantize")] + ".diagnosis"
+    graph.node.append(helper.make_node("Mul", [mul.input[0], accumulator], [f"{prefix}_scaled"], name=f"{prefix}_mul"))
+    graph.node.append(helper.make_node("QuantizeLinear", [f"{prefix}_scaled", *quantize.input[1:]], [f"{prefix}_codes"],
+                                       name=f"{prefix}_quantize"))
+    codes = f"{prefix}_codes"
+    if clip is not None:
+        graph.node.append(helper.make_node("Clip", [codes, *clip.input[1:]], [f"{prefix}_clipped"], name=f"{prefix}_clip"))
+        codes = f"{prefix}_clipped"
+    return codes, (_array(graph, scales[0]), _array(graph, quantize.input[2]))
 
 
 def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo) -> None:
