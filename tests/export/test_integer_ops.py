@@ -200,15 +200,14 @@ def test_a_narrow_first_conv_runs_on_integer_codes_bit_equal_to_qlinearconv(digi
                                       _session_outputs(tmp_path / "qlinear.onnx", inputs, level))
 
 
-def test_the_kernel_check_fails_when_the_requantize_multiplier_folds_into_the_narrow_conv(digits, digits_teacher, tmp_path):
+def test_the_kernel_check_fails_when_the_narrow_conv_does_not_read_integer_codes(digits, digits_teacher, tmp_path):
     bundle, train, _ = digits
     export_onnx(_student(digits_teacher, train, 8), tmp_path / "model.onnx", bundle.train_x[:1])
     model = onnx.load(str(tmp_path / "model.onnx"))
-    mul = next(node for node in model.graph.node if node.name == "features.0.requantize")
-    mul.input[:] = [mul.input[1], mul.input[0]]  # constant second: ONNX Runtime's ConvMulFusion scales the weights
-    onnx.save(model, str(tmp_path / "folded.onnx"))
+    _insert_float_mul_after(model, "features.0.input_cast")  # the conv now sums doubled codes in float
+    onnx.save(model, str(tmp_path / "scaled.onnx"))
     with pytest.raises(ExportError, match=r"rewrote layer 'features\.0'.*no longer be exact"):
-        check_integer_kernels(tmp_path / "folded.onnx")
+        check_integer_kernels(tmp_path / "scaled.onnx")
 
 
 def test_a_narrow_conv_is_diagnosed_on_its_own_codes(digits, digits_teacher, tmp_path):
