@@ -633,12 +633,17 @@ def _narrow_conv(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, 
     """
     weight = _array(graph, info.weight).astype(np.int64)
     dequantize = index.producer.get(node.input[0])
+    constants = _initializers(graph)
+    has_bias = len(node.input) > 2 and bool(node.input[2])
     if (_attribute(node, "group", 1) != 1 or int(np.prod(weight.shape[1:])) > NARROW_K or dequantize is None
-            or dequantize.op_type != "DequantizeLinear" or np.any(_array(graph, f"{info.name}.weight_zero_point"))):
-        return False
+            or dequantize.op_type != "DequantizeLinear" or len(dequantize.input) < 3
+            or any(name not in constants or _array(graph, name).size != 1 for name in dequantize.input[1:])
+            or f"{info.name}.weight_zero_point" not in constants or np.any(_array(graph, f"{info.name}.weight_zero_point"))
+            or (has_bias and node.input[2] != f"{info.name}.bias_dequantized")):  # set by _quantize_conv_bias
+        return False  # only the plain form: per-tensor input codes, symmetric weights, an int32 bias (or none)
     zero = int(_array(graph, dequantize.input[2]))
     grid = np.iinfo(_array(graph, dequantize.input[2]).dtype)
-    bias = np.abs(_array(graph, f"{info.name}.bias_quantized").astype(np.int64)).max() if len(node.input) > 2 else 0
+    bias = np.abs(_array(graph, f"{info.name}.bias_quantized").astype(np.int64)).max() if has_bias else 0
     largest = max(abs(grid.min - zero), abs(grid.max - zero)) * np.abs(weight).reshape(len(weight), -1).sum(1).max() + bias
     return bool(largest < 2**24)
 
@@ -671,7 +676,7 @@ def _float_code_conv(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onn
         zero = _set_initializer(graph, f"{name}.input_zero_float", _array(graph, dequantize.input[2]).astype(np.float32))
         new_nodes.append(helper.make_node("Sub", [f"{name}.input_cast", zero], [codes], name=f"{name}.input_codes"))
     inputs = [codes, _set_initializer(graph, f"{name}.weight_codes", _array(graph, info.weight).astype(np.float32))]
-    if len(node.input) > 2:
+    if len(node.input) > 2 and node.input[2]:
         inputs.append(_set_initializer(graph, f"{name}.bias_codes", _array(graph, f"{name}.bias_quantized").astype(np.float32)))
     accumulator = f"{name}.accumulator"
     conv = helper.make_node("Conv", inputs, [accumulator], name=name)
