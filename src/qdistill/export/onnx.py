@@ -385,7 +385,8 @@ def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     if a quantized layer or a quantized op without weights (add, concat, pool) runs in float.
 
     A layer runs in integers when its int8 weight initializer feeds an integer kernel in the
-    optimised graph; an op when the integer tensor its result is quantized to is written by its
+    optimised graph (a narrow first conv, ``FLOAT_CODE_FORM``: when a float Conv sums its integer
+    codes exactly, ``CODE_CONV_KERNEL``); an op when the integer tensor its result is quantized to is written by its
     integer kernel (``OP_KERNELS``) rather than by a ``QuantizeLinear`` after a float op.
 
     Example (a small ResNet: its residual adds and its pooling are quantized ops):
@@ -393,8 +394,8 @@ def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
         >>> student = quant.prepare(models.create("tiny_resnet", width=4), {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 8, 8)])
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     layers, ops = integer_kernels(export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 8, 8))["path"])
-        >>> layers["stem.0"], layers["fc"], ops
-        ('QLinearConv', 'QGemm', {'layer1.0.add': 'QLinearAdd', 'layer2.0.add': 'QLinearAdd', 'layer3.0.add': 'QLinearAdd', 'pool': 'QLinearGlobalAveragePool'})
+        >>> layers["stem.0"], layers["layer1.0.conv1"], layers["fc"], ops
+        ('Conv on integer codes (exact int32 sums)', 'QLinearConv', 'QGemm', {'layer1.0.add': 'QLinearAdd', 'layer2.0.add': 'QLinearAdd', 'layer3.0.add': 'QLinearAdd', 'pool': 'QLinearGlobalAveragePool'})
     """
     model = onnx.load(str(path))
     layer_table, op_table = _layer_table(model), _metadata(model, OPS_KEY) or []

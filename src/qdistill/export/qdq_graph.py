@@ -17,6 +17,8 @@ Layers whose output feeds no quantizer (the classifier head, a final conv) get a
 form: ``Gemm`` without its bias (ONNX Runtime's ``QGemm`` with float output) plus a float ``Add``,
 and ``ConvInteger -> Cast -> Mul(s_x * s_w) -> Add(bias)`` for convolutions (exact, but ORT's
 ConvInteger is several times slower than QLinearConv, so it is only the fallback).
+A first conv with ``C_in * kH * kW <= NARROW_K`` (a 3x3 conv on one channel) runs as a float Conv
+on its integer codes, bit for bit QLinearConv's result and faster (``_float_code_conv``, docs/deploy.md).
 Weights are int8 initializers ``<layer>.weight_quantized``: the trained integers times the
 layer's ``weight_int_multiplier`` (see ``qdistill.export.onnx.weight_multiplier``).
 
@@ -53,10 +55,10 @@ OP_MARKER = "qdistill_op"  # attribute of the Identity written after each quanti
 LOOKUP_MARKER = "qdistill_lookup"  # attributes (name, table) of the Identity an elementwise activation writes
 LOOKUP_PREFIX = "qdistill_lookup:"  # node name of a lookup marker until it becomes a Gather (never moved across)
 MOVE_PASSES = 4
-# a dense conv with C_in * kH * kW at most this runs as a float Conv on integer codes (_float_code_conv):
+# a dense first conv with C_in * kH * kW at most this runs as a float Conv on integer codes (_float_code_conv):
 # MLAS's int8 GEMM gains nothing at such K (demo CNN's K = 9 first layer: 2136 us int8 vs 342 us float)
 NARROW_K = 16
-FLOAT_CODE_FORM = "float Conv on integer codes (exact; K <= 16, faster than QLinearConv) + requantize Mul, QuantizeLinear"
+FLOAT_CODE_FORM = "float Conv on integer codes (exact; first layer, K <= 16, faster than QLinearConv) + requantize Mul, QuantizeLinear"
 MOVABLE_OPS = {"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze"}
 INTEGER_OPS = {
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
@@ -626,7 +628,7 @@ def _quantize_conv_bias(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: 
 
 
 def _narrow_conv(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, index: _Index) -> bool:
-    """A dense conv with ``K = C_in * kH * kW <= NARROW_K`` whose integer sums float32 holds exactly.
+    """A dense first conv (on the graph input) with ``K = C_in * kH * kW <= NARROW_K`` whose integer sums float32 holds exactly.
 
     ``|sum| <= max|x_q - z_x| * max_c sum|w_c| + max|bias|`` must stay below 2^24, the integers
     float32 represents exactly; then a float Conv on the codes gives QLinearConv's int32 sums.
@@ -637,6 +639,7 @@ def _narrow_conv(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, 
     has_bias = len(node.input) > 2 and bool(node.input[2])
     if (_attribute(node, "group", 1) != 1 or int(np.prod(weight.shape[1:])) > NARROW_K or dequantize is None
             or dequantize.op_type != "DequantizeLinear" or len(dequantize.input) < 3
+            or not _reads_graph_input(graph, dequantize.input[0], index)
             or any(name not in constants or _array(graph, name).size != 1 for name in dequantize.input[1:])
             or f"{info.name}.weight_zero_point" not in constants or np.any(_array(graph, f"{info.name}.weight_zero_point"))
             or (has_bias and node.input[2] != f"{info.name}.bias_dequantized")):  # set by _quantize_conv_bias
@@ -646,6 +649,19 @@ def _narrow_conv(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, 
     bias = np.abs(_array(graph, f"{info.name}.bias_quantized").astype(np.int64)).max() if has_bias else 0
     largest = max(abs(grid.min - zero), abs(grid.max - zero)) * np.abs(weight).reshape(len(weight), -1).sum(1).max() + bias
     return bool(largest < 2**24)
+
+
+def _reads_graph_input(graph: onnx.GraphProto, codes: str, index: _Index) -> bool:
+    """Whether ``codes`` are the graph input's, quantized (and clipped) at the edge: the first layer.
+
+    Only there was the float form measured faster; inside the NHWC chain of QLinearConv it would add
+    a layout change on each side.
+    """
+    node = index.producer.get(codes)
+    if node is not None and node.op_type == "Clip":
+        node = index.producer.get(node.input[0])
+    inputs = {value.name for value in graph.input}
+    return node is not None and node.op_type == "QuantizeLinear" and node.input[0] in inputs
 
 
 def _float_code_conv(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onnx.NodeProto,
@@ -835,8 +851,10 @@ def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     _torchscript_export(_export_copy(student)[0], torch.rand(1, 1, 8, 8), f"{folder}/raw.onnx", 13)
         ...     layers, ops = rewrite_for_int8(onnx.load(f"{folder}/raw.onnx"))
-        >>> layers["stem.0"].form, layers["fc"].form, {name: op.op for name, op in ops.items()}
-        ("fused with the next layer's QuantizeLinear", 'QGemm with float output + bias Add', {'layer1.0.add': 'Add', 'layer2.0.add': 'Add', 'layer3.0.add': 'Add', 'pool': 'GlobalAveragePool'})
+        >>> layers["stem.0"].form == FLOAT_CODE_FORM, layers["layer1.0.conv1"].form, layers["fc"].form
+        (True, "fused with the next layer's QuantizeLinear", 'QGemm with float output + bias Add')
+        >>> {name: op.op for name, op in ops.items()}
+        {'layer1.0.add': 'Add', 'layer2.0.add': 'Add', 'layer3.0.add': 'Add', 'pool': 'GlobalAveragePool'}
     """
     graph = model.graph
     _constants_to_initializers(graph)
