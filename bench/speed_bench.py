@@ -8,10 +8,13 @@ since on a shared machine wall times are only comparable within one section):
    logits, QAT+KD with the teacher live, and QAT+KD cached through ``torch.compile`` (its compile
    time printed apart). Interleaved rounds (order reversed every other round); each number is the
    best of the rounds' medians. Targets: QAT+KD cached <= 1.2x fp32, live <= 1.6x.
-2. **int8 / fp32 / quantize_static latency** (``latency_rows``): the demo CNN's int8 file
+2. **int8 / fp32 / quantize_static latency** (``latency_rows``): the demo CNN's W4A4 int8 file
    (``export_onnx``), its fp32 file and ONNX Runtime's ``quantize_static`` (QDQ, per-channel,
-   MinMax on 320 images) at batch 1 and 64, 1 and 2 threads; ResNet-18 at 64x64 when torchvision
-   is installed (else the row says it was skipped).
+   MinMax on 320 images) at batch 1 and 64, 1 and 2 threads; with torchvision (run with the
+   vision venv) also ResNet-18 and MobileNetV3-Small at 64x64 (random weights, W8A8, calibrated
+   on 320 MNIST digits resized to 64x64) at batch 1 and 32. Then PASS/FAIL against the targets:
+   demo CNN int8 >= 1.5x fp32 at batch 64 (1 and 2 threads), ResNet-18 >= 2x at batch 32 on one
+   thread, and every cell int8 at least as fast as ``quantize_static``.
 3. **Packed runtime** (``packed_runtime``): ``qdistill.runtime.load`` of the packed W4A4 file, load
    time (first and best of 5), latency next to model.onnx's, outputs bit-equal or not.
 4. **torchrun** (``torchrun_scaling``): ``qdistill run`` of a W4A4 mnist5k recipe in 1 process at batch 64
@@ -130,21 +133,75 @@ def _demo_student(bundle):
     return float_model, student, kwargs, quant
 
 
+VISION_SIZE, VISION_BATCH = 64, 32
+# (model, batch, thread label, minimum fp32/int8 ratio); every row also has int8 >= quantize_static's speed
+SPEED_TARGETS = [("mnist_cnn", 64, "1", 1.5), ("mnist_cnn", 64, "all", 1.5), ("resnet18", 32, "1", 2.0)]
+
+
+def _vision_images(bundle, count: int) -> torch.Tensor:
+    """Real images for the torchvision models: MNIST digits resized to 64x64, gray in all 3 channels."""
+    images = F.interpolate(bundle.train_x[:count], size=(VISION_SIZE, VISION_SIZE), mode="bilinear", align_corners=False)
+    return images.repeat(1, 3, 1, 1).contiguous()
+
+
+def _latency_row(student, float_model, example, calibration, samples, folder: Path, name: str, batches, budget_s):
+    int8 = export_onnx(student, folder / f"{name}_int8.onnx", example)["path"]
+    fp32 = export_float_onnx(float_model, folder / f"{name}_fp32.onnx", example)["path"]
+    static = static_quantized(fp32, folder / f"{name}_static.onnx", calibration)
+    return measure_latency({"int8": int8, "fp32": fp32, "quantize_static": static}, None, samples, batches=batches,
+                           budget_s=budget_s)
+
+
+def _torchvision_row(name: str, bundle, folder: Path, budget_s: float) -> dict:
+    import torchvision  # the vision extra (pip install qdistill[vision]); weights random, never downloaded
+
+    torch.manual_seed(0)
+    float_model = getattr(torchvision.models, name)(num_classes=10).eval()
+    images = _vision_images(bundle, 352)  # 320 to calibrate, 32 distinct ones to time
+    student = prepare(float_model, QuantSpec(weight_bits=8, act_bits=8),
+                      calibration_data=[images[i:i + 32] for i in range(0, 320, 32)])
+    return _latency_row(student, float_model, images[:1], images[:320], images[320:], folder, name,
+                        (1, VISION_BATCH), budget_s)
+
+
 def latency_rows(bundle, folder: Path, budget_s: float) -> dict[str, dict]:
-    """int8 (qdistill) / fp32 / quantize_static latency of the demo CNN (and ResNet-18 with torchvision)."""
+    """int8 (qdistill) / fp32 / quantize_static latency: the demo CNN (W4A4, batch 1 and 64), and with
+    torchvision ResNet-18 and MobileNetV3-Small at 64x64 (W8A8, batch 1 and 32); 1 and all threads."""
     float_model, student, _, _ = _demo_student(bundle)
-    example = bundle.train_x[:1]
-    int8 = export_onnx(student, folder / "int8.onnx", example)["path"]
-    fp32 = export_float_onnx(float_model, folder / "fp32.onnx", example)["path"]
-    static = folder / "static.onnx"
-    static_quantized(fp32, static, bundle.train_x[:320])
-    rows = {"mnist_cnn": measure_latency({"int8": int8, "fp32": fp32, "quantize_static": str(static)}, None,
-                                         bundle.val_x[:64], budget_s=budget_s)}
-    try:
-        import torchvision  # noqa: F401  (the vision extra)
-    except ImportError:
-        rows["resnet18"] = {"skipped": "torchvision is not installed (pip install qdistill[vision])"}
+    rows = {"mnist_cnn": _latency_row(student, float_model, bundle.train_x[:1], bundle.train_x[:320], bundle.val_x[:64],
+                                      folder, "mnist_cnn", (1, 64), budget_s)}
+    for name in ("resnet18", "mobilenet_v3_small"):
+        try:
+            rows[name] = _torchvision_row(name, bundle, folder, budget_s)
+        except ImportError:
+            rows[name] = {"skipped": "torchvision is not installed (pip install qdistill[vision])"}
     return rows
+
+
+def latency_verdicts(rows: dict[str, dict]) -> list[str]:
+    """PASS/FAIL lines against the issue's targets (SPEED_TARGETS; never slower than quantize_static)."""
+    lines = []
+    for model, batch, threads, target in SPEED_TARGETS:
+        if model in rows and "skipped" not in rows[model]:
+            cells = rows[model][threads]
+            ratio = cells["fp32"][f"batch{batch}"] / cells["int8"][f"batch{batch}"]
+            count = rows[model]["method"]["threads"][threads]
+            lines.append(f"{'PASS' if ratio >= target else 'FAIL'} {model} batch {batch}, {count} thread(s): int8 "
+                         f"{ratio:.2f}x fp32 (target >= {target}x)")
+    for model, table in rows.items():
+        if "skipped" in table:
+            continue
+        for threads in ("1", "all"):
+            for batch, cells in _by_batch(table[threads]).items():
+                ratio = cells["quantize_static"] / cells["int8"]
+                lines.append(f"{'PASS' if ratio >= 1.0 else 'FAIL'} {model} {batch}, {table['method']['threads'][threads]} "
+                             f"thread(s): int8 {ratio:.2f}x quantize_static (target >= 1.0x)")
+    return lines
+
+
+def _by_batch(cells: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    batches = next(iter(cells.values()))
+    return {batch: {name: row[batch] for name, row in cells.items()} for batch in batches}
 
 
 def packed_runtime(bundle, folder: Path) -> dict:
@@ -218,14 +275,21 @@ def main() -> None:
                   f"({ratios['qat_kd_cached_compiled_ratio']:.2f}x; first step with compilation {ratios['compile_seconds']:.0f} s)")
         bundle = load_data(DataSpec(name="mnist5k"))
         if "latency" not in skip:
-            print(f"[{_load()}]\n2. ONNX Runtime latency, µs/sample (batch1 / batch64):")
-            for model, rows in latency_rows(bundle, folder, args.budget).items():
-                if "skipped" in rows:
-                    print(f"   {model}: skipped ({rows['skipped']})")
+            print(f"[{_load()}]\n2. ONNX Runtime latency (ORT_ENABLE_ALL), µs/sample, interleaved rounds:")
+            rows = latency_rows(bundle, folder, args.budget)
+            for model, table in rows.items():
+                if "skipped" in table:
+                    print(f"   {model}: skipped ({table['skipped']})")
                     continue
                 for threads in ("1", "all"):
-                    cells = ", ".join(f"{name} {row['batch1']:.1f} / {row['batch64']:.1f}" for name, row in rows[threads].items())
-                    print(f"   {model}, {rows['method']['threads'][threads]} thread(s): {cells}")
+                    for batch, cells in _by_batch(table[threads]).items():
+                        print(f"   {model}, {batch}, {table['method']['threads'][threads]} thread(s): "
+                              + ", ".join(f"{name} {value:.1f}" for name, value in cells.items())
+                              + f" | fp32/int8 {cells['fp32'] / cells['int8']:.2f}x, "
+                              f"quantize_static/int8 {cells['quantize_static'] / cells['int8']:.2f}x")
+            print(f"[{_load()}]")
+            for line in latency_verdicts(rows):
+                print(f"   {line}")
         if "runtime" not in skip:
             packed = packed_runtime(bundle, folder)
             print(f"[{_load()}]\n3. packed runtime (W4A4 mnist_cnn, {packed['file_bytes']:,} bytes, 1 thread): load first "

@@ -104,17 +104,19 @@ def rebuild_onnx(path: str | Path, model: nn.Module | None = None,
 
 
 def load(path: str | Path, model: nn.Module | None = None, input_shape: Sequence[int] | None = None,
-         threads: int | None = None, level: str = "all") -> ort.InferenceSession:
+         threads: int | None = None, level: str = "all", spinning: bool | None = None) -> ort.InferenceSession:
     """A ready ONNX Runtime session of a packed file's int8 graph; outputs equal ``model.onnx``'s bit for bit.
 
-    ``threads`` sets ONNX Runtime's intra-op threads (None: its default) and ``level`` the graph
-    optimisation level (``"basic"``, ``"extended"``, ``"all"``), as ``export.make_session`` does
-    for the exported file. ``model`` and ``input_shape``: see ``rebuild_onnx``. Bad files raise
+    ``threads`` sets ONNX Runtime's intra-op threads (None: its default), ``level`` the graph
+    optimisation level (``"basic"``, ``"extended"``, ``"all"``: the default, which the int8 graph
+    is built for) and ``spinning`` ``session.intra_op.allow_spinning`` (None: ONNX Runtime's
+    default), as ``export.make_session`` does for the exported file (docs/deploy.md). ``model`` and ``input_shape``: see ``rebuild_onnx``. Bad files raise
     ``FileFormatError``; a file that does not fit ``model`` raises ``ModelError``.
 
     Example: see the module docstring.
     """
-    return make_session(rebuild_onnx(path, model, input_shape).SerializeToString(), threads=threads, level=level)
+    return make_session(rebuild_onnx(path, model, input_shape).SerializeToString(), threads=threads, level=level,
+                        spinning=spinning)
 
 
 def _timed_loads(path: Path, loads: int, threads: int | None) -> tuple[ort.InferenceSession, list[float]]:

@@ -13,11 +13,17 @@ from torch import nn
 
 from qdistill import models
 from qdistill.errors import ExportError
-from qdistill.export import export_all, format_export_summary
+from qdistill.export import export_all, format_export_summary, qdq_graph
 from qdistill.export import onnx as export_onnx_module
 from qdistill.export.latency import make_session
-from qdistill.export.onnx import check_integer_kernels, export_onnx
-from qdistill.export.qdq_graph import toposort
+from qdistill.export.onnx import (
+    CODE_CONV_KERNEL,
+    DIVERGENCE_SQNR_DB,
+    check_integer_kernels,
+    diagnose_layers,
+    export_onnx,
+)
+from qdistill.export.qdq_graph import INTEGER_OPS, toposort
 from qdistill.quant import prepare
 from qdistill.quant.modules import (
     QuantAdaptiveAvgPool2d,
@@ -169,3 +175,45 @@ def test_report_section_and_summary_list_the_ops_kernels(digits, tmp_path):
     assert section["onnx"]["integer_ops_other"] == {"layer1.0.add": "QLinearAdd", "layer2.0.add": "QLinearAdd",
                                                     "layer3.0.add": "QLinearAdd", "pool": "QLinearGlobalAveragePool"}
     assert "4 other ops: 3 QLinearAdd, 1 QLinearGlobalAveragePool" in format_export_summary(section)
+
+
+def _session_outputs(path, inputs: np.ndarray, level: str) -> np.ndarray:
+    session = make_session(path, threads=1, level=level)
+    return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_narrow_first_conv_runs_on_integer_codes_bit_equal_to_qlinearconv(digits, digits_teacher, tmp_path,
+                                                                           monkeypatch, bits):
+    # reference: the same student with the narrow form switched off, i.e. ONNX Runtime's own QLinearConv
+    bundle, train, _ = digits
+    student = _student(digits_teacher, train, bits)
+    info = export_onnx(student, tmp_path / "narrow.onnx", bundle.train_x[:1])
+    assert info["integer_ops"]["features.0"] == CODE_CONV_KERNEL  # K = 1 * 3 * 3 = 9
+    assert all(op in INTEGER_OPS for name, op in info["integer_ops"].items() if name != "features.0"), info["integer_ops"]
+    monkeypatch.setattr(qdq_graph, "NARROW_K", 0)
+    reference = export_onnx(student, tmp_path / "qlinear.onnx", bundle.train_x[:1])
+    assert reference["integer_ops"]["features.0"] == "QLinearConv"
+    inputs = bundle.val_x.numpy()
+    for level in ("extended", "all"):  # plain Conv, and the NCHWc Conv + MaxPool of the deploy setting
+        np.testing.assert_array_equal(_session_outputs(tmp_path / "narrow.onnx", inputs, level),
+                                      _session_outputs(tmp_path / "qlinear.onnx", inputs, level))
+
+
+def test_the_kernel_check_fails_when_the_narrow_conv_does_not_read_integer_codes(digits, digits_teacher, tmp_path):
+    bundle, train, _ = digits
+    export_onnx(_student(digits_teacher, train, 8), tmp_path / "model.onnx", bundle.train_x[:1])
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    _insert_float_mul_after(model, "features.0.input_cast")  # the conv now sums doubled codes in float
+    onnx.save(model, str(tmp_path / "scaled.onnx"))
+    with pytest.raises(ExportError, match=r"rewrote layer 'features\.0'.*no longer be exact"):
+        check_integer_kernels(tmp_path / "scaled.onnx")
+
+
+def test_a_narrow_conv_is_diagnosed_on_its_own_codes(digits, digits_teacher, tmp_path):
+    bundle, train, val = digits
+    student = _student(digits_teacher, train, 8)
+    export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1])
+    layers = {row["name"]: row for row in diagnose_layers(tmp_path / "model.onnx", student, val)}
+    # the student computes the runtime's integer sums and rounding: its layer output is matched exactly
+    assert layers["features.0"]["sqnr_db"] > DIVERGENCE_SQNR_DB and layers["features.0"]["max_abs_diff"] == 0.0

@@ -71,15 +71,25 @@ def all_threads() -> int:
 
 
 def make_session(model: str | Path | bytes, threads: int | None = None, level: str = "all",
-                 optimized_path: str | Path | None = None) -> ort.InferenceSession:
-    """A CPU ``InferenceSession``; ``threads=None`` leaves ONNX Runtime's default.
+                 optimized_path: str | Path | None = None, spinning: bool | None = None) -> ort.InferenceSession:
+    """A CPU ``InferenceSession`` with the settings the int8 file is meant to run with (docs/deploy.md).
+
+    - ``level="all"`` (``ORT_ENABLE_ALL``): ONNX Runtime's layout transformers run; they turn the
+      int8 file's QLinearConv chains into NHWC kernels (NhwcTransformer, with NHWC MaxPool) and a
+      narrow float-code first conv into an NCHWc Conv + MaxPool. ``"extended"`` keeps NCHW
+      (what the kernel check reads); ``"basic"`` fuses nothing int8.
+    - ``threads``: intra-op threads (None: ONNX Runtime's default, one per physical core); the
+      inter-op pool is then 1 (the graphs are sequential).
+    - ``spinning``: ``session.intra_op.allow_spinning`` (None: ONNX Runtime's default, on). Worker
+      threads that spin between ops answer sooner; on a machine shared with other busy processes
+      ``False`` keeps them from taking CPU time the others need.
 
     Example:
         >>> import tempfile
         >>> from qdistill.export.onnx import export_float_onnx
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     path = export_float_onnx(nn.Linear(4, 2), f"{folder}/fp32.onnx", torch.rand(1, 4))["path"]
-        ...     session = make_session(path, threads=1, level="extended", optimized_path=f"{folder}/optimized.onnx")
+        ...     session = make_session(path, threads=1, level="extended", optimized_path=f"{folder}/optimized.onnx", spinning=False)
         >>> session.run(None, {"input": np.zeros((3, 4), np.float32)})[0].shape
         (3, 2)
     """
@@ -89,6 +99,8 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if spinning is not None:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     if optimized_path is not None:
         options.optimized_model_filepath = str(optimized_path)
     source = model if isinstance(model, bytes) else str(model)

@@ -90,6 +90,7 @@ from qdistill.evaluate import predict
 from qdistill.export.latency import first_samples, make_session
 from qdistill.export.packed import IntegerWeight, weight_integers
 from qdistill.export.qdq_graph import (
+    FLOAT_CODE_FORM,
     INTEGER_OPS,
     LAYER_MARKER,
     LOOKUP_MARKER,
@@ -99,6 +100,7 @@ from qdistill.export.qdq_graph import (
     OpInfo,
     _array,
     _prune,
+    float_code_codes,
     rewrite_for_int8,
 )
 from qdistill.io import atomic_write
@@ -111,6 +113,7 @@ LOGIT_SQNR_GATE_DB = 40.0  # bound on logit_sqnr_db (SQNR of ORT's logits vs the
 LOGIT_SQNR_TRIM = 0.01  # the share of samples (the worst, at least one) left out of logit_sqnr_db
 NEAR_TIE_FACTOR = 2.0  # a flip is a near tie when the student's top-2 margin <= this * the logit error elsewhere
 ACCURACY_GATE = 0.001  # 0.1 percentage points (near-tie flips counted as the student predicted them)
+CODE_CONV_KERNEL = "Conv on integer codes (exact int32 sums)"  # a narrow layer's kernel, see FLOAT_CODE_FORM
 DIVERGENCE_SQNR_DB = 30.0  # below this a layer's output no longer tracks the student's
 DIAGNOSIS_SAMPLES = 256
 FLOAT_OUTPUT_MATMULS = ("MatMulIntegerToFloat", "MatMulInteger")
@@ -330,6 +333,13 @@ def _layer_kernels(table: list[dict[str, Any]], optimized: onnx.ModelProto) -> d
             kernels[entry["name"]] = "Gather (embedding lookup, no arithmetic)"
             continue
         ops = [node.op_type for node in optimized.graph.node if entry["weight"] in node.input]
+        if entry["form"] == FLOAT_CODE_FORM:  # exact integer sums in a float Conv (qdq_graph._float_code_conv)
+            readers = [node for node in optimized.graph.node if entry["weight"] in node.input]
+            if not any(node.op_type == "Conv" and node.input[0] == f"{entry['name']}.input_codes" for node in readers):
+                raise ExportError(f"ONNX Runtime rewrote layer {entry['name']!r} (its integer codes feed {'/'.join(ops) or 'nothing'}, "
+                                  "not a Conv on integer codes); its integer sums would no longer be exact")
+            kernels[entry["name"]] = CODE_CONV_KERNEL
+            continue
         integer = [op for op in ops if op in INTEGER_OPS]
         if not integer:
             found = "/".join(ops) if ops else "a folded float constant"
@@ -375,7 +385,8 @@ def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     if a quantized layer or a quantized op without weights (add, concat, pool) runs in float.
 
     A layer runs in integers when its int8 weight initializer feeds an integer kernel in the
-    optimised graph; an op when the integer tensor its result is quantized to is written by its
+    optimised graph (a narrow first conv, ``FLOAT_CODE_FORM``: when a float Conv sums its integer
+    codes exactly, ``CODE_CONV_KERNEL``); an op when the integer tensor its result is quantized to is written by its
     integer kernel (``OP_KERNELS``) rather than by a ``QuantizeLinear`` after a float op.
 
     Example (a small ResNet: its residual adds and its pooling are quantized ops):
@@ -383,8 +394,8 @@ def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
         >>> student = quant.prepare(models.create("tiny_resnet", width=4), {"weight_bits": 8, "act_bits": 8}, calibration_data=[torch.rand(8, 1, 8, 8)])
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     layers, ops = integer_kernels(export_onnx(student, f"{folder}/model.onnx", torch.rand(1, 1, 8, 8))["path"])
-        >>> layers["stem.0"], layers["fc"], ops
-        ('QLinearConv', 'QGemm', {'layer1.0.add': 'QLinearAdd', 'layer2.0.add': 'QLinearAdd', 'layer3.0.add': 'QLinearAdd', 'pool': 'QLinearGlobalAveragePool'})
+        >>> layers["stem.0"], layers["layer1.0.conv1"], layers["fc"], ops
+        ('Conv on integer codes (exact int32 sums)', 'QLinearConv', 'QGemm', {'layer1.0.add': 'QLinearAdd', 'layer2.0.add': 'QLinearAdd', 'layer3.0.add': 'QLinearAdd', 'pool': 'QLinearGlobalAveragePool'})
     """
     model = onnx.load(str(path))
     layer_table, op_table = _layer_table(model), _metadata(model, OPS_KEY) or []
@@ -596,6 +607,9 @@ def _layer_result(graph: onnx.GraphProto, output: str, requantized: bool = False
     itself (``requantizer``: one rounding, as in QLinearConv) is compared on the codes of the
     QuantizeLinear (and narrow-grid Clip) that the runtime fuses into it: ``(tensor, (scale, zero point))``.
     """
+    narrow = float_code_codes(graph, output)  # a narrow conv: its codes, computed as the runtime does
+    if narrow is not None:
+        return narrow
     constants = {tensor.name for tensor in graph.initializer}
     user = _only_user(graph, output)
     if user is not None and user.op_type == "Add" and any(name in constants for name in user.input):

@@ -17,6 +17,8 @@ Layers whose output feeds no quantizer (the classifier head, a final conv) get a
 form: ``Gemm`` without its bias (ONNX Runtime's ``QGemm`` with float output) plus a float ``Add``,
 and ``ConvInteger -> Cast -> Mul(s_x * s_w) -> Add(bias)`` for convolutions (exact, but ORT's
 ConvInteger is several times slower than QLinearConv, so it is only the fallback).
+A first conv with ``C_in * kH * kW <= NARROW_K`` (a 3x3 conv on one channel) runs as a float Conv
+on its integer codes, bit for bit QLinearConv's result and faster (``_float_code_conv``, docs/deploy.md).
 Weights are int8 initializers ``<layer>.weight_quantized``: the trained integers times the
 layer's ``weight_int_multiplier`` (see ``qdistill.export.onnx.weight_multiplier``).
 
@@ -53,6 +55,10 @@ OP_MARKER = "qdistill_op"  # attribute of the Identity written after each quanti
 LOOKUP_MARKER = "qdistill_lookup"  # attributes (name, table) of the Identity an elementwise activation writes
 LOOKUP_PREFIX = "qdistill_lookup:"  # node name of a lookup marker until it becomes a Gather (never moved across)
 MOVE_PASSES = 4
+# a dense first conv with C_in * kH * kW at most this runs as a float Conv on integer codes (_float_code_conv):
+# MLAS's int8 GEMM gains nothing at such K (demo CNN's K = 9 first layer: 2136 us int8 vs 342 us float)
+NARROW_K = 16
+FLOAT_CODE_FORM = "float Conv on integer codes (exact; first layer, K <= 16, faster than QLinearConv) + requantize Mul, QuantizeLinear"
 MOVABLE_OPS = {"Relu", "Clip", "MaxPool", "Flatten", "Reshape", "Identity", "Transpose", "Squeeze", "Unsqueeze"}
 INTEGER_OPS = {
     "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "MatMulIntegerToFloat",
@@ -577,6 +583,8 @@ def _integer_output_form(graph: onnx.GraphProto, info: LayerInfo, index: _Index 
         info.form = "fused with the next layer's QuantizeLinear"
         if info.op == "Conv":
             _quantize_conv_bias(graph, node, users[0], info, index)
+            if _narrow_conv(graph, node, info, index):
+                _float_code_conv(graph, node, users[0], info, index)
         return
     if info.op == "Gemm":
         _split_gemm_bias(graph, node, info)
@@ -617,6 +625,124 @@ def _quantize_conv_bias(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: 
     output = f"{info.name}.bias_dequantized"
     graph.node.append(helper.make_node("DequantizeLinear", names, [output], name=f"{info.name}.bias_dequantize", axis=0))
     node.input[2] = output
+
+
+def _narrow_conv(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, index: _Index) -> bool:
+    """A dense first conv (on the graph input) with ``K = C_in * kH * kW <= NARROW_K`` whose integer sums float32 holds exactly.
+
+    ``|sum| <= max|x_q - z_x| * max_c sum|w_c| + max|bias|`` must stay below 2^24, the integers
+    float32 represents exactly; then a float Conv on the codes gives QLinearConv's int32 sums.
+    """
+    weight = _array(graph, info.weight).astype(np.int64)
+    dequantize = index.producer.get(node.input[0])
+    constants = _initializers(graph)
+    has_bias = len(node.input) > 2 and bool(node.input[2])
+    if (_attribute(node, "group", 1) != 1 or int(np.prod(weight.shape[1:])) > NARROW_K or dequantize is None
+            or dequantize.op_type != "DequantizeLinear" or len(dequantize.input) < 3
+            or not _reads_graph_input(graph, dequantize.input[0], index)
+            or any(name not in constants or _array(graph, name).size != 1 for name in dequantize.input[1:])
+            or f"{info.name}.weight_zero_point" not in constants or np.any(_array(graph, f"{info.name}.weight_zero_point"))
+            or (has_bias and node.input[2] != f"{info.name}.bias_dequantized")):  # set by _quantize_conv_bias
+        return False  # only the plain form: per-tensor input codes, symmetric weights, an int32 bias (or none)
+    zero = int(_array(graph, dequantize.input[2]))
+    grid = np.iinfo(_array(graph, dequantize.input[2]).dtype)
+    bias = np.abs(_array(graph, f"{info.name}.bias_quantized").astype(np.int64)).max() if has_bias else 0
+    largest = max(abs(grid.min - zero), abs(grid.max - zero)) * np.abs(weight).reshape(len(weight), -1).sum(1).max() + bias
+    return bool(largest < 2**24)
+
+
+def _reads_graph_input(graph: onnx.GraphProto, codes: str, index: _Index) -> bool:
+    """Whether ``codes`` are the graph input's, quantized (and clipped) at the edge: the first layer.
+
+    Only there was the float form measured faster; inside the NHWC chain of QLinearConv it would add
+    a layout change on each side.
+    """
+    node = index.producer.get(codes)
+    if node is not None and node.op_type == "Clip":
+        node = index.producer.get(node.input[0])
+    inputs = {value.name for value in graph.input}
+    return node is not None and node.op_type == "QuantizeLinear" and node.input[0] in inputs
+
+
+def _float_code_conv(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onnx.NodeProto,
+                     info: LayerInfo, index: _Index) -> None:
+    """Run a narrow conv (``_narrow_conv``) as a float Conv on integer codes, requantized exactly.
+
+    ``Cast(x_q) [- z_x] -> Conv(w_q, bias_q) -> [MaxPool] -> Mul(M) -> QuantizeLinear(1, z_y)``
+    gives QLinearConv's codes bit for bit: the Conv sums integers exactly in float32 (checked),
+    ``M = s_x * s_w / s_y`` is QLinearConv's requantization multiplier in float32, and
+    ``QuantizeLinear`` with scale 1 rounds half to even and saturates as QLinearConv does. A
+    MaxPool the codes fed moves before the Mul (``max`` commutes with a positive scale and with
+    rounding), so the requantization touches a quarter of the values. The multiplier is ``Mul``'s
+    first input so that ONNX Runtime does not fold it into the conv weights (which would round).
+    Why: with K = 9 (a 3x3 conv on one channel) MLAS's int8 GEMM gains nothing and QLinearConv
+    took 2136 us against the float Conv's 342 us on the demo CNN at batch 64 (ORT 1.32, one thread).
+    """
+    dequantize = index.producer[node.input[0]]
+    name = info.name
+    input_scale = np.float32(_array(graph, dequantize.input[1]).reshape(()))
+    output_scale = np.float32(_array(graph, quantize.input[1]).reshape(()))
+    weight_scale = _array(graph, f"{name}.weight_scale").astype(np.float32)
+    multiplier = ((input_scale * weight_scale) / output_scale).astype(np.float32)  # as QLinearConv computes it
+    spatial = [1] * (_array(graph, info.weight).ndim - 2)
+    codes = f"{name}.input_codes"
+    new_nodes = [helper.make_node("Cast", [dequantize.input[0]], [codes if not _array(graph, dequantize.input[2]) else f"{name}.input_cast"],
+                                  name=f"{name}.input_cast", to=onnx.TensorProto.FLOAT)]
+    if _array(graph, dequantize.input[2]):
+        zero = _set_initializer(graph, f"{name}.input_zero_float", _array(graph, dequantize.input[2]).astype(np.float32))
+        new_nodes.append(helper.make_node("Sub", [f"{name}.input_cast", zero], [codes], name=f"{name}.input_codes"))
+    inputs = [codes, _set_initializer(graph, f"{name}.weight_codes", _array(graph, info.weight).astype(np.float32))]
+    if len(node.input) > 2 and node.input[2]:
+        inputs.append(_set_initializer(graph, f"{name}.bias_codes", _array(graph, f"{name}.bias_quantized").astype(np.float32)))
+    accumulator = f"{name}.accumulator"
+    conv = helper.make_node("Conv", inputs, [accumulator], name=name)
+    conv.attribute.extend(node.attribute)
+    new_nodes.append(conv)
+    scaled = accumulator
+    users = index.consumers[quantize.output[0]]
+    if len(users) == 1 and users[0].op_type == "MaxPool" and len(users[0].output) == 1 and quantize.output[0] not in index.outputs:
+        pool = users[0]
+        old_codes = quantize.output[0]
+        quantize.output[0], pool.input[0], pool.output[0] = pool.output[0], accumulator, f"{name}.pooled"
+        for value in [value for value in graph.value_info if value.name == old_codes]:
+            graph.value_info.remove(value)
+        scaled = pool.output[0]
+    multiplier_name = _set_initializer(graph, f"{name}.requantize_multiplier", multiplier.reshape([1, -1, *spatial]))
+    new_nodes.append(helper.make_node("Mul", [multiplier_name, scaled], [f"{name}.requantized"], name=f"{name}.requantize"))
+    quantize.input[0] = f"{name}.requantized"
+    quantize.input[1] = _set_initializer(graph, f"{name}.unit_scale", np.array(1.0, np.float32))
+    graph.node.remove(node)
+    graph.node.extend(new_nodes)
+    info.output, info.weight, info.form = accumulator, f"{name}.weight_codes", FLOAT_CODE_FORM
+
+
+def float_code_codes(graph: onnx.GraphProto, accumulator: str) -> tuple[str, tuple[np.ndarray, np.ndarray]] | None:
+    """For a layer in ``FLOAT_CODE_FORM``: add to ``graph`` the layer's own output codes (its
+    requantization applied before the MaxPool that the runtime graph runs first) and return
+    ``(tensor, (scale, zero point))``; None for any other layer. For the per-layer diagnosis,
+    which compares each layer's codes with the student's; the runtime graph does not need them.
+    """
+    index = _Index(graph)
+    pool = index.consumers.get(accumulator, [None])[0]
+    mul = index.consumers.get(pool.output[0], [None])[0] if pool is not None and pool.op_type == "MaxPool" else pool
+    if mul is None or mul.op_type != "Mul" or not mul.name.endswith(".requantize"):
+        return None
+    quantize = index.consumers[mul.output[0]][0]
+    after = index.consumers.get(quantize.output[0], [])
+    clip = after[0] if len(after) == 1 and after[0].op_type == "Clip" else None
+    readers = index.consumers.get(clip.output[0] if clip else quantize.output[0], [])
+    scales = [reader.input[1] for reader in readers if reader.op_type == "DequantizeLinear"]
+    if not scales:
+        return None
+    prefix = mul.name[: -len(".requantize")] + ".diagnosis"
+    graph.node.append(helper.make_node("Mul", [mul.input[0], accumulator], [f"{prefix}_scaled"], name=f"{prefix}_mul"))
+    graph.node.append(helper.make_node("QuantizeLinear", [f"{prefix}_scaled", *quantize.input[1:]], [f"{prefix}_codes"],
+                                       name=f"{prefix}_quantize"))
+    codes = f"{prefix}_codes"
+    if clip is not None:
+        graph.node.append(helper.make_node("Clip", [codes, *clip.input[1:]], [f"{prefix}_clipped"], name=f"{prefix}_clip"))
+        codes = f"{prefix}_clipped"
+    return codes, (_array(graph, scales[0]), _array(graph, quantize.input[2]))
 
 
 def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo) -> None:
@@ -725,8 +851,10 @@ def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     _torchscript_export(_export_copy(student)[0], torch.rand(1, 1, 8, 8), f"{folder}/raw.onnx", 13)
         ...     layers, ops = rewrite_for_int8(onnx.load(f"{folder}/raw.onnx"))
-        >>> layers["stem.0"].form, layers["fc"].form, {name: op.op for name, op in ops.items()}
-        ("fused with the next layer's QuantizeLinear", 'QGemm with float output + bias Add', {'layer1.0.add': 'Add', 'layer2.0.add': 'Add', 'layer3.0.add': 'Add', 'pool': 'GlobalAveragePool'})
+        >>> layers["stem.0"].form == FLOAT_CODE_FORM, layers["layer1.0.conv1"].form, layers["fc"].form
+        (True, "fused with the next layer's QuantizeLinear", 'QGemm with float output + bias Add')
+        >>> {name: op.op for name, op in ops.items()}
+        {'layer1.0.add': 'Add', 'layer2.0.add': 'Add', 'layer3.0.add': 'Add', 'pool': 'GlobalAveragePool'}
     """
     graph = model.graph
     _constants_to_initializers(graph)
