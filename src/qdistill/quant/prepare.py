@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdistill.batch import batch_inputs
+from qdistill.batch import batch_inputs, call_model, move_inputs
 from qdistill.errors import ModelError
 from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention, unfuse_attention
 from qdistill.quant.fold import batchnorms_to_convs, fold_batchnorms, fold_layer_scales
@@ -331,6 +331,8 @@ def activation_quantizers(student: nn.Module) -> list[Quantizer]:
 def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> int:
     """Initialise activation ranges from up to ``max_batches`` batches; returns batches used.
 
+    A batch is anything ``qdistill.batch`` reads (a tensor, ``(inputs, labels)``, a dict of named inputs).
+
     Example:
         >>> from qdistill import models
         >>> student = prepare(models.create("tiny_mlp"))
@@ -348,7 +350,7 @@ def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> i
         for batch in batches:
             if used >= max_batches:
                 break
-            student(batch_inputs(batch).to(device))
+            call_model(student, move_inputs(batch_inputs(batch), device))
             used += 1
     for quantizer in quantizers:
         quantizer.finish_calibration()
