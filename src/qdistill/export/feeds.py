@@ -88,4 +88,72 @@ def session_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
     return feed
 
 
-__all__ = ["INPUT_NAME", "dynamic_axes", "onnx_input_names", "session_feed"]
+FORMS = ("tuple", "dict")
+
+
+def input_spec(inputs: Any) -> dict[str, Any] | None:
+    """What a packed file's header records of several inputs (None for one tensor, whose shape is ``input_shape``):
+    ``{form: tuple|dict, names, shapes, dtypes}``, one sample's shapes.
+
+    Example:
+        >>> input_spec({"input_ids": torch.ones(4, 7, dtype=torch.long), "features": torch.ones(4, 3)})
+        {'form': 'dict', 'names': ['input_ids', 'features'], 'shapes': [[1, 7], [1, 3]], 'dtypes': ['int64', 'float32']}
+        >>> input_spec(torch.ones(4, 3)) is None
+        True
+    """
+    if isinstance(inputs, torch.Tensor):
+        return None
+    tensors = input_tensors(inputs)
+    return {"form": "dict" if isinstance(inputs, Mapping) else "tuple", "names": onnx_input_names(inputs),
+            "shapes": [[1, *[int(size) for size in tensor.shape[1:]]] for tensor in tensors],
+            "dtypes": [str(tensor.dtype).removeprefix("torch.") for tensor in tensors]}
+
+
+def valid_input_spec(spec: Any) -> bool:
+    """True when ``spec`` has ``input_spec``'s form (a packed file's header is checked with it).
+
+    Example:
+        >>> valid_input_spec({"form": "tuple", "names": ["input_0"], "shapes": [[1, 3]], "dtypes": ["float32"]})
+        True
+        >>> valid_input_spec({"form": "tuple", "names": ["input_0"], "shapes": [[1, 0]], "dtypes": ["float32"]})
+        False
+    """
+    if not isinstance(spec, dict) or spec.get("form") not in FORMS:
+        return False
+    names, shapes, dtypes = spec.get("names"), spec.get("shapes"), spec.get("dtypes")
+    if not all(isinstance(item, list) for item in (names, shapes, dtypes)) or not len(names) == len(shapes) == len(dtypes) >= 1:
+        return False
+    return (all(isinstance(name, str) for name in names)
+            and all(isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype) for dtype in dtypes)
+            and all(isinstance(shape, list) and shape and all(isinstance(size, int) and size >= 1 for size in shape)
+                    for shape in shapes))
+
+
+def inputs_from_spec(spec: dict[str, Any], rows: int = 1, generator: torch.Generator | None = None) -> Any:
+    """Inputs of ``rows`` samples in the form ``spec`` records: float inputs uniform in [0, 1), integer inputs
+    0 or 1 (valid token ids, attention masks and token types), bool inputs True; zeros and True without ``generator``.
+
+    Example:
+        >>> spec = {"form": "dict", "names": ["input_ids", "x"], "shapes": [[1, 7], [1, 3]], "dtypes": ["int64", "float32"]}
+        >>> inputs = inputs_from_spec(spec, rows=2)
+        >>> tuple(inputs["input_ids"].shape), inputs["input_ids"].dtype, tuple(inputs["x"].shape)
+        ((2, 7), torch.int64, (2, 3))
+    """
+    tensors = []
+    for shape, dtype_name in zip(spec["shapes"], spec["dtypes"], strict=True):
+        dtype, size = getattr(torch, dtype_name), (rows, *shape[1:])
+        if dtype == torch.bool:
+            tensors.append(torch.ones(size, dtype=dtype))
+        elif generator is None:
+            tensors.append(torch.zeros(size, dtype=dtype))
+        elif dtype.is_floating_point:
+            tensors.append(torch.rand(size, generator=generator).to(dtype))
+        else:
+            tensors.append(torch.randint(0, 2, size, generator=generator).to(dtype))
+    if spec["form"] == "dict":
+        return dict(zip(spec["names"], tensors, strict=True))
+    return tuple(tensors)
+
+
+__all__ = ["INPUT_NAME", "dynamic_axes", "input_spec", "inputs_from_spec", "onnx_input_names", "session_feed",
+           "valid_input_spec"]

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -76,7 +75,7 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
     """A CPU ``InferenceSession``; ``threads=None`` leaves ONNX Runtime's default.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, numpy as np
         >>> from qdistill.export.onnx import export_float_onnx
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     path = export_float_onnx(nn.Linear(4, 2), f"{folder}/fp32.onnx", torch.rand(1, 4))["path"]
