@@ -93,5 +93,31 @@ def token_feature_data(samples: int, seed: int = 0, features: int = 6, vocab: in
     x = torch.randn(samples, features, generator=generator)
     ids = torch.randint(0, vocab, (samples, length), generator=generator)
     counts = torch.stack([(ids % 3 == k).float().mean(dim=1) for k in range(3)], dim=1)
-    labels = (x[:, :3] + 4 * (counts - 1 / 3)).argmax(dim=1)
+    labels = (x[:, :3] + 8 * (counts - 1 / 3)).argmax(dim=1)
     return x, ids, labels
+
+
+def token_feature_net(**kwargs) -> nn.Module:
+    """``model.factory`` for ``TokenFeatureNet`` (keyword arguments as its constructor's)."""
+    return TokenFeatureNet(**kwargs)
+
+
+class MaskedTokenNet(nn.Module):
+    """Token ids with an optional attention mask (as Hugging Face encoders take them): masked mean pooling.
+
+    Its forward has ``attention_mask=None``, so ``prepare`` must keep the mask an input when batches give it.
+    """
+
+    def __init__(self, vocab: int = 12, width: int = 16, classes: int = 3, length: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(length, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, input_ids, attention_mask=None):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.embed(input_ids) + self.position(positions)
+        if attention_mask is None:
+            return self.head(hidden.mean(dim=1))
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0))
