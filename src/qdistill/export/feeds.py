@@ -83,7 +83,7 @@ def session_feed(session: Any, inputs: Any) -> dict[str, np.ndarray]:
                               f"({', '.join(given)}: {describe_inputs(inputs)}); the batches must have the example "
                               "input's form (a tensor, a tuple or a dict with the same keys)")
         array = tensor.numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
-        dtype = _ORT_TYPES.get(declared.type)
+        dtype = _ORT_TYPES.get(getattr(declared, "type", None))  # unknown: as cpu_inputs gives it (float32, integers kept)
         feed[declared.name] = array.astype(dtype, copy=False) if dtype is not None else array
     return feed
 
