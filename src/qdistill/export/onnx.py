@@ -1,6 +1,9 @@
 """ONNX export with int8 kernels checked and a parity gate against the PyTorch student.
 
-``export_onnx`` writes a QDQ model (opset 13, dynamic batch) through the TorchScript exporter:
+``export_onnx`` writes a QDQ model (opset 13, dynamic batch) through the TorchScript exporter.
+Its inputs follow the example's form (``export.feeds``): ``input`` for one tensor, ``input_0``,
+``input_1``, ... for a tuple, a dict's keys for named inputs (token ids stay int64, with a dynamic
+``sequence`` axis); the parity gate, the diagnosis and latency feed batches by those names.
 
 1. A copy of the student whose weight quantizers write ``DequantizeLinear`` over an int8
    initializer holding the trained integers (times ``weight_multiplier``; no float weights in
@@ -702,6 +705,10 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
     labels, ``accuracy``, ``student_accuracy``, ``accuracy_near_ties_excused``. Without it
     ``parity_checked`` is False and nothing was compared.
     Raises ``ExportError`` (and writes nothing) when a layer or op runs in float or the gate fails.
+
+    ``example_input`` is read as a batch (``qdistill.batch``) and its first sample exported: a tensor,
+    ``(x, labels)``, a dict of named inputs (``{"input_ids": ..., "attention_mask": ...}``, labels
+    keys ignored), or ``((a, b),)`` for a model of two positional inputs.
 
     Example (without ``verify_on``; the module docstring's example runs the gate):
         >>> from qdistill import models, quant
