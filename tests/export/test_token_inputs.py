@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from qdistill import runtime
+from qdistill import quant, runtime
 from qdistill.data import make_loader
 from qdistill.errors import ExportError
 from qdistill.export import export_all, rebuild_info, save_packed
@@ -19,7 +19,7 @@ from qdistill.export.onnx import diagnose_layers, export_float_onnx, export_onnx
 from qdistill.recipe import ModelSpec, QuantSpec, TrainSpec
 from qdistill.runs.student import distill
 from qdistill.train import Supervised, fit
-from support import TokenFeatureNet, token_feature_data
+from support import MaskedTokenNet, TokenFeatureNet, token_feature_data
 
 QUANT = {"weight_bits": 8, "act_bits": 8}
 
@@ -136,3 +136,37 @@ def test_packed_file_rebuilds_the_same_graph_with_named_inputs(trained, exported
     np.testing.assert_array_equal(session.run(None, feed)[0], reference.run(None, feed)[0])
     info = runtime.serve_bench(packed, compare=exported["path"], batches=(1, 4), loads=1, budget_s=0.01)
     assert info["outputs_equal"] is True and set(info["latency_us_per_sample"]) == {"batch1", "batch4"}
+
+
+class _IgnoresTokenTypes(MaskedTokenNet):
+    """A Hugging Face style forward whose ``token_type_ids`` are accepted and never read."""
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return super().forward(input_ids, attention_mask)
+
+
+def _hf_batch(rows: int, length: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[:, length // 2:] = (torch.rand(rows, length - length // 2, generator=generator) > 0.5).long()
+    return {"input_ids": torch.randint(0, 12, (rows, length), generator=generator), "attention_mask": mask,
+            "token_type_ids": torch.zeros(rows, length, dtype=torch.long), "labels": torch.randint(0, 3, (rows,), generator=generator)}
+
+
+def test_hugging_face_batches_export_the_mask_and_drop_unread_inputs(tmp_path):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    batches = [_hf_batch(16, 10, generator) for _ in range(4)]
+    model = _IgnoresTokenTypes().eval()
+    student = quant.prepare(model, QUANT, calibration_data=batches)
+    info = export_onnx(student, tmp_path / "model.onnx", batches[0], verify_on=batches)
+    assert info["flips"] == 0 and info["logit_sqnr_db"] >= info["logit_sqnr_gate_db"]
+    session = make_session(info["path"])
+    assert [(value.name, value.type, value.shape) for value in session.get_inputs()] == [
+        ("input_ids", "tensor(int64)", ["batch", "sequence"]), ("attention_mask", "tensor(int64)", ["batch", "sequence"])]
+    longer = _hf_batch(3, 25, generator)
+    with torch.no_grad():
+        expected = student.eval()(longer["input_ids"], longer["attention_mask"]).numpy()
+        unmasked = model(longer["input_ids"]).numpy()  # the student is specialised to batches with a mask
+    got = onnx_predict(session, [longer])[0]  # token_type_ids and labels are left out of the feed
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert np.abs(expected - unmasked).max() > 1e-2  # the mask changes the result, so the check above sees it
