@@ -64,3 +64,60 @@ def unlabeled_digits() -> torch.Tensor:
 def unlabeled_wrong_shape() -> torch.Tensor:
     """``data.unlabeled.factory`` whose samples do not match digits' (1, 8, 8)."""
     return torch.zeros(3, 1, 4, 4)
+
+
+class TokenFeatureNet(nn.Module):
+    """Two inputs: float features ``(B, F)`` and int64 token ids ``(B, S)`` (through ``nn.Embedding``).
+
+    Called as ``model(features, input_ids)`` or ``model(**{"features": ..., "input_ids": ...})``;
+    the token embeddings are mean-pooled over the sequence, so any sequence length fits.
+    """
+
+    def __init__(self, vocab: int = 12, features: int = 6, width: int = 16, classes: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.proj = nn.Linear(features, width)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, features, input_ids):
+        pooled = self.embed(input_ids).mean(dim=1)
+        return self.head(torch.cat([self.act(self.proj(features)), pooled], dim=1))
+
+
+def token_feature_data(samples: int, seed: int = 0, features: int = 6, vocab: int = 12,
+                       length: int = 10) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(features, input_ids, labels)``: the class is the argmax of the first three features plus how often
+    each class's tokens (``id % 3``) occur, so a model must read both inputs to learn it."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, features, generator=generator)
+    ids = torch.randint(0, vocab, (samples, length), generator=generator)
+    counts = torch.stack([(ids % 3 == k).float().mean(dim=1) for k in range(3)], dim=1)
+    labels = (x[:, :3] + 8 * (counts - 1 / 3)).argmax(dim=1)
+    return x, ids, labels
+
+
+def token_feature_net(**kwargs) -> nn.Module:
+    """``model.factory`` for ``TokenFeatureNet`` (keyword arguments as its constructor's)."""
+    return TokenFeatureNet(**kwargs)
+
+
+class MaskedTokenNet(nn.Module):
+    """Token ids with an optional attention mask (as Hugging Face encoders take them): masked mean pooling.
+
+    Its forward has ``attention_mask=None``, so ``prepare`` must keep the mask an input when batches give it.
+    """
+
+    def __init__(self, vocab: int = 12, width: int = 16, classes: int = 3, length: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.position = nn.Embedding(length, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, input_ids, attention_mask=None):
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden = self.embed(input_ids) + self.position(positions)
+        if attention_mask is None:
+            return self.head(hidden.mean(dim=1))
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0))

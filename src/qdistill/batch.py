@@ -7,8 +7,11 @@ the optional keys ``labels`` (or ``label``) and ``teacher_logits``.
 
 *Inputs* are what the model is called with: one tensor (``model(x)``), a tuple of tensors
 (``model(*inputs)``) or a dict of tensors (``model(**inputs)``); integer tensors (token ids) stay
-integer. ``call_model``, ``move_inputs``, ``input_rows``, ``take_rows`` and ``concat_inputs`` are the
-one place that knows these three forms.
+integer. ``call_model``, ``move_inputs``, ``input_tensors``, ``input_rows``, ``take_rows``,
+``concat_inputs`` (and ``cpu_inputs``, ``check_inputs``, ``describe_inputs``) are the one place that
+knows these three forms; every module that calls a model with a batch's inputs goes through them.
+A tuple batch is always read as ``(inputs, labels?, teacher_logits?)``: a model with several
+positional inputs gets batches ``((a, b), labels)``, never ``(a, b, labels)``.
 
 Example:
     >>> import torch
@@ -25,6 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+
+from qdistill.errors import DataError
 
 LABEL_KEYS = ("labels", "label")
 LOGITS_KEY = "teacher_logits"
@@ -162,3 +167,64 @@ def concat_inputs(parts: Sequence[Any]) -> Any:
     if isinstance(first, (list, tuple)):
         return type(first)(torch.cat([part[index] for part in parts]) for index in range(len(first)))
     return torch.cat(list(parts))
+
+
+def cpu_inputs(inputs: Any) -> Any:
+    """``inputs`` detached on the CPU: float tensors as float32, integer (token ids) and bool tensors kept as they are.
+
+    Example:
+        >>> moved = cpu_inputs({"x": torch.ones(1, 2, dtype=torch.float64), "input_ids": torch.ones(1, 2, dtype=torch.long)})
+        >>> moved["x"].dtype, moved["input_ids"].dtype
+        (torch.float32, torch.int64)
+    """
+    def change(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach().cpu()
+        return tensor.float() if tensor.is_floating_point() else tensor
+
+    return _map_tensors(inputs, change)
+
+
+def describe_inputs(inputs: Any) -> str:
+    """A short description of ``inputs`` for error messages: shapes, and dtypes other than float32.
+
+    Example:
+        >>> describe_inputs(torch.zeros(2, 3))
+        'shape (2, 3)'
+        >>> describe_inputs({"input_ids": torch.zeros(2, 7, dtype=torch.long), "x": torch.zeros(2, 3)})
+        'input_ids (2, 7) int64, x (2, 3)'
+    """
+    if isinstance(inputs, torch.Tensor):
+        return f"shape {tuple(inputs.shape)}" + ("" if inputs.dtype == torch.float32 else f" {_dtype(inputs)}")
+    names = list(inputs) if isinstance(inputs, Mapping) else [f"input {index}" for index in range(len(inputs))]
+    return ", ".join(f"{name} {tuple(tensor.shape)}" + ("" if tensor.dtype == torch.float32 else f" {_dtype(tensor)}")
+                     for name, tensor in zip(names, input_tensors(inputs), strict=True))
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def check_inputs(inputs: Any, what: str) -> None:
+    """``DataError`` unless ``inputs`` is one of the three forms: tensors with one batch size, at least one dimension.
+
+    Example:
+        >>> check_inputs({"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5)}, "train data")
+        >>> check_inputs({"input_ids": [1, 2]}, "train data")
+        Traceback (most recent call last):
+        qdistill.errors.DataError: train data: input 'input_ids' is a list; allowed: a tensor, a tuple of tensors or a dict of tensors (e.g. input_ids, attention_mask)
+    """
+    names = list(inputs) if isinstance(inputs, Mapping) else None
+    tensors = input_tensors(inputs)
+    if not tensors:
+        raise DataError(f"{what}: a batch has no inputs; allowed: a tensor, a tuple of tensors or a dict of tensors")
+    for index, tensor in enumerate(tensors):
+        label = repr(names[index]) if names else str(index)
+        if not isinstance(tensor, torch.Tensor):
+            raise DataError(f"{what}: input {label} is a {type(tensor).__name__}; allowed: a tensor, a tuple of tensors "
+                            "or a dict of tensors (e.g. input_ids, attention_mask)")
+        if tensor.dim() == 0:
+            raise DataError(f"{what}: input {label} is a scalar; every input needs a batch dimension first")
+    rows = {int(tensor.shape[0]) for tensor in tensors}
+    if len(rows) > 1:
+        raise DataError(f"{what}: the inputs of one batch have different batch sizes ({describe_inputs(inputs)}); "
+                        "they must agree in their first dimension")

@@ -11,7 +11,7 @@ import torch
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch import nn
 
-from qdistill.batch import split_batch
+from qdistill.batch import call_model, move_inputs, split_batch
 from qdistill.errors import DataError
 from qdistill.quant.modules import is_quantized
 from qdistill.quant.quantizer import Quantizer, quantizer_parameters
@@ -30,7 +30,7 @@ def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.nda
     logits, labels = [], []
     for batch in loader:
         inputs, targets = split_batch(batch)
-        logits.append(model(inputs.to(device)).float().cpu())
+        logits.append(call_model(model, move_inputs(inputs, device)).float().cpu())
         if targets is not None:
             labels.append(targets.cpu())
     model.train(was_training)

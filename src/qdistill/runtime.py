@@ -7,7 +7,8 @@ into memory, and opens an ONNX Runtime session on the bytes. The graph is the on
 holds, so the session's outputs equal ``model.onnx``'s bit for bit and it runs at int8 speed.
 What is needed to rebuild it lives in the file's header (``rebuild``, format_version 3, written by
 ``qdistill run`` / ``qdistill export``): the float architecture, the quant settings, the opset and
-the input shape. A file without it (format_version 2, or ``save_packed`` called without
+the input shape (and, for a model of several inputs such as token ids, each input's name, shape
+and dtype: ``export.feeds.input_spec``). A file without it (format_version 2, or ``save_packed`` called without
 ``rebuild``) loads when the caller passes ``model`` (the float architecture or the prepared
 student) and ``input_shape``.
 
@@ -43,7 +44,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from qdistill.batch import take_rows
 from qdistill.errors import FileFormatError, ModelError
+from qdistill.export.feeds import inputs_from_spec, session_feed
 from qdistill.export.latency import BATCHES, BUDGET_SECONDS, interleaved_us_per_sample, make_session
 from qdistill.export.onnx import OPSET, build_int8_model
 from qdistill.export.packed import read_packed, unpack_student
@@ -100,7 +103,9 @@ def rebuild_onnx(path: str | Path, model: nn.Module | None = None,
         raise ModelError(f"input_shape: {shape!r} is not allowed; allowed: positive integers, one batch's shape, e.g. (1, 1, 28, 28)")
     opset = rebuild["export"]["opset"] if rebuild is not None else OPSET
     student = unpack_student(header, tensors, skeleton, path)
-    return build_int8_model(student, torch.zeros(shape), opset)
+    spec = rebuild["export"].get("inputs") if rebuild is not None and input_shape is None else None
+    example = torch.zeros(shape) if spec is None else inputs_from_spec(spec)
+    return build_int8_model(student, example if spec is None else (example,), opset)
 
 
 def load(path: str | Path, model: nn.Module | None = None, input_shape: Sequence[int] | None = None,
@@ -136,7 +141,7 @@ def serve_bench(path: str | Path, compare: str | Path | None = None, threads: in
     Returns ``{path, file_bytes, input_shape, threads, load_ms: {first, best}, latency_us_per_sample:
     {batch<N>}, compared_with?, outputs_equal?}``. The load is timed ``loads`` times (the first one
     includes one-off costs such as ONNX Runtime's kernel registration); latency is ONNX Runtime's
-    on uniform random inputs in [0, 1) (``seed``), timed as ``export.latency`` does (interleaved
+    on uniform random inputs in [0, 1) (``seed``; integer inputs such as token ids 0 or 1), timed as ``export.latency`` does (interleaved
     rounds, best of the rounds' medians). ``compare`` is an int8 ONNX file (e.g. the run's
     ``model.onnx``): both sessions run the same batch and ``outputs_equal`` says whether every
     output is bit for bit the same.
@@ -157,8 +162,12 @@ def serve_bench(path: str | Path, compare: str | Path | None = None, threads: in
     rebuild = read_packed(path)[0]["rebuild"]  # present: the load above needed it
     sample_shape = rebuild["export"]["input_shape"][1:]
     generator = torch.Generator().manual_seed(seed)
-    inputs = torch.rand(max(batches), *sample_shape, generator=generator)
-    runs = {batch: {"packed": _run(session, inputs[:batch])} for batch in batches}
+    spec = rebuild["export"].get("inputs")
+    if spec is None:
+        inputs = torch.rand(max(batches), *sample_shape, generator=generator)
+    else:
+        inputs = inputs_from_spec(spec, max(batches), generator)
+    runs = {batch: {"packed": _run(session, take_rows(inputs, slice(0, batch)))} for batch in batches}
     latency = {f"batch{batch}": round(interleaved_us_per_sample(runs[batch], batch, budget_s=budget_s)["packed"], 2)
                for batch in batches}
     info: dict[str, Any] = {
@@ -169,15 +178,14 @@ def serve_bench(path: str | Path, compare: str | Path | None = None, threads: in
     }
     if compare is not None:
         reference = make_session(compare, threads=threads)
-        feed = {session.get_inputs()[0].name: inputs.numpy()}
-        ours, theirs = session.run(None, feed), reference.run(None, {reference.get_inputs()[0].name: inputs.numpy()})
+        ours, theirs = session.run(None, session_feed(session, inputs)), reference.run(None, session_feed(reference, inputs))
         info["compared_with"] = str(compare)
         info["outputs_equal"] = len(ours) == len(theirs) and all(np.array_equal(a, b) for a, b in zip(ours, theirs, strict=True))
     return info
 
 
-def _run(session: ort.InferenceSession, inputs: torch.Tensor):
-    feed = {session.get_inputs()[0].name: inputs.numpy()}
+def _run(session: ort.InferenceSession, inputs: Any):
+    feed = session_feed(session, inputs)
     return lambda: session.run(None, feed)
 
 

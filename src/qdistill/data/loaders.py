@@ -7,12 +7,15 @@ DataLoader workers (``data/images.py``), each sample a fixed function of ``(seed
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from qdistill.batch import check_inputs, input_rows, take_rows
 from qdistill.data.bundle import DataBundle
 from qdistill.data.images import ImageDataset, ImageDecodeError, LazyImages
+from qdistill.errors import DataError
 
 EVAL_BATCH_SIZE = 256  # validation and test batches: no gradients, so larger batches are free
 UNLABELED_SEED_OFFSET = 7919  # the unlabeled stream's own shuffles, independent of the labelled batches' order
@@ -58,21 +61,56 @@ class AugmentSampler(EpochSampler):
         return ((epoch, index) for index in super().__iter__())
 
 
-def make_loader(x: torch.Tensor | LazyImages, y: torch.Tensor | None, batch_size: int, seed: int,
-                shuffle: bool) -> DataLoader:
-    """A DataLoader over in-memory tensors or a split of image files, with an ``EpochSampler`` (deterministic, resumable).
+class InputsDataset(Dataset):
+    """In-memory inputs of several tensors (a tuple, or a dict such as ``input_ids``/``attention_mask``), with optional labels.
+
+    Sample ``i`` is ``(inputs[i],)`` or ``(inputs[i], labels[i])`` with ``inputs[i]`` in the inputs'
+    form, so the default collate gives batches ``(inputs, labels)`` as ``qdistill.batch`` reads
+    them (a tuple's inputs arrive as a list). Integer inputs (token ids) stay integer.
+
+    Example:
+        >>> data = InputsDataset({"input_ids": torch.arange(6).reshape(3, 2)}, torch.tensor([0, 1, 0]))
+        >>> len(data), data[1][0]["input_ids"].tolist(), int(data[1][1])
+        (3, [2, 3], 1)
+    """
+
+    def __init__(self, inputs: Any, labels: torch.Tensor | None = None) -> None:
+        check_inputs(inputs, "data")
+        if labels is not None and len(labels) != input_rows(inputs):
+            raise DataError(f"data: {input_rows(inputs)} inputs but {len(labels)} labels; they must be as many")
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return input_rows(self.inputs)
+
+    def __getitem__(self, index: int) -> tuple:
+        row = take_rows(self.inputs, index)
+        return (row,) if self.labels is None else (row, self.labels[index])
+
+
+def make_loader(x: Any, y: torch.Tensor | None, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
+    """A DataLoader over in-memory inputs or a split of image files, with an ``EpochSampler`` (deterministic, resumable).
+
+    ``x`` is a tensor, image files (``LazyImages``), or inputs of several tensors (a tuple, or a dict
+    such as ``{"input_ids": ..., "attention_mask": ...}``; ``InputsDataset``).
 
     Example:
         >>> loader = make_loader(torch.zeros(10, 2), torch.zeros(10, dtype=torch.long), 4, seed=0, shuffle=True)
         >>> [len(x) for x, _ in loader]
         [4, 4, 2]
+        >>> tokens = make_loader({"input_ids": torch.zeros(5, 7, dtype=torch.long)}, None, 4, seed=0, shuffle=False)
+        >>> [tuple(batch[0]["input_ids"].shape) for batch in tokens]
+        [(4, 7), (1, 7)]
     """
     if isinstance(x, LazyImages):
         return _image_loader(x, y, batch_size, seed, shuffle)
-    tensors = (x,) if y is None else (x, y)
+    if isinstance(x, torch.Tensor):
+        dataset: Dataset = TensorDataset(*((x,) if y is None else (x, y)))
+    else:
+        dataset = InputsDataset(x, y)
     # its own generator: DataLoader draws a seed at every iteration, which must not move the global
     # RNG (dropout's), or a resumed run would see different dropout masks
-    return DataLoader(TensorDataset(*tensors), batch_size=batch_size, sampler=EpochSampler(len(x), seed, shuffle),
+    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
                       generator=torch.Generator().manual_seed(seed))
 
 

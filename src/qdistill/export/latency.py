@@ -33,13 +33,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
 
-from qdistill.batch import split_batch
+from qdistill.batch import call_model, concat_inputs, cpu_inputs, input_rows, input_tensors, split_batch, take_rows
 from qdistill.errors import ExportError
+from qdistill.export.feeds import session_feed
 
 BATCHES = (1, 64)
 ROUNDS = 5
@@ -85,7 +85,7 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
       ``False`` keeps them from taking CPU time the others need.
 
     Example:
-        >>> import tempfile
+        >>> import tempfile, numpy as np
         >>> from qdistill.export.onnx import export_float_onnx
         >>> with tempfile.TemporaryDirectory() as folder:
         ...     path = export_float_onnx(nn.Linear(4, 2), f"{folder}/fp32.onnx", torch.rand(1, 4))["path"]
@@ -107,8 +107,9 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
-def first_samples(loader: Iterable[Any], count: int) -> torch.Tensor:
-    """The first ``count`` inputs of ``loader`` (fewer if it holds fewer), as one CPU float tensor.
+def first_samples(loader: Iterable[Any], count: int) -> Any:
+    """The first ``count`` inputs of ``loader`` (fewer if it holds fewer), on the CPU, in the batches' form
+    (``qdistill.batch``: a tensor, a tuple or a dict; float as float32, integer inputs kept).
 
     Example:
         >>> first_samples([(torch.zeros(4, 2), None), (torch.ones(4, 2), None)], 6).shape
@@ -117,24 +118,24 @@ def first_samples(loader: Iterable[Any], count: int) -> torch.Tensor:
     chunks, total = [], 0
     for batch in loader:
         inputs, _ = split_batch(batch)
-        chunks.append(inputs.detach().cpu().float())
-        total += len(inputs)
+        chunks.append(cpu_inputs(inputs))
+        total += input_rows(inputs)
         if total >= count:
             break
     if not chunks:
         raise ExportError("data: the loader yielded no batches; at least one sample is needed")
-    return torch.cat(chunks)[:count]
+    return take_rows(concat_inputs(chunks), slice(0, count))
 
 
-def batch_of(samples: torch.Tensor, batch: int) -> torch.Tensor:
+def batch_of(samples: Any, batch: int) -> Any:
     """``batch`` inputs: the first ``batch`` of ``samples``, cycled only when there are fewer.
 
     Example:
         >>> batch_of(torch.arange(3.0).reshape(3, 1), 5).flatten().tolist()
         [0.0, 1.0, 2.0, 0.0, 1.0]
     """
-    samples = samples.detach().cpu().float()
-    return samples[torch.arange(batch) % len(samples)].contiguous()
+    samples = cpu_inputs(samples)
+    return take_rows(samples, torch.arange(batch) % input_rows(samples))
 
 
 def _median_seconds(run: Callable[[], object], budget_s: float, clock: Callable[[], float]) -> float:
@@ -168,34 +169,37 @@ def interleaved_us_per_sample(runs: dict[str, Callable[[], object]], batch: int,
     return {name: min(values) / batch * 1e6 for name, values in medians.items()}
 
 
-def _samples_note(samples: torch.Tensor, batches: tuple[int, ...]) -> str:
-    distinct = len(torch.unique(samples.detach().cpu().float().reshape(len(samples), -1), dim=0))
+def _samples_note(samples: Any, batches: tuple[int, ...]) -> str:
+    rows = input_rows(samples)
+    flat = torch.cat([tensor.detach().cpu().double().reshape(rows, -1) for tensor in input_tensors(samples)], dim=1)
+    distinct = len(torch.unique(flat, dim=0))
     if distinct >= max(batches):
         return "distinct"
     return f"{distinct} distinct, cycled to fill batch {max(batches)}"
 
 
-def _session_run(session: ort.InferenceSession, inputs: torch.Tensor) -> Callable[[], object]:
-    feed = {session.get_inputs()[0].name: inputs.numpy().astype(np.float32)}
+def _session_run(session: ort.InferenceSession, inputs: Any) -> Callable[[], object]:
+    feed = session_feed(session, inputs)
     return lambda: session.run(None, feed)
 
 
-def _torch_run(model: nn.Module, inputs: torch.Tensor) -> Callable[[], object]:
+def _torch_run(model: nn.Module, inputs: Any) -> Callable[[], object]:
     def run() -> object:
         with torch.no_grad():
-            return model(inputs)
+            return call_model(model, inputs)
 
     return run
 
 
-def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None, samples: torch.Tensor,
+def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None, samples: Any,
                     batches: tuple[int, ...] = BATCHES, budget_s: float = BUDGET_SECONDS, rounds: int = ROUNDS,
                     clock: Callable[[], float] = time.perf_counter) -> dict:
     """``{"1": {name: {batch1, batch64}}, "all": {...}, "all_threads": N, "method": {...}}``.
 
     ``files`` maps a label (e.g. ``"int8"``, ``"fp32"``) to an ONNX file; ``torch_model`` is
     measured as ``"torch_fp32"``; ``samples`` are real inputs (validation data), batched as
-    ``batch_of`` says. ``budget_s`` is the timing budget of one number, split over the rounds.
+    ``batch_of`` says (any input form of ``qdistill.batch``; ONNX files are fed by input name).
+    ``budget_s`` is the timing budget of one number, split over the rounds.
     ``method`` records how the numbers were taken (module docstring). Values are rounded to 0.01 µs.
 
     Example (a fake clock, one second per reading, so the numbers are known; 8 samples fill batch 64 by cycling):
@@ -206,7 +210,7 @@ def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None,
     """
     if not isinstance(rounds, int) or rounds < 1:
         raise ExportError(f"latency rounds: {rounds!r} is not allowed; allowed: an integer >= 1")
-    if len(samples) < 1 or not batches:
+    if input_rows(samples) < 1 or not batches:
         raise ExportError("latency: no samples or no batch sizes to time; give validation data (or an example input) "
                           "and at least one batch size")
     threads_all = all_threads()

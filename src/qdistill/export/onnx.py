@@ -1,6 +1,9 @@
 """ONNX export with int8 kernels checked and a parity gate against the PyTorch student.
 
-``export_onnx`` writes a QDQ model (opset 13, dynamic batch) through the TorchScript exporter:
+``export_onnx`` writes a QDQ model (opset 13, dynamic batch) through the TorchScript exporter.
+Its inputs follow the example's form (``export.feeds``): ``input`` for one tensor, ``input_0``,
+``input_1``, ... for a tuple, a dict's keys for named inputs (token ids stay int64, with a dynamic
+``sequence`` axis); the parity gate, the diagnosis and latency feed batches by those names.
 
 1. A copy of the student whose weight quantizers write ``DequantizeLinear`` over an int8
    initializer holding the trained integers (times ``weight_multiplier``; no float weights in
@@ -84,9 +87,20 @@ import torch
 from onnx import helper
 from torch import nn
 
-from qdistill.batch import split_batch
-from qdistill.errors import ExportError
+from qdistill.batch import (
+    batch_inputs,
+    call_model,
+    check_inputs,
+    cpu_inputs,
+    describe_inputs,
+    input_tensors,
+    move_inputs,
+    split_batch,
+    take_rows,
+)
+from qdistill.errors import DataError, ExportError
 from qdistill.evaluate import predict
+from qdistill.export.feeds import dynamic_axes, onnx_input_names, session_feed
 from qdistill.export.latency import first_samples, make_session
 from qdistill.export.packed import IntegerWeight, weight_integers
 from qdistill.export.qdq_graph import (
@@ -108,7 +122,7 @@ from qdistill.quant.modules import QUANTIZED_OPS, QuantElementwise, is_quantized
 from qdistill.version import __version__
 
 OPSET = 13
-INPUT_NAME, OUTPUT_NAME = "input", "logits"
+OUTPUT_NAME = "logits"  # the inputs' names: export.feeds (``input``, ``input_0``..., or a dict's keys)
 LOGIT_SQNR_GATE_DB = 40.0  # bound on logit_sqnr_db (SQNR of ORT's logits vs the student's, worst 1% of samples left out)
 LOGIT_SQNR_TRIM = 0.01  # the share of samples (the worst, at least one) left out of logit_sqnr_db
 NEAR_TIE_FACTOR = 2.0  # a flip is a near tie when the student's top-2 margin <= this * the logit error elsewhere
@@ -264,24 +278,48 @@ def _export_copy(student: nn.Module) -> tuple[nn.Module, dict[str, dict[str, Any
     return export_model, bits
 
 
-def _torchscript_export(model: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+class _Positional(nn.Module):
+    """Calls ``model`` with keyword inputs from positional tensors, so the exported inputs keep the dict's order and names."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        return self.model(**dict(zip(self.names, tensors, strict=True)))
+
+
+def _torchscript_export(model: nn.Module, example: Any, path: Path, opset: int) -> None:
+    """``example`` (inputs from ``_example``) gives the ONNX inputs: names, dtypes, dynamic axes (``export.feeds``)."""
+    names = onnx_input_names(example)
+    traced = _Positional(model, list(example)) if isinstance(example, dict) else model
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         try:
-            torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
-                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            torch.onnx.export(traced, tuple(input_tensors(example)), str(path), dynamo=False, opset_version=opset,
+                              input_names=names, output_names=[OUTPUT_NAME],
+                              dynamic_axes={**dynamic_axes(example), OUTPUT_NAME: {0: "batch"}},
                               do_constant_folding=True)
         except Exception as error:  # the exporter raises many types for unsupported Python
             reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
             raise ExportError(f"ONNX export failed in torch.onnx.export ({reason}); the model must be traceable with one tensor output") from None
 
 
-def _example(example_input: Any) -> torch.Tensor:
-    example = example_input[0] if isinstance(example_input, (list, tuple)) else example_input
-    if not isinstance(example, torch.Tensor) or not example.is_floating_point():
-        raise ExportError("example_input: expected a float tensor batch (B, ...), e.g. train_x[:1]")
-    return example[:1].detach().cpu().float()
+def _example(example_input: Any) -> Any:
+    """The first sample of ``example_input`` (a batch, read as ``qdistill.batch`` reads batches), on the CPU.
+
+    A tuple is a batch ``(inputs, labels?, ...)``, so a model with several positional inputs is given
+    ``((a, b),)``; a dict gives named inputs. Float tensors become float32; integer inputs stay integer.
+    """
+    inputs = batch_inputs(example_input)
+    try:
+        check_inputs(inputs, "example_input")
+    except DataError as error:
+        raise ExportError(f"{error}, e.g. train_x[:1]") from None
+    if any(tensor.is_complex() for tensor in input_tensors(inputs)):
+        raise ExportError(f"example_input: complex inputs ({describe_inputs(inputs)}) are not allowed; allowed: float, "
+                          "integer (token ids) or bool tensors")
+    return take_rows(cpu_inputs(inputs), slice(0, 1))
 
 
 def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET) -> onnx.ModelProto:
@@ -425,6 +463,8 @@ def check_integer_kernels(path: str | Path) -> dict[str, str]:
 def onnx_predict(session, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """All logits ``(N, C)`` and labels (or None) of an ONNX Runtime session over ``loader``.
 
+    Each batch's inputs (any form of ``qdistill.batch``) are fed by input name (``export.feeds``).
+
     Example:
         >>> from qdistill import models, quant
         >>> student = quant.prepare(models.create("mlp", in_channels=1, num_classes=3, image_size=4),
@@ -435,11 +475,10 @@ def onnx_predict(session, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray
         >>> logits.shape, labels.tolist()
         ((5, 3), [0, 1, 2, 0, 1])
     """
-    input_name = session.get_inputs()[0].name
     logits, labels = [], []
     for batch in loader:
         inputs, targets = split_batch(batch)
-        logits.append(session.run(None, {input_name: inputs.detach().cpu().float().numpy()})[0])
+        logits.append(session.run(None, session_feed(session, inputs))[0])
         if targets is not None:
             labels.append(targets.cpu().numpy())
     if not logits:
@@ -568,7 +607,7 @@ def _snapshot(output: torch.Tensor) -> np.ndarray:
     return output.detach().cpu().float().numpy().copy()
 
 
-def _student_layer_outputs(student: nn.Module, inputs: torch.Tensor, names: list[str]) -> dict[str, np.ndarray]:
+def _student_layer_outputs(student: nn.Module, inputs: Any, names: list[str]) -> dict[str, np.ndarray]:
     outputs: dict[str, np.ndarray] = {}
     hooks = [student.get_submodule(name).register_forward_hook(
         lambda module, args, output, name=name: outputs.__setitem__(name, _snapshot(output)))
@@ -577,7 +616,7 @@ def _student_layer_outputs(student: nn.Module, inputs: torch.Tensor, names: list
     device = next(student.parameters()).device
     try:
         with torch.no_grad():
-            student.eval()(inputs.to(device))
+            call_model(student.eval(), move_inputs(inputs, device))
     finally:
         for hook in hooks:
             hook.remove()
@@ -655,7 +694,7 @@ def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
         output, grid = _layer_result(model.graph, entry["output"], requantized)
         elem_type = onnx.TensorProto.FLOAT if grid is None else helper.np_dtype_to_tensor_dtype(grid[1].dtype)
         session = make_session(_truncated(model, output, elem_type))
-        value = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+        value = session.run(None, session_feed(session, inputs))[0]
         if grid is not None:
             value = ((value.astype(np.float32) - grid[1].astype(np.float32)) * grid[0]).astype(np.float32)
         expected = reference.get(entry["name"])
@@ -680,6 +719,10 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
     labels, ``accuracy``, ``student_accuracy``, ``accuracy_near_ties_excused``. Without it
     ``parity_checked`` is False and nothing was compared.
     Raises ``ExportError`` (and writes nothing) when a layer or op runs in float or the gate fails.
+
+    ``example_input`` is read as a batch (``qdistill.batch``) and its first sample exported: a tensor,
+    ``(x, labels)``, a dict of named inputs (``{"input_ids": ..., "attention_mask": ...}``, labels
+    keys ignored), or ``((a, b),)`` for a model of two positional inputs.
 
     Example (without ``verify_on``; the module docstring's example runs the gate):
         >>> from qdistill import models, quant

@@ -60,6 +60,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qdistill.errors import ExportError, FileFormatError, ModelError
+from qdistill.export.feeds import valid_input_spec
 from qdistill.io import atomic_write, load_state
 from qdistill.quant.fake_quant import MIN_SCALE, IntRange
 from qdistill.quant.modules import is_quantized
@@ -194,17 +195,23 @@ def _crc(tensor: torch.Tensor) -> int:
 
 
 def rebuild_info(model: ModelSpec, model_kwargs: dict[str, Any], quant: QuantSpec, input_shape: Iterable[int],
-                 opset: int) -> dict[str, Any]:
+                 opset: int, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
     """The header's ``rebuild`` entry: what ``qdistill.runtime.load`` needs to rebuild the int8 graph.
+
+    ``inputs`` (``export.feeds.input_spec``) records a model of several inputs (a tuple, or named
+    inputs such as token ids); ``input_shape`` is then the first input's shape.
 
     Example:
         >>> info = rebuild_info(ModelSpec(name="mlp", checkpoint="teacher.safetensors"), {"num_classes": 3}, QuantSpec(), (1, 1, 4, 4), 13)
         >>> info["model"]["name"], info["model"]["checkpoint"], info["export"]
         ('mlp', None, {'opset': 13, 'input_shape': [1, 1, 4, 4]})
     """
+    export: dict[str, Any] = {"opset": int(opset), "input_shape": [int(size) for size in input_shape]}
+    if inputs is not None:
+        export["inputs"] = inputs
     return {"model": model.model_copy(update={"checkpoint": None}).model_dump(mode="json"),
             "model_kwargs": json.loads(json.dumps(model_kwargs)), "quant": quant.model_dump(mode="json"),
-            "export": {"opset": int(opset), "input_shape": [int(size) for size in input_shape]}}
+            "export": export}
 
 
 def packed_tensors(student: nn.Module, rebuild: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -319,7 +326,8 @@ def _valid_rebuild(rebuild: Any) -> bool:
         return False
     export, shape = rebuild["export"], rebuild["export"].get("input_shape")
     return (isinstance(export.get("opset"), int) and isinstance(shape, list) and len(shape) >= 1
-            and all(isinstance(size, int) and size >= 1 for size in shape))
+            and all(isinstance(size, int) and size >= 1 for size in shape)
+            and ("inputs" not in export or valid_input_spec(export["inputs"])))
 
 
 def read_packed(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

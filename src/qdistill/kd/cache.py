@@ -1,6 +1,7 @@
 """The teacher-logit cache: the teacher runs once over the training set instead of in every step.
 
-In-memory tensors are cached with their inputs (``CachedTeacherLoader``); an image folder decoded
+In-memory inputs (a tensor, or a tuple/dict of tensors such as token ids, ``data.loaders.InputsDataset``)
+are cached with their inputs (``CachedTeacherLoader``); an image folder decoded
 without augmentation keeps decoding in its loader and gets the logits attached by sample index
 (``CachedImageLoader``). Augmented images run the teacher live.
 """
@@ -11,9 +12,11 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset, default_collate
 
-from qdistill.batch import split_batch
+from qdistill.batch import call_model, input_rows, move_inputs, split_batch, take_rows
 from qdistill.data.images import ImageDataset
-from qdistill.data.loaders import EpochSampler, ImageLoader
+from qdistill.data.loaders import EpochSampler, ImageLoader, InputsDataset
+
+TEACHER_CHUNK = 512  # samples per teacher forward while caching
 
 
 def is_cacheable(loader: object) -> bool:
@@ -30,7 +33,7 @@ def is_cacheable(loader: object) -> bool:
         return False
     batch_sampler = loader.batch_sampler
     dataset = loader.dataset
-    fixed = type(dataset) is TensorDataset or (type(dataset) is ImageDataset and dataset.deterministic)
+    fixed = type(dataset) in (TensorDataset, InputsDataset) or (type(dataset) is ImageDataset and dataset.deterministic)
     return (fixed and isinstance(loader.sampler, EpochSampler)
             and loader.collate_fn is default_collate and type(batch_sampler) is BatchSampler
             and batch_sampler.sampler is loader.sampler and not loader.drop_last)
@@ -42,9 +45,11 @@ class CachedTeacherLoader:
     The teacher runs once over the training set instead of once per step, which removes its
     forward pass (and its activation memory) from every training step. It must never change what
     the student sees, so ``wrap`` caches only a loader whose every batch is a fixed function of
-    sample indices: a plain ``TensorDataset`` (not a subclass, which may transform samples), the
-    default collate, the default batch sampler over an ``EpochSampler``, no dropped last batch.
+    sample indices: a plain ``TensorDataset`` or ``InputsDataset`` (not a subclass, which may
+    transform samples), the default collate, the default batch sampler over an ``EpochSampler``, no dropped last batch.
     Anything else (augmentation, custom collate or sampling) runs the teacher live.
+
+    ``tensors`` is ``(inputs,)`` or ``(inputs, labels)``, the inputs in any form of ``qdistill.batch``.
 
     Example:
         >>> from qdistill.data import make_loader
@@ -54,7 +59,7 @@ class CachedTeacherLoader:
         [(4, 3), (4, 3), (2, 3)]
     """
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], logits: torch.Tensor, batch_size: int, sampler) -> None:
+    def __init__(self, tensors: tuple, logits: torch.Tensor, batch_size: int, sampler) -> None:
         self.tensors, self.logits, self.batch_size, self.sampler = tensors, logits, batch_size, sampler
 
     @classmethod
@@ -64,12 +69,17 @@ class CachedTeacherLoader:
         if type(loader.dataset) is ImageDataset:
             return CachedImageLoader(loader, teacher)
         dataset, sampler = loader.dataset, loader.sampler
-        inputs = dataset.tensors[0]
+        if type(dataset) is InputsDataset:
+            tensors = (dataset.inputs,) if dataset.labels is None else (dataset.inputs, dataset.labels)
+        else:
+            tensors = dataset.tensors
+        inputs = tensors[0]
         device = next(teacher.parameters()).device
         with torch.no_grad():
-            logits = torch.cat([teacher(inputs[start : start + 512].to(device)).cpu()
-                                for start in range(0, len(inputs), 512)])  # (N, C)
-        return cls(dataset.tensors, logits, loader.batch_size, sampler)
+            logits = torch.cat([call_model(teacher, move_inputs(take_rows(inputs, slice(start, start + TEACHER_CHUNK)),
+                                                                device)).cpu()
+                                for start in range(0, input_rows(inputs), TEACHER_CHUNK)])  # (N, C)
+        return cls(tensors, logits, loader.batch_size, sampler)
 
     def __len__(self) -> int:
         return (len(self.sampler) + self.batch_size - 1) // self.batch_size
@@ -79,7 +89,7 @@ class CachedTeacherLoader:
         for start in range(0, len(order), self.batch_size):
             index = order[start : start + self.batch_size]
             labels = self.tensors[1][index] if len(self.tensors) > 1 else None
-            yield self.tensors[0][index], labels, self.logits[index]
+            yield take_rows(self.tensors[0], index), labels, self.logits[index]
 
 
 class CachedImageLoader:
@@ -95,7 +105,8 @@ class CachedImageLoader:
         in_order = ImageLoader(loader.dataset, batch_size=loader.batch_size, num_workers=loader.num_workers)
         device = next(teacher.parameters()).device
         with torch.no_grad():
-            self.logits = torch.cat([teacher(split_batch(batch)[0].to(device)).cpu() for batch in in_order])
+            self.logits = torch.cat([call_model(teacher, move_inputs(split_batch(batch)[0], device)).cpu()
+                                     for batch in in_order])
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
 
+from qdistill.batch import call_model
 from qdistill.errors import ModelError
 from qdistill.kd.hints import FeatureTap, make_adapter
 from qdistill.kd.losses import KDLoss, LossParts
@@ -26,7 +28,7 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, loss: KDLoss,
-                 features: Iterable = (), example_input: torch.Tensor | None = None) -> None:
+                 features: Iterable = (), example_input: Any = None) -> None:
         super().__init__()
         self.student = student
         self.loss = loss
@@ -43,28 +45,31 @@ class Distiller(nn.Module):
                 raise ModelError("distill.features: an example input is needed to size the adapters")
             self._build_adapters(example_input)
 
-    def _build_adapters(self, example_input: torch.Tensor) -> None:
+    def _build_adapters(self, example_input: Any) -> None:
         with torch.no_grad():
             was_training = self.student.training
             self.student.eval()
-            self.student(example_input)
-            self.teacher(example_input)
+            call_model(self.student, example_input)
+            call_model(self.teacher, example_input)
             self.student.train(was_training)
-        device = example_input.device
+        device = next(self.student.parameters()).device
         for name, student_tap, teacher_tap, _ in self._taps:
             adapter = make_adapter(student_tap.output, teacher_tap.output).to(device)
             self.adapters[name.replace(".", "_")] = adapter
 
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def teacher_logits(self, x: Any) -> torch.Tensor:
         with torch.no_grad():
-            return self.teacher(x)
+            return call_model(self.teacher, x)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+    def forward(self, x: Any, labels: torch.Tensor | None = None,
                 teacher_logits: torch.Tensor | None = None) -> LossParts:
-        """Loss parts for a batch; ``teacher_logits`` may come precomputed (``CachedTeacherLoader``)."""
+        """Loss parts for a batch; ``teacher_logits`` may come precomputed (``CachedTeacherLoader``).
+
+        ``x`` is the batch's inputs in any form of ``qdistill.batch`` (a tensor, a tuple or a dict).
+        """
         if teacher_logits is None and (self.loss.alpha > 0 or self._taps):
             teacher_logits = self.teacher_logits(x)
-        student_logits = self.student(x)
+        student_logits = call_model(self.student, x)
         if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
             raise ModelError(
                 f"teacher outputs {tuple(teacher_logits.shape)} but student outputs {tuple(student_logits.shape)}; "

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from qdistill.batch import batch_parts
+from qdistill.batch import batch_parts, concat_inputs, describe_inputs, input_rows, input_tensors
 from qdistill.errors import DataError
 from qdistill.kd.losses import UNLABELED
 
@@ -44,18 +44,35 @@ def mix(labelled_batch: Any, unlabeled_batch: Any) -> tuple:
         ((3, 3), [4, 5, -1], (3, 10))
         >>> len(mix((torch.zeros(2, 3), torch.tensor([4, 5])), (torch.ones(1, 3),)))   # no cached logits: (x, y)
         2
+        >>> tokens = mix(({"input_ids": torch.ones(2, 5, dtype=torch.long)}, torch.tensor([0, 1])),
+        ...              ({"input_ids": torch.zeros(3, 5, dtype=torch.long)},))   # named inputs join key by key
+        >>> tuple(tokens[0]["input_ids"].shape), tokens[0]["input_ids"].dtype, tokens[1].tolist()
+        ((5, 5), torch.int64, [0, 1, -1, -1, -1])
     """
     x_labelled, labels, logits_labelled = batch_parts(labelled_batch)
     x_unlabeled, _, logits_unlabeled = batch_parts(unlabeled_batch)
-    if x_unlabeled.shape[1:] != x_labelled.shape[1:]:
-        raise DataError(f"unlabeled data: samples have shape {tuple(x_unlabeled.shape[1:])} but the labelled ones have "
-                        f"{tuple(x_labelled.shape[1:])}; they must match")
-    x = torch.cat([x_labelled, x_unlabeled.to(x_labelled.dtype)])
+    x = concat_inputs([x_labelled, _like(x_unlabeled, x_labelled)])
     if labels is not None:
-        labels = torch.cat([labels, labels.new_full((len(x_unlabeled),), UNLABELED)])
+        labels = torch.cat([labels, labels.new_full((input_rows(x_unlabeled),), UNLABELED)])
     if logits_labelled is None or logits_unlabeled is None:
         return x, labels
     return x, labels, torch.cat([logits_labelled, logits_unlabeled])
+
+
+def _like(unlabeled: Any, labelled: Any) -> Any:
+    """The unlabeled inputs in the labelled inputs' form and dtypes; ``DataError`` when forms or sample shapes differ."""
+    same_form = type(unlabeled) is type(labelled) or (isinstance(unlabeled, (list, tuple)) and isinstance(labelled, (list, tuple)))
+    if isinstance(labelled, dict) and isinstance(unlabeled, dict):
+        same_form = list(unlabeled) == list(labelled)
+    theirs, ours = input_tensors(unlabeled), input_tensors(labelled)
+    if not same_form or len(theirs) != len(ours) or any(a.shape[1:] != b.shape[1:] for a, b in zip(theirs, ours, strict=True)):
+        raise DataError(f"unlabeled data: samples are {describe_inputs(unlabeled)} but the labelled ones are "
+                        f"{describe_inputs(labelled)}; their form and shapes after the batch size must match (pad token "
+                        "inputs to the same length)")
+    converted = [a.to(b.dtype) for a, b in zip(theirs, ours, strict=True)]
+    if isinstance(labelled, dict):
+        return dict(zip(labelled, converted, strict=True))
+    return type(labelled)(converted) if isinstance(labelled, (list, tuple)) else converted[0]
 
 
 class MixedLoader:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdistill.batch import call_model, describe_inputs
 from qdistill.errors import DataError, ModelError
 
 PROBABILITY_TOLERANCE = 1e-4
@@ -43,8 +44,10 @@ def looks_like_probabilities(logits: torch.Tensor) -> bool:
     return bool(torch.allclose(sums, torch.ones_like(sums), atol=PROBABILITY_TOLERANCE))
 
 
-def class_logits(model: nn.Module, inputs: torch.Tensor, role: str) -> torch.Tensor:
+def class_logits(model: nn.Module, inputs: Any, role: str) -> torch.Tensor:
     """``model(inputs)`` in eval mode without gradients, checked to be class logits ``(batch, classes)``.
+
+    ``inputs`` is any form of ``qdistill.batch`` (a tensor, a tuple, or a dict of named inputs).
 
     Errors name ``role`` ("teacher", "student", "model"): inputs that do not fit are ``DataError``s,
     outputs of another kind ``ModelError``s; outputs that look like probabilities give a warning.
@@ -56,10 +59,10 @@ def class_logits(model: nn.Module, inputs: torch.Tensor, role: str) -> torch.Ten
     was_training = model.training
     try:
         with torch.no_grad():
-            output = model.eval()(inputs)
+            output = call_model(model.eval(), inputs)
     except (RuntimeError, ValueError, TypeError) as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"data: inputs of shape {tuple(inputs.shape)} do not fit the {role} ({first_line})") from None
+        raise DataError(f"data: inputs of {describe_inputs(inputs)} do not fit the {role} ({first_line})") from None
     finally:
         model.train(was_training)
     if not isinstance(output, torch.Tensor) or output.dim() != 2 or not output.is_floating_point():

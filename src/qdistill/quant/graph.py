@@ -13,6 +13,10 @@ Two views of a model are used:
 When the model graph cannot be traced (data-dependent Python, unsupported calls), ``prepare``
 falls back to module graphs alone, and reports the reason.
 
+The root's optional forward parameters are fixed at their defaults, except those the model is
+called with (``CALLED_WITH``, which ``prepare`` sets from its calibration batches: a dict batch's
+keys, a tuple's positions), so ``model(input_ids=..., attention_mask=...)`` keeps its mask an input.
+
 Example:
     >>> from qdistill import models
     >>> model = models.create("tiny_resnet")
@@ -35,6 +39,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from qdistill.batch import input_tensors
 from qdistill.quant.attention import DecomposedMultiheadAttention
 from qdistill.quant.modules import InputQuantizedMixin, QuantAdd, QuantCat, QuantLayerMixin, QuantMatMul, QuantMul
 from qdistill.quant.quantizer import Quantizer
@@ -132,8 +137,39 @@ def default_arguments(module: nn.Module) -> dict[str, Any] | None:
     return defaults
 
 
+CALLED_WITH = "qdistill_called_with"  # attribute of a model: the forward parameters its batches give
+
+
+def called_arguments(model: nn.Module, inputs: Any) -> tuple[str, ...]:
+    """The forward parameters ``qdistill.batch.call_model(model, inputs)`` gives: a dict's keys, a tuple's positions.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        ...         return input_ids
+        >>> called_arguments(Net(), {"attention_mask": torch.ones(1, 2), "input_ids": torch.ones(1, 2)})
+        ('attention_mask', 'input_ids')
+        >>> called_arguments(Net(), (torch.ones(1, 2), torch.ones(1, 2)))
+        ('input_ids', 'attention_mask')
+    """
+    if isinstance(inputs, dict):
+        return tuple(str(name) for name in inputs)
+    parameters = list(inspect.signature(model.forward).parameters)
+    return tuple(parameters[: len(input_tensors(inputs))])
+
+
+def _root_fixed(model: nn.Module) -> dict[str, Any] | None:
+    """The root forward's optional parameters to fix while tracing: their defaults, less those the model is called with."""
+    defaults = default_arguments(model)
+    if defaults is None:
+        return None
+    called = set(getattr(model, CALLED_WITH, ()))
+    return {name: value for name, value in defaults.items() if name not in called}
+
+
 def trace_model(model: nn.Module) -> ModelTrace:
-    """Trace the whole model (optional forward arguments fixed at their defaults, as ``model(x)`` calls it).
+    """Trace the whole model (optional forward arguments fixed at their defaults, as ``model(x)`` calls it,
+    except those in ``model.qdistill_called_with``).
 
     Example:
         >>> from qdistill import models
@@ -141,7 +177,7 @@ def trace_model(model: nn.Module) -> ModelTrace:
         True
     """
     tracer = PrepareTracer()
-    defaults = default_arguments(model)
+    defaults = _root_fixed(model)
     try:
         graph = tracer.trace(model, concrete_args=defaults or None)
     except Exception as error:  # fx raises many types for untraceable Python
@@ -181,8 +217,9 @@ def module_plan(module: nn.Module, trace: ModelTrace) -> tuple[dict[str, Any], s
     if defaults is None:
         return "its forward takes *args, **kwargs or keyword-only parameters"
     parameters = list(inspect.signature(module.forward).parameters)
-    if trace.graph is not None and trace.root is module:  # called as model(x): optional arguments at defaults
-        return defaults, {index for index, name in enumerate(parameters) if name not in defaults}
+    if trace.graph is not None and trace.root is module:  # called as its batches call it: other optional arguments at defaults
+        fixed = _root_fixed(module) or {}
+        return fixed, {index for index, name in enumerate(parameters) if name not in fixed}
     if trace.graph is None:
         if defaults:
             return f"its forward has optional parameters ({', '.join(defaults)}) and the model could not be traced to see how it is called"

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import itertools
 from collections.abc import Iterable
 from functools import partial
 from typing import Any
@@ -32,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdistill.batch import batch_inputs
+from qdistill.batch import batch_inputs, call_model, move_inputs
 from qdistill.errors import ModelError
 from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention, unfuse_attention
 from qdistill.quant.fold import batchnorms_to_convs, fold_batchnorms, fold_layer_scales
-from qdistill.quant.graph import module_graphs, torch_module_notes, trace_model
+from qdistill.quant.graph import CALLED_WITH, called_arguments, module_graphs, torch_module_notes, trace_model
 from qdistill.quant.modules import (
     INPUT_QUANTIZED_CLASS,
     QUANTIZED_CLASS,
@@ -266,7 +267,14 @@ def prepare(
         {'weight_bits': None, 'act_bits': 4}
     """
     spec = _as_spec(spec)
-    student = _quantized_copy(model, spec, init_weights=True)
+    called: tuple[str, ...] = ()
+    if calibration_data is not None:
+        batches = iter(calibration_data)
+        first = next(batches, None)
+        if first is not None:  # how the batches call the model decides which optional arguments stay inputs
+            called = called_arguments(model, batch_inputs(first))
+            calibration_data = itertools.chain([first], batches)
+    student = _quantized_copy(model, spec, init_weights=True, called=called)
     if calibration_data is not None:
         calibrate(student, calibration_data, spec.calibration_batches)
     return student
@@ -290,9 +298,15 @@ def check_overrides(model: nn.Module, spec: QuantSpec | dict | None) -> dict[str
     return layer_table(_quantized_copy(model, _as_spec(spec), init_weights=False))
 
 
-def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool) -> nn.Module:
-    """Steps 1-5 of ``prepare`` on a copy of ``model``; weight step sizes set only with ``init_weights``."""
+def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool, called: tuple[str, ...] = ()) -> nn.Module:
+    """Steps 1-5 of ``prepare`` on a copy of ``model``; weight step sizes set only with ``init_weights``.
+
+    ``called``: the forward parameters the batches give (``graph.called_arguments``); the other optional ones are
+    fixed at their defaults while tracing.
+    """
     student = copy.deepcopy(model).eval()
+    if called:
+        setattr(student, CALLED_WITH, called)
     kept_attention = decompose_attention(student)
     unfuse_attention(student)  # timm: explicit q @ k^T and attn @ v, which become quantized matmuls
     folded = fold_batchnorms(student)
@@ -332,6 +346,8 @@ def activation_quantizers(student: nn.Module) -> list[Quantizer]:
 def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> int:
     """Initialise activation ranges from up to ``max_batches`` batches; returns batches used.
 
+    A batch is anything ``qdistill.batch`` reads (a tensor, ``(inputs, labels)``, a dict of named inputs).
+
     Example:
         >>> from qdistill import models
         >>> student = prepare(models.create("tiny_mlp"))
@@ -349,7 +365,7 @@ def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> i
         for batch in batches:
             if used >= max_batches:
                 break
-            student(batch_inputs(batch).to(device))
+            call_model(student, move_inputs(batch_inputs(batch), device))
             used += 1
     for quantizer in quantizers:
         quantizer.finish_calibration()

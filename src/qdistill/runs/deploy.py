@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from qdistill.batch import batch_inputs
+from qdistill.batch import batch_inputs, cpu_inputs, input_tensors, take_rows
 from qdistill.errors import RecipeError
 from qdistill.export import export_all, rebuild_info
+from qdistill.export.feeds import input_spec
 from qdistill.export.latency import BUDGET_SECONDS
 from qdistill.export.onnx import OPSET
 from qdistill.io import atomic_write_json
@@ -27,9 +29,12 @@ def export_outputs(student: nn.Module, recipe: Recipe, data: RunData, run: RunDi
     The parity gate runs on the validation split (the export is checked, not tuned, on it).
     """
     spec = spec or recipe.export
-    example = batch_inputs(next(iter(data.train)))[:1]
+    example = take_rows(cpu_inputs(batch_inputs(next(iter(data.train)))), slice(0, 1))  # one sample, any input form
+    shape = example.shape if isinstance(example, torch.Tensor) else input_tensors(example)[0].shape
     # what qdistill.runtime.load needs to rebuild model.onnx from the packed file alone
-    rebuild = rebuild_info(recipe.student or recipe.model, data.model_kwargs, recipe.quant, example.shape, OPSET)
+    rebuild = rebuild_info(recipe.student or recipe.model, data.model_kwargs, recipe.quant, shape, OPSET,
+                           inputs=input_spec(example))
+    example = example if isinstance(example, torch.Tensor) else (example,)  # a batch: a tuple of inputs is its first part
     section = export_all(student, example, data.val, onnx_path=run.onnx if spec.onnx else None,
                          packed_path=run.packed if spec.packed else None, latency_budget_s=latency_budget_s,
                          packed_rebuild=rebuild)

@@ -45,7 +45,6 @@ from typing import Any
 
 from torch import nn
 
-from qdistill.batch import batch_inputs
 from qdistill.errors import ExportError, RecipeError
 from qdistill.evaluate import evaluate, theoretical_size_bytes
 from qdistill.export.latency import first_samples, measure_latency
@@ -312,7 +311,7 @@ def _progress_line(row: dict[str, Any], state: SearchState) -> str:
 
 def _latency(student: nn.Module, data: RunData) -> dict[str, Any]:
     """The candidate's ONNX Runtime latency per sample (batch 1, one thread), from a temporary int8 export."""
-    example = batch_inputs(next(iter(data.val)))[:1]
+    example = next(iter(data.val))  # a batch: the export takes its first sample's inputs
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "candidate.onnx"
         try:

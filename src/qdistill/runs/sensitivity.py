@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdistill.batch import split_batch
+from qdistill.batch import call_model, input_rows, move_inputs, split_batch
 from qdistill.errors import DataError
 from qdistill.kd import KDLoss
 from qdistill.quant import layer_table, prepare
@@ -52,7 +52,7 @@ def widest_spec(spec: QuantSpec, weight_widths: list[int], act_widths: list[int]
     return Recipe(quant=data).quant
 
 
-def held_out_batches(loader: Iterable[Any], skip: int, count: int) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def held_out_batches(loader: Iterable[Any], skip: int, count: int) -> list[tuple[Any, torch.Tensor | None]]:
     """``count`` batches of ``loader`` after the first ``skip`` (those calibrate); fewer if it runs out, at least one."""
     batches = [split_batch(batch) for batch in itertools.islice(loader, skip, skip + count)]
     if not batches:  # a small training split: reuse its first batches rather than measure nothing
@@ -73,10 +73,10 @@ def _kd_loss(student: nn.Module, batches, teacher_logits, loss: KDLoss, device) 
     total, samples = 0.0, 0
     with torch.no_grad():
         for (inputs, labels), logits in zip(batches, teacher_logits, strict=True):
-            out = student(inputs.to(device))
+            out = call_model(student, move_inputs(inputs, device))
             labels = labels.to(device) if labels is not None else None
-            total += loss(out, logits, labels).total.item() * len(inputs)
-            samples += len(inputs)
+            total += loss(out, logits, labels).total.item() * input_rows(inputs)
+            samples += input_rows(inputs)
     return total / samples
 
 
@@ -91,11 +91,11 @@ def layer_sensitivity(teacher: nn.Module, float_student: nn.Module, recipe: Reci
     loss = KDLoss(recipe.distill.temperature, recipe.distill.alpha)
     held_out = held_out_batches(first_epoch(calibration), recipe.quant.calibration_batches, batches)
     with torch.no_grad():
-        teacher_logits = [teacher.eval()(inputs.to(device)) for inputs, _ in held_out]
+        teacher_logits = [call_model(teacher.eval(), move_inputs(inputs, device)) for inputs, _ in held_out]
 
     spec = widest_spec(recipe.quant, weight_widths, act_widths)
     reference = prepare(float_student, spec, calibration_data=first_epoch(calibration)).eval()
-    calibration_inputs = [split_batch(batch)[0].to(device)
+    calibration_inputs = [move_inputs(split_batch(batch)[0], device)
                           for batch in itertools.islice(first_epoch(calibration), spec.calibration_batches)]
 
     def measured(key: str, name: str, bits: int) -> float:
@@ -117,7 +117,7 @@ def layer_sensitivity(teacher: nn.Module, float_student: nn.Module, recipe: Reci
                               for bits in sorted(widths)}
         layers[name] = entry
     return {"reference_kd_loss": reference_loss, "batches": len(held_out),
-            "samples": sum(len(inputs) for inputs, _ in held_out), "layers": layers,
+            "samples": sum(input_rows(inputs) for inputs, _ in held_out), "layers": layers,
             "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -132,7 +132,7 @@ def _narrow_weight(student: nn.Module, name: str, bits: int) -> None:
     layer.weight_quantizer = new
 
 
-def _narrow_inputs(student: nn.Module, name: str, bits: int, calibration_inputs: list[torch.Tensor]) -> None:
+def _narrow_inputs(student: nn.Module, name: str, bits: int, calibration_inputs: list[Any]) -> None:
     """Give the inputs of layer or op ``name`` quantizers of ``bits`` (shared ones replaced for every
     consumer), and calibrate only those on ``calibration_inputs``."""
     module = student.get_submodule(name)
@@ -149,6 +149,6 @@ def _narrow_inputs(student: nn.Module, name: str, bits: int, calibration_inputs:
         news.append(new)
     with torch.no_grad():
         for inputs in calibration_inputs:
-            student(inputs)
+            call_model(student, inputs)
     for quantizer in news:
         quantizer.finish_calibration()

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qdistill.batch import move_inputs, take_rows
 from qdistill.data import DataBundle, load_data, make_loaders, make_unlabeled_loader
 from qdistill.errors import DataError
 from qdistill.evaluate import evaluate
@@ -88,7 +89,7 @@ def check_quant_layers(recipe: Recipe, data: RunData, teacher: nn.Module) -> Non
 
 def check_classes(teacher: nn.Module, data: RunData) -> None:
     """The teacher must return class logits for the data's inputs, one per class in the labels."""
-    example = data.bundle.train_x[:2].to(next(teacher.parameters()).device)
+    example = move_inputs(take_rows(data.bundle.train_x, slice(0, 2)), next(teacher.parameters()).device)
     predicted = class_logits(teacher, example, "model").shape[1]
     in_data = data.bundle.num_classes
     if data.bundle.has_labels and in_data != predicted:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qdistill.batch import batch_inputs, split_batch
+from qdistill.batch import batch_inputs, check_inputs, input_rows, input_tensors, move_inputs, split_batch
 from qdistill.errors import DataError, ModelError, QdistillError, RecipeError
 from qdistill.evaluate import evaluate
 from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, MixedLoader, freeze
@@ -67,8 +67,9 @@ def check_loader(loader: Iterable[Any], name: str, num_classes: int) -> tuple[bo
     labelled, samples = None, 0
     for batch in loader:
         inputs, labels = split_batch(batch)
-        samples += len(inputs)
-        if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        check_inputs(inputs, name)
+        samples += input_rows(inputs)
+        if any(tensor.is_floating_point() and not torch.isfinite(tensor).all() for tensor in input_tensors(inputs)):
             raise DataError(f"{name}: inputs contain NaN or Inf values; all inputs must be finite")
         labelled = labels is not None
         if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
@@ -79,7 +80,7 @@ def check_loader(loader: Iterable[Any], name: str, num_classes: int) -> tuple[bo
     return labelled, samples
 
 
-def _paired_classes(teacher: nn.Module, student: nn.Module, example: torch.Tensor) -> int:
+def _paired_classes(teacher: nn.Module, student: nn.Module, example: Any) -> int:
     teacher_shape = class_logits(teacher, example, "teacher").shape
     student_shape = class_logits(student, example, "student").shape
     if teacher_shape != student_shape:
@@ -94,7 +95,10 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
             unlabeled: Iterable[Any] | None = None) -> Result:
     """Train a quantized student of ``teacher`` with QAT + KD and evaluate it.
 
-    ``train``/``val``/``test`` yield ``(x, y)`` or ``(x,)``. Validation steers training (early
+    ``train``/``val``/``test`` yield ``(x, y)`` or ``(x,)``, where ``x`` is a tensor, a tuple of
+    tensors (``((a, b), y)``: the model is called as ``model(a, b)``) or a dict of named tensors
+    (``model(**x)``), or dicts in the Hugging Face convention (``{"input_ids", "attention_mask",
+    ..., "labels"}``); integer inputs (token ids) stay integer (``qdistill.batch``). Validation steers training (early
     stop at ``train.target_accuracy``, the history); the report's metrics are measured on
     ``test``, which nothing was tuned on (without ``test`` they are measured on ``val``, and
     report.json says so in ``evaluated_on``). ``student`` is an optional float model of another
@@ -114,7 +118,9 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     tensorboard_dir = _tensorboard_dir(recipe, tensorboard_dir)
     device = next(teacher.parameters()).device
     frozen_teacher = freeze(copy.deepcopy(teacher))
-    example = batch_inputs(first_batch(train, "train data")).to(device)
+    example = batch_inputs(first_batch(train, "train data"))
+    check_inputs(example, "train data")
+    example = move_inputs(example, device)
     float_student = copy.deepcopy(student if student is not None else teacher).to(device)
     num_classes = _paired_classes(frozen_teacher, float_student, example)
     labelled, train_samples = check_loader(train, "train data", num_classes)

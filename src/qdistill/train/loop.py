@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as Bar
 from torch import nn
 
-from qdistill.batch import batch_parts, to_device
+from qdistill.batch import batch_parts, call_model, move_inputs, to_device
 from qdistill.errors import NonFiniteError, QdistillError
 from qdistill.kd.losses import LossParts
 from qdistill.quant.quantizer import quantizer_parameters
@@ -42,8 +42,9 @@ class Supervised(nn.Module):
         super().__init__()
         self.student = model
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> LossParts:
-        task = F.cross_entropy(self.student(x), labels)
+    def forward(self, x: Any, labels: torch.Tensor | None) -> LossParts:
+        """``x``: a batch's inputs in any form of ``qdistill.batch`` (a tensor, a tuple or a dict)."""
+        task = F.cross_entropy(call_model(self.student, x), labels)
         return LossParts(total=task, kd=task.new_zeros(()), task=task)
 
 
@@ -127,7 +128,8 @@ class _Loop:
         return True
 
     def step(self, batch: Any) -> None:
-        x, labels, teacher_logits = (to_device(part, self.device) for part in batch_parts(batch))
+        x, labels, teacher_logits = batch_parts(batch)
+        x, labels, teacher_logits = move_inputs(x, self.device), to_device(labels, self.device), to_device(teacher_logits, self.device)
         if "lr" not in self.sums:
             self.sums["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this epoch's first step uses
         parts = self._forward(x, labels, teacher_logits)
