@@ -268,3 +268,45 @@ def test_prepared_structure_is_deterministic_so_weights_reload(tmp_path):
     again.load_state_dict(load_weights(tmp_path / "student.safetensors"))
     with torch.no_grad():
         assert torch.equal(again.eval()(IMAGES), student.eval()(IMAGES))
+
+
+class _DenseLayer(nn.Module):
+    """Called with a list of tensors, as torchvision's DenseNet layers are: fx cannot specialise a module graph on it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2, 3, padding=1)
+
+    def forward(self, features):
+        return F.relu(self.conv(torch.cat(features, 1)))
+
+
+class _DenseBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 2, 3, padding=1)
+        self.layers = nn.ModuleList([_DenseLayer(2), _DenseLayer(4)])
+        self.head = nn.Linear(6, 10)
+
+    def forward(self, x):
+        features = [F.relu(self.stem(x))]
+        for layer in self.layers:
+            features.append(layer(features))
+        return self.head(torch.cat(features, 1).mean(dim=(2, 3)))
+
+
+def test_a_module_called_with_a_list_of_tensors_is_rewritten_as_part_of_its_caller():
+    model = _DenseBlock()
+    student = _calibrated(model)
+    assert student.qdistill_unquantized == {}
+    cats = [name for name, module in student.named_modules() if isinstance(module, QuantCat)]
+    assert len(cats) == 2, cats  # the second layer's concatenation and the block's (the first layer's has one input)
+    assert _relative_error(student, model) < 0.05
+    # the quantized forward is the block's: its layers' own forward (which would skip the quantized cat) is not called
+    called = []
+    hooks = [layer.register_forward_hook(lambda *_: called.append(1)) for layer in student.layers]
+    with torch.no_grad():
+        student(IMAGES[:2])
+    assert not called
+    for hook in hooks:
+        hook.remove()

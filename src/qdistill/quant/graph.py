@@ -48,6 +48,7 @@ from qdistill.quant.quantizer import Quantizer
 LEAF_TYPES = (QuantLayerMixin, InputQuantizedMixin, QuantAdd, QuantMul, QuantMatMul, QuantCat, Quantizer,
               DecomposedMultiheadAttention)
 FIXED_TYPES = (type(None), bool, int, float, str)  # argument values a module graph may be specialised to
+UNSPECIALISED = "it is called with arguments torch.fx cannot specialise on (or differently at different places)"
 NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride", "element_size",
                       "is_contiguous", "get_device", "data_ptr", "__len__"}
 TENSOR_MODULES = ("torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions",
@@ -70,7 +71,8 @@ def describe_failure(error: BaseException) -> str:
 class PrepareTracer(fx.Tracer):
     """Stops at torch.nn layers and qdistill's quantized modules; records how other modules are called.
 
-    With ``local=True`` every submodule is a leaf, so only the traced module's own forward appears.
+    With ``local=True`` every submodule is a leaf, so only the traced module's own forward appears,
+    except the modules in ``inline`` (ids): those are traced through, as part of their caller's forward.
 
     Example:
         >>> from qdistill import models
@@ -80,18 +82,24 @@ class PrepareTracer(fx.Tracer):
         ['Sequential', 'Sequential', 'BasicBlock']
     """
 
-    def __init__(self, local: bool = False) -> None:
+    def __init__(self, local: bool = False, inline: frozenset[int] = frozenset()) -> None:
         super().__init__(autowrap_functions=(check_fixed,))  # a rewritten forward's guards stay calls
         self.local = local
+        self.inline = inline
+        self.inlined: list[nn.Module] = []
         self.bound_calls: list[tuple[nn.Module, inspect.BoundArguments | None]] = []
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        if id(module) in self.inline:
+            return False
         # BatchNorm subclasses (timm's BatchNormAct2d) stay whole so folding can see them
         if self.local or isinstance(module, (*LEAF_TYPES, nn.modules.batchnorm._BatchNorm)):
             return True
         return super().is_leaf_module(module, qualified_name)
 
     def call_module(self, module, forward, args, kwargs):
+        if id(module) in self.inline:
+            self.inlined.append(module)
         if not self.is_leaf_module(module, ""):
             try:
                 bound = inspect.signature(module.forward).bind(*args, **kwargs)
@@ -228,7 +236,7 @@ def module_plan(module: nn.Module, trace: ModelTrace) -> tuple[dict[str, Any], s
     if not patterns:
         return "it is not called in the traced forward pass"
     if any(pattern is None for pattern in patterns) or any(pattern != patterns[0] for pattern in patterns):
-        return "it is called with arguments torch.fx cannot specialise on (or differently at different places)"
+        return UNSPECIALISED
     fixed = {name: value for name, (kind, value) in patterns[0].items() if kind == "fixed"}
     return fixed, {parameters.index(name) for name, (kind, _) in patterns[0].items() if kind == "tensor"}
 
@@ -298,8 +306,10 @@ def _portable_guards(graph: fx.Graph) -> None:
             graph.erase_node(comparison)
 
 
-def trace_module(module: nn.Module, fixed: dict[str, Any]) -> fx.Graph:
-    """The module's own forward as a graph (children are leaves).
+def trace_module(module: nn.Module, fixed: dict[str, Any], inline: frozenset[int] = frozenset(),
+                 inlined: list[nn.Module] | None = None) -> fx.Graph:
+    """The module's own forward as a graph (children are leaves, except the modules in ``inline``,
+    whose code joins the graph; those met are appended to ``inlined``).
 
     fx evaluates ``self.training`` while tracing, so the forward is traced in both modes and
     must give the same code; otherwise ``TrainingDependent`` is raised.
@@ -309,16 +319,22 @@ def trace_module(module: nn.Module, fixed: dict[str, Any]) -> fx.Graph:
         >>> "add = bn2 + x" in trace_module(BasicBlock(4, 4), {}).python_code("self").src
         True
     """
-    was_training = module.training
+    own = [module] + [child for child in module.modules() if id(child) in inline]  # whose code is traced
+    was_training = [part.training for part in own]
     codes, graphs = [], []
     try:
         for mode in (False, True):
-            module.training = mode  # the module's own flag only: its children are leaves here
-            graphs.append(PrepareTracer(local=True).trace(module, concrete_args=fixed or None))
+            for part in own:  # these modules' own flags only: other children are leaves here
+                part.training = mode
+            tracer = PrepareTracer(local=True, inline=inline)
+            graphs.append(tracer.trace(module, concrete_args=fixed or None))
             _portable_guards(graphs[-1])
             codes.append(graphs[-1].python_code("self").src)
     finally:
-        module.training = was_training
+        for part, flag in zip(own, was_training, strict=True):
+            part.training = flag
+    if inlined is not None:
+        inlined.extend(tracer.inlined)
     if codes[0] != codes[1]:
         raise TrainingDependent("its forward reads self.training, which a traced graph would freeze", graphs[0])
     return graphs[0]
@@ -382,8 +398,10 @@ def module_graphs(model: nn.Module, trace: ModelTrace,
     """Every custom module traced on its own: ``[(name, module, graph, tensor positions)]``, ``{name: reason}``.
 
     torch.nn's own modules and qdistill's quantized modules are not traced into; the model itself
-    is named ``<model>`` in the reasons. A module whose forward depends on ``self.training`` is
-    reported only when ``matters`` says its (eval-mode) graph holds something to rewrite.
+    is named ``<model>`` in the reasons. A module called with arguments fx cannot specialise on (a list
+    of tensors, as DenseNet's layers are) is traced through as part of its caller's graph instead. A
+    module whose forward depends on ``self.training`` is reported only when ``matters`` says its
+    (eval-mode) graph holds something to rewrite.
 
     Example:
         >>> from qdistill import models
@@ -392,23 +410,29 @@ def module_graphs(model: nn.Module, trace: ModelTrace,
         >>> [name for name, *_ in graphs], problems
         (['', 'layer1.0', 'layer2.0', 'layer3.0'], {})
     """
-    graphs, problems = [], {}
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LEAF_TYPES) or is_torch_layer(module):
-            continue
-        plan = module_plan(module, trace)
+    plans = {name: module_plan(module, trace) for name, module in model.named_modules()
+             if not (isinstance(module, LEAF_TYPES) or is_torch_layer(module))}
+    # called with lists of tensors (DenseNet's layers) or in several ways: traced as part of their caller instead
+    inline = frozenset(id(model.get_submodule(name)) for name, plan in plans.items()
+                       if plan == UNSPECIALISED and trace.graph is not None)
+    graphs, problems, inlined = [], {}, []
+    for name, plan in plans.items():
+        module = model.get_submodule(name)
         if isinstance(plan, str):
             if trace.graph is None or "not called" not in plan:
-                problems[name or "<model>"] = plan
+                problems[name] = plan
             continue
         fixed, tensor_positions = plan
         try:
-            graphs.append((name, module, trace_module(module, fixed), tensor_positions))
+            graphs.append((name, module, trace_module(module, fixed, inline, inlined), tensor_positions))
         except TrainingDependent as error:
             if matters(error.graph):
-                problems[name or "<model>"] = str(error)
+                problems[name] = str(error)
         except Exception as error:  # fx raises many types for untraceable Python
-            problems[name or "<model>"] = f"torch.fx could not trace its forward ({describe_failure(error)})"
+            problems[name] = f"torch.fx could not trace its forward ({describe_failure(error)})"
+    met = {id(module) for module in inlined}
+    problems = {name or "<model>": reason for name, reason in problems.items()
+                if not (reason == UNSPECIALISED and id(model.get_submodule(name)) in met)}
     return graphs, problems
 
 
