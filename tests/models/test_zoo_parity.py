@@ -1,7 +1,7 @@
 """Issue 11 item 2: every torchvision classification architecture with at most 30M parameters, and the timm
 families ResNet, MobileNetV3, EfficientNet, RegNet, ConvNeXt and ViT/DeiT, go through prepare, a QAT+KD step
 and the int8 export with its parity gate, every conv/linear/matmul on an integer kernel and every depthwise
-convolution fused (QLinearConv). Slow (about 20 minutes on 2 cores): `make test-vision-slow`, not yet in CI (docs/vision.md)."""
+convolution fused (QLinearConv). Slow (about 20 minutes on 2 cores): `make test-vision-slow`, part of CI's `.ci/run`."""
 
 from __future__ import annotations
 
