@@ -227,6 +227,9 @@ class TrainSpec(_Section):
     seed: int = Field(0, ge=0)
     tensorboard: bool = False  # write TensorBoard scalars under DIR/tb/ (needs qdistill[tensorboard])
     compile: bool = False  # train through torch.compile (inductor; on the CPU it needs a C++ compiler)
+    # after training, re-estimate BatchNorm running statistics over this many training batches with the final
+    # weights (train/batchnorm.py; for teacher_train: students' BatchNorms are folded into their layers)
+    bn_recalibration_batches: int = Field(0, ge=0, le=100000)
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSpec:

@@ -24,6 +24,7 @@ from qdistill.quant.prepare import check_overrides
 from qdistill.recipe import Recipe
 from qdistill.runs.rundir import RunDir, load_teacher, save_teacher
 from qdistill.train import CheckpointPlan, Supervised, fingerprint, fit
+from qdistill.train.batchnorm import recalibrate_batchnorm
 
 
 @dataclass
@@ -78,6 +79,7 @@ def obtain_teacher(recipe: Recipe, data: RunData, run: RunDir, resume: bool, sho
     history = fit(Supervised(teacher), data.train, recipe.teacher_train, phase="teacher",
                   validate=lambda: evaluate(teacher, data.val, data.bundle.num_classes)["accuracy"], plan=plan,
                   show_progress=show_progress)
+    recalibrate_batchnorm(teacher, data.train, recipe.teacher_train.bn_recalibration_batches)
     save_teacher(run, teacher, history)
     return teacher, history
 
