@@ -93,13 +93,17 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     finite ``x``. The slope is ``round(x/s) - x/s`` inside and ``qmin - z`` / ``qmax - z`` outside,
     i.e. ``(clamped code - z) - (x/s) * inside`` everywhere. Computing it here, while the forward has
     ``x/s`` and the codes at hand, leaves the backward two products and a sum.
+
+    Four tensors of ``x``'s size are allocated (the scaled input, the codes, the clamped codes, the
+    output); everything else is written in place, since on a CPU a fresh large tensor costs more
+    (page faults) than the arithmetic in it: the mask is written over the codes (``eq`` into a float
+    tensor gives 1.0/0.0) and the slope over the clamped codes.
     """
-    inv_scale = 1.0 / _broadcast(scale, x, axis)
     zero = _broadcast(zero_point.to(x.dtype), x, axis)
-    scaled = x * inv_scale  # the product torch's kernels round
+    scaled = x * (1.0 / _broadcast(scale, x, axis))  # the product torch's kernels round
     code = torch.round(scaled).add_(zero)
     levels = code.clamp(qrange.qmin, qrange.qmax)
-    inside = levels.eq(code).to(x.dtype)
+    inside = torch.eq(levels, code, out=code)  # 1.0 inside, 0.0 outside, over the codes no longer needed
     levels.sub_(zero)  # q - z: integers, exact
     output = levels * _broadcast(scale, x, axis)
     slope = levels.sub_(scaled.mul_(inside)) if need_slope else None  # outside: (q - z) - 0 (x * 0 is +-0)
