@@ -195,20 +195,21 @@ def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
         >>> [record["epoch"] for record in history], sorted(history[0])[:3]
         ([1, 2], ['epoch', 'kd_loss', 'loss'])
     """
-    torch.manual_seed(spec.seed + distributed.rank())  # rank 0 draws what one process draws; others their own masks
+    torch.manual_seed(spec.seed)  # every rank: dropout draws the global batch's masks (distributed.global_batch_dropout)
     if distributed.active():
         loader = distributed.shard_loader(loader)
         show_progress = show_progress and distributed.is_main()
         tensorboard = tensorboard if distributed.is_main() else None
     loop = _Loop(module, loader, spec, phase, validate, plan)
-    if plan is not None and plan.resume and loop.restore() and distributed.rank() > 0:
-        torch.manual_seed(spec.seed + distributed.rank() + 7919 * loop.progress.global_step)  # not rank 0's saved stream
+    if plan is not None and plan.resume:
+        loop.restore()  # every rank continues rank 0's saved generator state: the ranks share one stream
     loop.last_good = {key: value.detach().clone() for key, value in module.state_dict().items()}
     sampler = getattr(loader, "sampler", None)
     log = TensorBoardLog(tensorboard) if tensorboard is not None else None
     try:
-        with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 TextColumn("{task.fields[loss]}"), transient=True, disable=not show_progress) as bar:
+        with distributed.global_batch_dropout(module), Bar(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[loss]}"), transient=True, disable=not show_progress) as bar:
             while not loop.progress.finished and loop.progress.epoch < spec.epochs:
                 _run_epoch(loop, loader, sampler, bar, _epoch_callback(on_epoch, log, module))
     finally:
