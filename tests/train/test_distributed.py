@@ -141,7 +141,7 @@ distributed.teardown()
 '''
 
 
-@pytest.mark.slow  # four processes start: about 20 s on a loaded 2-core machine
+@pytest.mark.slow  # three processes start and train twice: 20 s and more on 2 cores
 def test_two_processes_take_the_steps_of_one_process_at_twice_the_batch(tmp_path):
     """2 processes at batch 32 against 1 at batch 64, dropout on (3 epochs of 2 steps, Adam, cosine schedule).
 
