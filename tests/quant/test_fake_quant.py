@@ -198,6 +198,26 @@ def test_lsq_backward_equals_the_written_out_gradients(bits, signed, axis):
     assert np.all(np.abs(scale.grad.numpy() - grad_scale) <= 1e-5 * magnitude)
 
 
+def test_a_step_size_at_or_below_zero_is_used_as_the_minimum_with_a_straight_through_gradient():
+    # a high learning rate can drive a learned step to 0 or below: the forward then uses 1e-8 and the
+    # parameter gets LSQ's gradient at 1e-8 (not clamp's zero gradient, which would leave it stuck)
+    minimum = np.float32(1e-8)
+    x = np.array([[-2e-8, 0.0, 3e-9, 1e-7], [0.5, -0.5, 4e-8, 1e-9], [1.0, 2.0, -3.0, 0.25]], dtype=np.float32)
+    upstream = np.array([[1.0, -2.0, 0.5, 3.0], [-1.0, 2.0, 1.5, -0.5], [0.25, 1.0, -1.0, 2.0]], dtype=np.float32)
+    scales = np.array([-0.3, 0.0, 0.1], dtype=np.float32)
+    used = np.maximum(scales, minimum)
+    x_tensor = torch.from_numpy(x).requires_grad_(True)
+    scale = torch.from_numpy(scales.copy()).requires_grad_(True)
+    zero = torch.zeros(3, dtype=torch.int32)
+    out = fake_quantize(x_tensor, scale, zero, IntRange(4, True), axis=0, grad_factor=0.5)
+    np.testing.assert_array_equal(out.detach().numpy(), reference_fake_quantize(x, used, np.zeros(3), -7, 7, axis=0))
+    out.backward(torch.from_numpy(upstream))
+    grad_x, grad_scale, magnitude = reference_lsq_gradients(x, used, np.zeros(3), -7, 7, upstream, 0.5, 0)
+    np.testing.assert_array_equal(x_tensor.grad.numpy(), grad_x)
+    assert np.all(np.abs(scale.grad.numpy() - grad_scale) <= 1e-5 * magnitude)
+    assert scale.grad[0] != 0 and scale.grad[1] != 0  # the clamped steps still learn
+
+
 def test_per_channel_step_gradient_reaches_only_its_channel():
     w = torch.randn(3, 10)
     scale = (w.abs().amax(dim=1) / 7).requires_grad_(True)

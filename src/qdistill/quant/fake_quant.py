@@ -25,7 +25,7 @@ import torch
 
 from qdistill.errors import RecipeError
 
-MIN_SCALE = 1e-8  # keeps the step size positive when an optimiser pushes it towards zero
+MIN_SCALE = 1e-8  # the smallest step size the forward uses: an optimiser can push a learned step to 0 or below
 
 
 @dataclass(frozen=True)
@@ -93,13 +93,17 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     finite ``x``. The slope is ``round(x/s) - x/s`` inside and ``qmin - z`` / ``qmax - z`` outside,
     i.e. ``(clamped code - z) - (x/s) * inside`` everywhere. Computing it here, while the forward has
     ``x/s`` and the codes at hand, leaves the backward two products and a sum.
+
+    Four tensors of ``x``'s size are allocated (the scaled input, the codes, the clamped codes, the
+    output); everything else is written in place, since on a CPU a fresh large tensor costs more
+    (page faults) than the arithmetic in it: the mask is written over the codes (``eq`` into a float
+    tensor gives 1.0/0.0) and the slope over the clamped codes.
     """
-    inv_scale = 1.0 / _broadcast(scale, x, axis)
     zero = _broadcast(zero_point.to(x.dtype), x, axis)
-    scaled = x * inv_scale  # the product torch's kernels round
+    scaled = x * (1.0 / _broadcast(scale, x, axis))  # the product torch's kernels round
     code = torch.round(scaled).add_(zero)
     levels = code.clamp(qrange.qmin, qrange.qmax)
-    inside = levels.eq(code).to(x.dtype)
+    inside = torch.eq(levels, code, out=code)  # 1.0 inside, 0.0 outside, over the codes no longer needed
     levels.sub_(zero)  # q - z: integers, exact
     output = levels * _broadcast(scale, x, axis)
     slope = levels.sub_(scaled.mul_(inside)) if need_slope else None  # outside: (q - z) - 0 (x * 0 is +-0)
@@ -112,11 +116,19 @@ class LsqFakeQuantize(torch.autograd.Function):
     Fused: the forward also forms the "inside" mask and the step-size slope (``_lsq_forward``), so
     the backward is ``grad * inside`` and ``sum(grad * slope)``, bit for bit the written-out
     formula's results (tests/quant/test_fake_quant.py).
+
+    A step size below ``MIN_SCALE`` (a high learning rate can drive a learned step to zero or
+    negative) is used as ``MIN_SCALE`` in the forward, so the output stays on a valid grid and
+    finite. Its gradient is straight-through: the parameter receives the LSQ gradient taken at
+    ``MIN_SCALE``, not the zero gradient of ``clamp``, so the next steps can move it back up
+    instead of leaving it stuck below the minimum for good.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qrange: IntRange, axis: int | None, grad_factor: float):
-        output, inside, slope = _lsq_forward(x, scale, zero_point, qrange, axis, need_slope=scale.requires_grad)
+        need_slope = scale.requires_grad
+        scale = scale.clamp_min(MIN_SCALE)  # the values used; the gradient goes straight through (see above)
+        output, inside, slope = _lsq_forward(x, scale, zero_point, qrange, axis, need_slope=need_slope)
         ctx.save_for_backward(inside, slope)
         ctx.scale_shape, ctx.axis, ctx.grad_factor = scale.shape, axis, grad_factor
         return output
@@ -185,9 +197,8 @@ def fake_quantize(
         tensor([[ 2., -7.,  3.],
                 [ 1.,  4., -7.]])
     """
-    scale = scale.clamp_min(MIN_SCALE)
     if torch.onnx.is_in_onnx_export():
-        scale_values = scale.detach().cpu().reshape(-1 if axis is not None else ()).tolist()
+        scale_values = scale.detach().clamp_min(MIN_SCALE).cpu().reshape(-1 if axis is not None else ()).tolist()
         zero_values = zero_point.detach().cpu().to(torch.int32).reshape(-1 if axis is not None else ()).tolist()
         return QdqForExport.apply(x, scale_values, zero_values, qrange.qmin, qrange.qmax, axis)
     return LsqFakeQuantize.apply(x, scale, zero_point, qrange, axis, grad_factor)

@@ -44,7 +44,7 @@ class QuantLayerMixin:
         weight_quantizer = self.weight_quantizer
         if (bias is None or input_quantizer is None or not isinstance(weight_quantizer, Quantizer)
                 or torch.onnx.is_in_onnx_export() or input_quantizer._observing
-                or not bool(input_quantizer.initialized) or not bool(weight_quantizer.initialized)):
+                or not input_quantizer.is_initialized() or not weight_quantizer.is_initialized()):  # no host sync
             return bias
         step = (input_quantizer.scale.clamp_min(MIN_SCALE) * weight_quantizer.scale.clamp_min(MIN_SCALE)).detach()
         step = step.expand_as(bias)  # (C_out,)

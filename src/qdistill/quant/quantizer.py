@@ -88,6 +88,7 @@ class Quantizer(nn.Module):
             self.scale.copy_(scale.to(self.scale))
             self.zero_point.zero_()
             self.initialized.fill_(True)
+        self.is_initialized()  # refresh the cached value (see is_initialized)
 
     def finish_calibration(self) -> None:
         """End calibration: set scale and zero point from what was observed."""
@@ -103,6 +104,7 @@ class Quantizer(nn.Module):
             self.zero_point.copy_(zero_point)
             self.initialized.fill_(True)
         self._samples = []
+        self.is_initialized()  # refresh the cached value (see is_initialized)
 
     def _record(self, x: torch.Tensor) -> None:
         values = x.detach().float().reshape(-1)
@@ -114,6 +116,10 @@ class Quantizer(nn.Module):
             index = torch.randint(values.numel(), (SAMPLE_SIZE // 4,), generator=generator, device=values.device)
             values = values[index]
         self._samples.append(values.cpu())
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.is_initialized()  # refresh the cached value (see is_initialized)
 
     def elements_per_step(self, x: torch.Tensor) -> int:
         """LSQ's ``N`` for ``x``: the elements one step size applies to (one sample's, for activations).
@@ -146,6 +152,11 @@ class Quantizer(nn.Module):
             True
         """
         flag, seen = self.initialized, getattr(self, "_initialized_seen", None)  # None: pickled before the cache
+        if torch.compiler.is_compiling() and seen is not None and seen[0] is flag:
+            # torch.compile cannot read a version counter, and reading the value breaks the graph at
+            # every layer: the traced code uses the value last read eagerly (``finish_calibration``,
+            # ``init_from_weight`` and ``load_state_dict`` read it) and is guarded on it
+            return seen[2]
         if flag.is_inference():
             return bool(flag)  # inference tensors have no version counter
         if seen is None or seen[0] is not flag or seen[1] != flag._version:

@@ -15,6 +15,12 @@
   broadcasts rank 0's parameters and buffers, so every quantizer's step size, zero point and
   ``initialized`` flag start equal on all ranks (``broadcast_state`` does it again explicitly), and
   the gradients are all-reduced (averaged) at every step, so they stay equal.
+- **Random draws.** Every rank seeds torch's generator as one process does, and while training
+  each ``nn.Dropout`` draws the mask of the *global* batch and applies this rank's rows of it
+  (``global_batch_dropout``), so rank ``r``'s samples get exactly the masks one process at the
+  global batch size gives them: 2 processes at batch 32 compute the 1-process batch-64 step up to
+  the order of float sums (BatchNorm layers, per-rank statistics, are not synchronised: the
+  student's are folded into its convolutions).
 - **Files.** Only rank 0 (``is_main()``) writes checkpoints, run files and reports; the others
   read the checkpoint on ``--resume``.
 
@@ -27,10 +33,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import MethodType
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
@@ -209,6 +219,53 @@ def wrap(module: nn.Module) -> nn.Module:
                                    broadcast_buffers=False)
 
 
+def _global_batch_dropout(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """``nn.Dropout.forward`` drawing the global batch's mask and keeping this rank's rows of it."""
+    rank_, world = self._qdistill_shard  # type: ignore[attr-defined]
+    if not self.training or self.p == 0.0 or x.dim() == 0:
+        return F.dropout(x, self.p, self.training, self.inplace)
+    # F.dropout multiplies by a mask of 0 and 1/(1-p); on ones it returns that mask, with the same draws
+    mask = F.dropout(torch.ones((x.shape[0] * world, *x.shape[1:]), dtype=x.dtype, device=x.device), self.p, True)
+    mask = mask[rank_::world]  # the rows of this rank's samples: global positions r, r + N, ... (ShardedEpochSampler)
+    return x.mul_(mask) if self.inplace else x * mask
+
+
+@contextmanager
+def global_batch_dropout(module: nn.Module, rank_: int | None = None, world: int | None = None) -> Iterator[None]:
+    """While inside, ``module``'s ``nn.Dropout`` layers draw the global batch's masks (one process: unchanged).
+
+    With every rank's generator in the same state (seeded alike), rank ``r`` applies rows
+    ``r, r + N, ...`` of the mask one process draws for the global batch, the rows of the samples
+    ``ShardedEpochSampler`` gives it. The first dimension is taken to be the batch. Dropout inside
+    other code (functional calls) draws the same stream on every rank: valid masks, equal across
+    the ranks' corresponding rows.
+
+    Example (rank 1 of 2 gets the odd rows of one process's mask):
+        >>> layer = nn.Dropout(0.5).train()
+        >>> _ = torch.manual_seed(0); one = layer(torch.ones(4, 3))
+        >>> _ = torch.manual_seed(0)
+        >>> with global_batch_dropout(layer, rank_=1, world=2):
+        ...     shard = layer(torch.ones(2, 3))
+        >>> torch.equal(shard, one[1::2])
+        True
+    """
+    rank_ = rank() if rank_ is None else rank_
+    world = world_size() if world is None else world
+    layers = [layer for layer in module.modules()
+              if isinstance(layer, nn.Dropout) and type(layer).forward is nn.Dropout.forward]
+    if world == 1:
+        yield
+        return
+    for layer in layers:  # an instance attribute shadows the class's forward; removed again below
+        layer._qdistill_shard = (rank_, world)
+        layer.forward = MethodType(_global_batch_dropout, layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward, layer._qdistill_shard
+
+
 def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     """Each value averaged over the ranks (the values of one process unchanged).
 
@@ -226,5 +283,5 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return {key: float(value) / world_size() for key, value in zip(keys, tensor.cpu().tolist(), strict=True)}
 
 
-__all__ = ["ShardedEpochSampler", "active", "barrier", "broadcast_state", "global_loader", "is_main", "mean_over_ranks", "rank",
+__all__ = ["ShardedEpochSampler", "active", "barrier", "broadcast_state", "global_batch_dropout", "global_loader", "is_main", "mean_over_ranks", "rank",
            "requested", "setup", "shard_loader", "teardown", "world_size", "wrap"]

@@ -12,6 +12,7 @@ checkpoints and TensorBoard files.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -63,22 +64,34 @@ def fingerprint(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def _check_finite(parts: LossParts, progress: Progress) -> None:
+def _loss_values(parts: LossParts, progress: Progress) -> dict[str, float]:
+    """This rank's loss parts as floats, read in one host synchronisation, after checking they are finite.
+
+    Under torchrun the check runs on the parts summed over the ranks: every rank must stop
+    together, or the others wait forever in the next all-reduce.
+    """
     items = parts.items()
-    if distributed.active():  # every rank must stop together, or the others wait forever in the all-reduce
-        stacked = torch.stack([value.detach().float() for value in items.values()])
-        torch.distributed.all_reduce(stacked)
-        items = dict(zip(items, stacked, strict=True))
-    for name, value in items.items():
-        if not torch.isfinite(value):
+    stacked = torch.stack([value.detach().float().reshape(()) for value in items.values()])
+    checked = stacked
+    if distributed.active():
+        checked = stacked.clone()
+        torch.distributed.all_reduce(checked)
+        stacked = torch.cat([stacked, checked])
+    floats = stacked.tolist()  # the step's one read of its losses
+    values = dict(zip(items, floats[: len(items)], strict=True))
+    for name, value in zip(items, floats[len(items):] or floats, strict=True):
+        if not math.isfinite(value):
             raise NonFiniteError(
                 f"training stopped at step {progress.global_step} (epoch {progress.epoch + 1}): loss part {name!r} "
-                f"became {value.item()}; the weights of the last good step were kept (lower train.lr or check the data)"
+                f"became {value}; the weights of the last good step were kept (lower train.lr or check the data)"
             )
+    return values
 
 
 def _non_finite_step_size(step_sizes: dict[str, nn.Parameter]) -> str | None:
-    """The name of the first quantizer step size that is NaN or Inf, or None."""
+    """The name of the first quantizer step size that is NaN or Inf, or None (one host synchronisation when all are finite)."""
+    if not step_sizes or bool(torch.isfinite(torch.cat([value.detach().reshape(-1) for value in step_sizes.values()])).all()):
+        return None
     for name, parameter in step_sizes.items():
         if not torch.isfinite(parameter).all():
             return name
@@ -133,7 +146,7 @@ class _Loop:
         if "lr" not in self.sums:
             self.sums["lr"] = self.optimizer.param_groups[0]["lr"]  # the rate this epoch's first step uses
         parts = self._forward(x, labels, teacher_logits)
-        _check_finite(parts, self.progress)
+        values = _loss_values(parts, self.progress)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         self.optimizer.step()
@@ -145,8 +158,8 @@ class _Loop:
                 f"training stopped at step {self.progress.global_step} (epoch {self.progress.epoch + 1}): quantizer "
                 f"scale {bad_scale!r} became non-finite; the weights of the last checkpoint were restored"
             )
-        for name, value in parts.items().items():
-            self.sums[name] = self.sums.get(name, 0.0) + value.item()  # one host sync per part and step
+        for name, value in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
         self.sums["batches"] = self.sums.get("batches", 0.0) + 1
         self.progress.step_in_epoch += 1
         self.progress.global_step += 1
@@ -195,20 +208,21 @@ def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
         >>> [record["epoch"] for record in history], sorted(history[0])[:3]
         ([1, 2], ['epoch', 'kd_loss', 'loss'])
     """
-    torch.manual_seed(spec.seed + distributed.rank())  # rank 0 draws what one process draws; others their own masks
+    torch.manual_seed(spec.seed)  # every rank: dropout draws the global batch's masks (distributed.global_batch_dropout)
     if distributed.active():
         loader = distributed.shard_loader(loader)
         show_progress = show_progress and distributed.is_main()
         tensorboard = tensorboard if distributed.is_main() else None
     loop = _Loop(module, loader, spec, phase, validate, plan)
-    if plan is not None and plan.resume and loop.restore() and distributed.rank() > 0:
-        torch.manual_seed(spec.seed + distributed.rank() + 7919 * loop.progress.global_step)  # not rank 0's saved stream
+    if plan is not None and plan.resume:
+        loop.restore()  # every rank continues rank 0's saved generator state: the ranks share one stream
     loop.last_good = {key: value.detach().clone() for key, value in module.state_dict().items()}
     sampler = getattr(loader, "sampler", None)
     log = TensorBoardLog(tensorboard) if tensorboard is not None else None
     try:
-        with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                 TextColumn("{task.fields[loss]}"), transient=True, disable=not show_progress) as bar:
+        with distributed.global_batch_dropout(module), Bar(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[loss]}"), transient=True, disable=not show_progress) as bar:
             while not loop.progress.finished and loop.progress.epoch < spec.epochs:
                 _run_epoch(loop, loader, sampler, bar, _epoch_callback(on_epoch, log, module))
     finally:
