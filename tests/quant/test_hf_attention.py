@@ -13,13 +13,13 @@ from qdistill.quant.prepare import layer_table, prepare  # noqa: E402
 class MeanEncoder(nn.Module):
     """The shape of models/hf.py's HFEncoder (task embedding, mean pooling), on a small random BertModel."""
 
-    def __init__(self, attn_implementation: str = "eager") -> None:
+    def __init__(self, attn_implementation: str = "eager", pooler: bool = False) -> None:
         super().__init__()
         config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                          intermediate_size=64, max_position_embeddings=32)
         config._attn_implementation = attn_implementation
         torch.manual_seed(0)
-        self.bert = transformers.BertModel(config, add_pooling_layer=False)
+        self.bert = transformers.BertModel(config, add_pooling_layer=pooler)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,

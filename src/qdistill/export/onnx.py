@@ -133,6 +133,9 @@ DIAGNOSIS_SAMPLES = 256
 FLOAT_OUTPUT_MATMULS = ("MatMulIntegerToFloat", "MatMulInteger")
 LAYERS_KEY = "qdistill_layers"
 OPS_KEY = "qdistill_ops"
+DROPPED_KEY = "qdistill_dropped_layers"  # {name: why}: quantized layers whose output the model never uses
+UNUSED_OUTPUT = ("computed, but the model's output does not depend on it (e.g. BertModel's pooler under mean "
+                 "pooling); the exporter removed it, so it does not run in the ONNX file")
 
 
 class _DequantizeWeight(torch.autograd.Function):
@@ -322,6 +325,21 @@ def _example(example_input: Any) -> Any:
     return take_rows(cpu_inputs(inputs), slice(0, 1))
 
 
+def _called_layers(model: nn.Module, example: Any, names: list[str]) -> list[str]:
+    """Which of the layers ``names`` a forward pass of ``model`` on ``example`` calls (absent from the graph: unused output)."""
+    if not names:
+        return []
+    called: list[str] = []
+    hooks = [model.get_submodule(name).register_forward_hook(lambda *_, name=name: called.append(name)) for name in names]
+    try:
+        with torch.no_grad():
+            call_model(model, example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sorted(set(called))
+
+
 def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET) -> onnx.ModelProto:
     """The rewritten int8 QDQ ``ModelProto`` (not yet checked against ONNX Runtime).
 
@@ -340,11 +358,13 @@ def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET)
         model = onnx.load(str(raw))
     layers, ops = rewrite_for_int8(model)
     missing = sorted(set(bits) - set(layers))
+    dropped = {name: UNUSED_OUTPUT for name in _called_layers(export_model, _example(example_input), missing)}
+    missing = [name for name in missing if name not in dropped]
     if missing:
         raise ExportError(f"layers {missing} did not appear in the exported graph (not called in forward?); every quantized layer must run")
     table = [{**info.as_dict(), **bits[name]} for name, info in layers.items()]
     helper.set_model_props(model, {LAYERS_KEY: json.dumps(table), OPS_KEY: json.dumps([op.as_dict() for op in ops.values()]),
-                                   "qdistill_version": __version__})
+                                   DROPPED_KEY: json.dumps(dropped), "qdistill_version": __version__})
     model.producer_name, model.doc_string = "qdistill", "int8 QDQ model written by qdistill.export_onnx"
     onnx.checker.check_model(model)
     return model
@@ -710,9 +730,10 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
                 opset: int = OPSET, sqnr_gate_db: float = LOGIT_SQNR_GATE_DB) -> dict[str, Any]:
     """Export ``student`` to an int8 ONNX file whose integer kernels and parity are checked.
 
-    Returns ``{path, file_bytes, integer_ops, integer_ops_other, opset, parity_checked}``
+    Returns ``{path, file_bytes, integer_ops, integer_ops_other, dropped_layers, opset, parity_checked}``
     (``integer_ops``: each quantized layer's kernel; ``integer_ops_other``: each quantized
-    add/concat/pool's). With ``verify_on`` the parity gate runs (``parity_checked: True``) and
+    add/concat/pool/matmul's; ``dropped_layers``: ``{layer: why}`` for quantized layers that the
+    forward pass computes but whose output the model's output never uses, which the exporter removes). With ``verify_on`` the parity gate runs (``parity_checked: True``) and
     its metrics are added: ``samples``, ``agreement_with_student``, ``flips``, ``near_tie_flips``,
     ``near_tie_margin``, ``max_abs_logit_diff``, ``logit_sqnr_db`` (the gated figure),
     ``logit_sqnr_db_all``, ``logit_sqnr_left_out_samples``, ``logit_sqnr_gate_db`` and, with
@@ -741,6 +762,7 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
     def write_and_check(temporary: Path) -> None:
         onnx.save(model, str(temporary))
         info["integer_ops"], info["integer_ops_other"] = integer_kernels(temporary)
+        info["dropped_layers"] = _metadata(model, DROPPED_KEY) or {}
         if verify_on is not None:
             info.update(verify_onnx(temporary, student, verify_on, sqnr_gate_db))
 
