@@ -47,3 +47,15 @@ def test_a_layer_never_called_is_still_an_error(tmp_path):
     assert "unused" in student.qdistill_unquantized  # calibration never reached it: float again, with its reason
     info = export_onnx(student, tmp_path / "bert.onnx", _batch(1))
     assert "unused" not in info["dropped_layers"]
+
+
+def test_embedding_parity_gate_passes_and_is_recorded(student, tmp_path):
+    from qdistill.export import export_all
+
+    section = export_all(student, _batch(1), [_batch(), _batch(2)], onnx_path=tmp_path / "bert.onnx",
+                         latency_budget_s=0.5, output_kind="embedding")["onnx"]
+    assert section["output_kind"] == "embedding" and section["parity_checked"]
+    assert section["min_cosine"] >= section["min_cosine_gate"] == 0.99
+    assert section["mean_cosine"] >= section["mean_cosine_gate"] == 0.999
+    assert "agreement_with_student" not in section and "logit_sqnr_db" not in section
+    assert section["dropped_layers"] == {"bert.pooler.dense": UNUSED_OUTPUT}
