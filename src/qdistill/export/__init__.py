@@ -71,7 +71,8 @@ def float_copy(student: nn.Module) -> nn.Module:
 
 PARITY_KEYS = ("accuracy", "agreement_with_student", "max_abs_logit_diff", "flips", "near_tie_flips", "near_tie_margin",
                "logit_sqnr_db", "logit_sqnr_db_all", "logit_sqnr_left_out_samples", "logit_sqnr_gate_db",
-               "accuracy_near_ties_excused")
+               "accuracy_near_ties_excused", "mean_cosine", "min_cosine", "max_abs_diff", "mean_cosine_gate",
+               "min_cosine_gate")
 
 
 def _json_number(value: Any) -> Any:
@@ -80,8 +81,8 @@ def _json_number(value: Any) -> Any:
 
 
 def _onnx_section(student: nn.Module, path: Path, example: Any, val_loader: Iterable[Any] | None,
-                  float_model: nn.Module, budget_s: float) -> dict[str, Any]:
-    info = export_onnx(student, path, example, verify_on=val_loader)
+                  float_model: nn.Module, budget_s: float, output_kind: str = "logits") -> dict[str, Any]:
+    info = export_onnx(student, path, example, verify_on=val_loader, output_kind=output_kind)
     # latency on real batches: validation inputs (else the example inputs), cycled only if too few
     samples = first_samples(val_loader if val_loader is not None else [example], max(BATCHES))
     with tempfile.TemporaryDirectory() as folder:
@@ -99,7 +100,8 @@ def _onnx_section(student: nn.Module, path: Path, example: Any, val_loader: Iter
     section["latency_threads"] = {"1": latency["1"], "all": latency["all"], "all_threads": latency["all_threads"]}
     section["latency_method"] = latency["method"]
     section["fp32_file_bytes"] = fp32["file_bytes"]
-    for key in ("student_accuracy", "samples", "integer_ops", "integer_ops_other", "opset"):
+    section["output_kind"] = output_kind
+    for key in ("student_accuracy", "samples", "integer_ops", "integer_ops_other", "dropped_layers", "opset"):
         if key in info:
             section[key] = info[key]
     return section
@@ -108,7 +110,7 @@ def _onnx_section(student: nn.Module, path: Path, example: Any, val_loader: Iter
 def export_all(student: nn.Module, example_input: Any, val_loader: Iterable[Any] | None, *,
                onnx_path: str | Path | None = None, packed_path: str | Path | None = None,
                float_model: nn.Module | None = None, latency_budget_s: float = BUDGET_SECONDS,
-               packed_rebuild: dict[str, Any] | None = None) -> dict[str, Any]:
+               packed_rebuild: dict[str, Any] | None = None, output_kind: str = "logits") -> dict[str, Any]:
     """Write the int8 ONNX file and/or the packed file at the paths given; returns report.json's ``export`` section.
 
     The caller names the files (a run folder's names belong to ``qdistill.runs.rundir``); a path
@@ -117,7 +119,8 @@ def export_all(student: nn.Module, example_input: Any, val_loader: Iterable[Any]
     float copy, same architecture). With ``val_loader`` None the ONNX file is written without the
     parity gate and its section says ``parity_checked: false``. ``packed_rebuild``
     (``export.packed.rebuild_info``) goes into the packed file's header, so that
-    ``qdistill.runtime.load`` can rebuild the int8 graph from it.
+    ``qdistill.runtime.load`` can rebuild the int8 graph from it. ``output_kind`` ("logits" or
+    "embedding") picks the parity gate (``export_onnx``) and is recorded in the section.
 
     Example:
         >>> from qdistill import models, quant
@@ -131,7 +134,8 @@ def export_all(student: nn.Module, example_input: Any, val_loader: Iterable[Any]
     baseline = float_model if float_model is not None else float_copy(student)
     section: dict[str, Any] = {}
     if onnx_path is not None:
-        section["onnx"] = _onnx_section(student, Path(onnx_path), example_input, val_loader, baseline, latency_budget_s)
+        section["onnx"] = _onnx_section(student, Path(onnx_path), example_input, val_loader, baseline, latency_budget_s,
+                                        output_kind)
     if packed_path is not None:
         packed = save_packed(student, packed_path, packed_rebuild)
         section["packed"] = {**packed, "fp32_file_bytes": fp32_safetensors_bytes(baseline)}
@@ -152,6 +156,10 @@ def _onnx_lines(onnx_section: dict[str, Any]) -> list[str]:
     lines = [f"ONNX int8   {onnx_section['path']}", size]
     if onnx_section.get("parity_checked") is False:
         lines.append("  parity    not checked (no validation data)")
+    elif "mean_cosine" in onnx_section:  # output_kind "embedding"
+        lines.append(f"  parity    cosine mean {onnx_section['mean_cosine']:.5f}, min {onnx_section['min_cosine']:.5f} "
+                     f"(bounds {onnx_section['mean_cosine_gate']:g}/{onnx_section['min_cosine_gate']:g})")
+        lines.append(f"  embedding max |diff| {onnx_section['max_abs_diff']:.3g}")
     elif "agreement_with_student" in onnx_section:
         accuracy = onnx_section.get("accuracy")
         near_ties = onnx_section.get("near_tie_flips", 0)

@@ -118,6 +118,7 @@ from qdistill.export.qdq_graph import (
     rewrite_for_int8,
 )
 from qdistill.io import atomic_write
+from qdistill.models.outputs import OUTPUT_KINDS
 from qdistill.quant.modules import QUANTIZED_OPS, QuantElementwise, is_quantized
 from qdistill.version import __version__
 
@@ -128,11 +129,16 @@ LOGIT_SQNR_TRIM = 0.01  # the share of samples (the worst, at least one) left ou
 NEAR_TIE_FACTOR = 2.0  # a flip is a near tie when the student's top-2 margin <= this * the logit error elsewhere
 ACCURACY_GATE = 0.001  # 0.1 percentage points (near-tie flips counted as the student predicted them)
 CODE_CONV_KERNEL = "Conv on integer codes (exact int32 sums)"  # a narrow layer's kernel, see FLOAT_CODE_FORM
+EMBEDDING_MEAN_COSINE_GATE = 0.999  # output_kind "embedding": mean cosine(ONNX, student) over the samples, at least
+EMBEDDING_MIN_COSINE_GATE = 0.99  # and the worst sample's cosine, at least (the same integer grid: near 1 when honest)
 DIVERGENCE_SQNR_DB = 30.0  # below this a layer's output no longer tracks the student's
 DIAGNOSIS_SAMPLES = 256
 FLOAT_OUTPUT_MATMULS = ("MatMulIntegerToFloat", "MatMulInteger")
 LAYERS_KEY = "qdistill_layers"
 OPS_KEY = "qdistill_ops"
+DROPPED_KEY = "qdistill_dropped_layers"  # {name: why}: quantized layers whose output the model never uses
+UNUSED_OUTPUT = ("computed, but the model's output does not depend on it (e.g. BertModel's pooler under mean "
+                 "pooling); the exporter removed it, so it does not run in the ONNX file")
 
 
 class _DequantizeWeight(torch.autograd.Function):
@@ -322,6 +328,21 @@ def _example(example_input: Any) -> Any:
     return take_rows(cpu_inputs(inputs), slice(0, 1))
 
 
+def _called_layers(model: nn.Module, example: Any, names: list[str]) -> list[str]:
+    """Which of the layers ``names`` a forward pass of ``model`` on ``example`` calls (absent from the graph: unused output)."""
+    if not names:
+        return []
+    called: list[str] = []
+    hooks = [model.get_submodule(name).register_forward_hook(lambda *_, name=name: called.append(name)) for name in names]
+    try:
+        with torch.no_grad():
+            call_model(model, example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return sorted(set(called))
+
+
 def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET) -> onnx.ModelProto:
     """The rewritten int8 QDQ ``ModelProto`` (not yet checked against ONNX Runtime).
 
@@ -340,11 +361,15 @@ def build_int8_model(student: nn.Module, example_input: Any, opset: int = OPSET)
         model = onnx.load(str(raw))
     layers, ops = rewrite_for_int8(model)
     missing = sorted(set(bits) - set(layers))
+    dropped = {name: UNUSED_OUTPUT for name in _called_layers(export_model, _example(example_input), missing)}
+    missing = [name for name in missing if name not in dropped]
     if missing:
         raise ExportError(f"layers {missing} did not appear in the exported graph (not called in forward?); every quantized layer must run")
     table = [{**info.as_dict(), **bits[name]} for name, info in layers.items()]
-    helper.set_model_props(model, {LAYERS_KEY: json.dumps(table), OPS_KEY: json.dumps([op.as_dict() for op in ops.values()]),
-                                   "qdistill_version": __version__})
+    props = {LAYERS_KEY: json.dumps(table), OPS_KEY: json.dumps([op.as_dict() for op in ops.values()])}
+    if dropped:
+        props[DROPPED_KEY] = json.dumps(dropped)
+    helper.set_model_props(model, {**props, "qdistill_version": __version__})
     model.producer_name, model.doc_string = "qdistill", "int8 QDQ model written by qdistill.export_onnx"
     onnx.checker.check_model(model)
     return model
@@ -573,8 +598,53 @@ def parity_gate(onnx_logits: np.ndarray, student_logits: np.ndarray, labels: np.
     return metrics, "; ".join(reasons) or None
 
 
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = (a * b).sum(axis=1)
+    # two zero vectors agree (cosine 1); a zero vector against a non-zero one does not (0)
+    both_zero = (np.linalg.norm(a, axis=1) == 0) & (np.linalg.norm(b, axis=1) == 0)
+    return np.where(both_zero, 1.0, dots / np.where(norms == 0, 1.0, norms))
+
+
+def embedding_parity_gate(onnx_embeddings: np.ndarray, student_embeddings: np.ndarray,
+                          mean_gate: float = EMBEDDING_MEAN_COSINE_GATE,
+                          min_gate: float = EMBEDDING_MIN_COSINE_GATE) -> tuple[dict[str, Any], str | None]:
+    """``(metrics, failure)`` for ``output_kind="embedding"``: cosine of each sample's ONNX vs student vector.
+
+    Metrics: ``samples``, ``mean_cosine``, ``min_cosine``, ``max_abs_diff`` and the bounds
+    ``mean_cosine_gate`` (``EMBEDDING_MEAN_COSINE_GATE``), ``min_cosine_gate`` (``EMBEDDING_MIN_COSINE_GATE``).
+
+    Example:
+        >>> student = np.array([[1.0, 0.0], [0.0, 2.0]])
+        >>> metrics, failure = embedding_parity_gate(student * 1.001, student)
+        >>> metrics["mean_cosine"], metrics["min_cosine"], failure is None
+        (1.0, 1.0, True)
+        >>> print(embedding_parity_gate(np.array([[1.0, 0.0], [2.0, 0.0]]), student)[1])
+        mean cosine 0.5000 < 0.999; min cosine 0.0000 < 0.99 (ONNX vs student embeddings)
+    """
+    onnx_embeddings = np.asarray(onnx_embeddings, np.float64)
+    student_embeddings = np.asarray(student_embeddings, np.float64)
+    cosines = _cosines(onnx_embeddings, student_embeddings)
+    metrics = {"samples": int(len(cosines)), "mean_cosine": round(float(cosines.mean()), 12),
+               "min_cosine": round(float(cosines.min()), 12),
+               "max_abs_diff": float(np.abs(onnx_embeddings - student_embeddings).max()),
+               "mean_cosine_gate": mean_gate, "min_cosine_gate": min_gate}
+    reasons = []
+    if not metrics["mean_cosine"] >= mean_gate:
+        reasons.append(f"mean cosine {metrics['mean_cosine']:.4f} < {mean_gate:g}")
+    if not metrics["min_cosine"] >= min_gate:
+        reasons.append(f"min cosine {metrics['min_cosine']:.4f} < {min_gate:g}")
+    return metrics, ("; ".join(reasons) + " (ONNX vs student embeddings)") if reasons else None
+
+
+def _check_output_kind(output_kind: str) -> None:
+    if output_kind not in OUTPUT_KINDS:
+        raise ExportError(f"output_kind: {output_kind!r} is not allowed; allowed: {', '.join(OUTPUT_KINDS)}")
+
+
 def verify_onnx(path: str | Path, student: nn.Module, loader: Iterable[Any],
-                sqnr_gate_db: float = LOGIT_SQNR_GATE_DB) -> dict[str, Any]:
+                sqnr_gate_db: float = LOGIT_SQNR_GATE_DB, output_kind: str = "logits") -> dict[str, Any]:
     """Run the parity gate of an exported file against ``student``; returns the parity metrics.
 
     Example:
@@ -587,9 +657,13 @@ def verify_onnx(path: str | Path, student: nn.Module, loader: Iterable[Any],
         >>> metrics["samples"], metrics["logit_sqnr_db"] >= metrics["logit_sqnr_gate_db"]
         (16, True)
     """
+    _check_output_kind(output_kind)
     onnx_logits, labels = onnx_predict(make_session(path), loader)
     student_logits, _ = predict(student, loader)
-    metrics, failure = parity_gate(onnx_logits, student_logits, labels, sqnr_gate_db)
+    if output_kind == "embedding":
+        metrics, failure = embedding_parity_gate(onnx_logits, student_logits)
+    else:
+        metrics, failure = parity_gate(onnx_logits, student_logits, labels, sqnr_gate_db)
     if failure is None:
         return metrics
     layers = diagnose_layers(path, student, loader)
@@ -707,17 +781,21 @@ def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
 
 
 def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify_on: Iterable[Any] | None = None,
-                opset: int = OPSET, sqnr_gate_db: float = LOGIT_SQNR_GATE_DB) -> dict[str, Any]:
+                opset: int = OPSET, sqnr_gate_db: float = LOGIT_SQNR_GATE_DB, output_kind: str = "logits") -> dict[str, Any]:
     """Export ``student`` to an int8 ONNX file whose integer kernels and parity are checked.
 
-    Returns ``{path, file_bytes, integer_ops, integer_ops_other, opset, parity_checked}``
+    Returns ``{path, file_bytes, integer_ops, integer_ops_other, dropped_layers, opset, parity_checked}``
     (``integer_ops``: each quantized layer's kernel; ``integer_ops_other``: each quantized
-    add/concat/pool's). With ``verify_on`` the parity gate runs (``parity_checked: True``) and
+    add/concat/pool/matmul's; ``dropped_layers``: ``{layer: why}`` for quantized layers that the
+    forward pass computes but whose output the model's output never uses, which the exporter removes). With ``verify_on`` the parity gate runs (``parity_checked: True``) and
     its metrics are added: ``samples``, ``agreement_with_student``, ``flips``, ``near_tie_flips``,
     ``near_tie_margin``, ``max_abs_logit_diff``, ``logit_sqnr_db`` (the gated figure),
     ``logit_sqnr_db_all``, ``logit_sqnr_left_out_samples``, ``logit_sqnr_gate_db`` and, with
     labels, ``accuracy``, ``student_accuracy``, ``accuracy_near_ties_excused``. Without it
     ``parity_checked`` is False and nothing was compared.
+    With ``output_kind="embedding"`` (``models.outputs.OUTPUT_KINDS``) the gate compares cosines instead
+    (``embedding_parity_gate``: ``samples``, ``mean_cosine``, ``min_cosine``, ``max_abs_diff``,
+    ``mean_cosine_gate``, ``min_cosine_gate``); argmax agreement means nothing for an embedding.
     Raises ``ExportError`` (and writes nothing) when a layer or op runs in float or the gate fails.
 
     ``example_input`` is read as a batch (``qdistill.batch``) and its first sample exported: a tensor,
@@ -735,14 +813,16 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
     """
     if opset < OPSET:
         raise ExportError(f"opset {opset} is not allowed; per-channel QuantizeLinear needs opset {OPSET} or higher")
+    _check_output_kind(output_kind)
     model = build_int8_model(student, example_input, opset)
     info: dict[str, Any] = {"parity_checked": verify_on is not None}
 
     def write_and_check(temporary: Path) -> None:
         onnx.save(model, str(temporary))
         info["integer_ops"], info["integer_ops_other"] = integer_kernels(temporary)
+        info["dropped_layers"] = _metadata(model, DROPPED_KEY) or {}
         if verify_on is not None:
-            info.update(verify_onnx(temporary, student, verify_on, sqnr_gate_db))
+            info.update(verify_onnx(temporary, student, verify_on, sqnr_gate_db, output_kind))
 
     path = atomic_write(path, write_and_check)
     return {"path": str(path), "file_bytes": path.stat().st_size, "opset": opset, **info}

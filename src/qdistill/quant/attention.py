@@ -188,3 +188,116 @@ def unfuse_attention(model: nn.Module) -> list[str]:
             module.fused_attn = False
             names.append(name)
     return names
+
+
+class AttentionScores(nn.Module):
+    """``query @ key^T * scale``: its own module so that ``prepare`` traces it and quantizes the matmul.
+
+    Example:
+        >>> AttentionScores(0.5)(torch.ones(1, 2, 3, 4), torch.ones(1, 2, 5, 4)).shape
+        torch.Size([1, 2, 3, 5])
+    """
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(query, key.transpose(-2, -1)) * self.scale
+
+
+class WeightedValues(nn.Module):
+    """``weights @ value``: its own module so that ``prepare`` traces it and quantizes the matmul.
+
+    Example:
+        >>> WeightedValues()(torch.ones(1, 2, 3, 5), torch.ones(1, 2, 5, 4)).shape
+        torch.Size([1, 2, 3, 4])
+    """
+
+    def forward(self, weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(weights, value)
+
+
+SOFTMAX_NOTE = ("Q.K^T and attention.V are quantized matmuls; the additive attention mask and the softmax stay float "
+                "(the mask holds the dtype's minimum, which no 8-bit grid represents; ONNX Runtime has no integer softmax)")
+
+
+class ExplicitSelfAttention(nn.Module):
+    """A Hugging Face encoder self-attention (BERT family, eager) with its two matmuls in child modules.
+
+    Transformers' ``BertSelfAttention.forward`` takes ``**kwargs`` and calls the attention through a
+    function table, so torch.fx cannot trace it and its ``Q.K^T`` and ``attention.V`` stay float. This
+    module keeps the same ``query``/``key``/``value`` layers and call (``hidden_states, attention_mask,
+    **kwargs`` -> ``(output, weights)``); the mask addition and the softmax stay float (the mask holds
+    the dtype's minimum, which no 8-bit grid represents), the two matmuls become ``QuantMatMul``.
+    """
+
+    def __init__(self, query: nn.Linear, key: nn.Linear, value: nn.Linear, head_size: int, scale: float,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.query, self.key, self.value = query, key, value
+        self.head_size, self.dropout = head_size, dropout
+        self.scores = AttentionScores(scale)
+        self.weighted = WeightedValues()
+
+    @classmethod
+    def from_hf(cls, module: nn.Module) -> ExplicitSelfAttention:
+        """The same attention as a transformers ``BertSelfAttention``-style ``module`` (its layers reused)."""
+        return cls(module.query, module.key, module.value, module.attention_head_size, module.scaling,
+                   module.dropout.p).train(module.training)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, L, E) -> (B, H, L, D)
+        return x.unflatten(-1, (-1, self.head_size)).transpose(1, 2)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        query = self._heads(self.query(hidden_states))
+        key = self._heads(self.key(hidden_states))
+        value = self._heads(self.value(hidden_states))
+        scores = self.scores(query, key)
+        if attention_mask is not None:
+            scores = scores + attention_mask  # additive mask, float
+        weights = F.dropout(scores.softmax(dim=-1), p=self.dropout, training=self.training)
+        output = self.weighted(weights, value).transpose(1, 2).flatten(2)
+        return output, weights
+
+
+def hf_attention_reason(module: nn.Module) -> str | None:
+    """Why a transformers self-attention ``module`` cannot become ``ExplicitSelfAttention``; None when it can.
+
+    Example:
+        >>> hf_attention_reason(nn.Linear(2, 2)) is None
+        False
+    """
+    needed = ("query", "key", "value", "attention_head_size", "scaling", "dropout", "config")
+    if not all(hasattr(module, name) for name in needed) or not type(module).__name__.endswith("SelfAttention"):
+        return "not a transformers encoder self-attention"
+    if getattr(module, "is_decoder", False) or getattr(module, "is_causal", False):
+        return "a decoder (causal, cached) self-attention stays as it is; its matmuls stay float"
+    if getattr(module.config, "_attn_implementation", "eager") != "eager":
+        return ("its attention runs as one fused kernel (attn_implementation="
+                f"{module.config._attn_implementation!r}); load with attn_implementation='eager' to quantize its matmuls")
+    return None
+
+
+def explicit_hf_attention(model: nn.Module) -> dict[str, str]:
+    """Replace transformers encoder self-attentions (``*SelfAttention`` with query/key/value) in place.
+
+    Returns ``{name: what stays float}``: the self-attentions kept as they are (all of them float) and,
+    for those replaced, the mask addition and softmax.
+
+    Example:
+        >>> explicit_hf_attention(nn.Sequential(nn.Linear(2, 2)))
+        {}
+    """
+    kept: dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        if not type(module).__module__.startswith("transformers.") or not type(module).__name__.endswith("SelfAttention"):
+            continue
+        reason = hf_attention_reason(module)
+        if reason is not None:
+            kept[name or "<model>"] = reason
+        elif name:
+            model.set_submodule(name, ExplicitSelfAttention.from_hf(module))
+            kept[name] = SOFTMAX_NOTE
+    return kept

@@ -497,6 +497,9 @@ ELEMENTWISE_ACTIVATIONS = (nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn
 # timm's own activation modules (timm.layers.activations*), by class name: elementwise, no parameters
 TIMM_ELEMENTWISE = {"Swish", "SiLU", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish", "Mish", "GELU",
                     "GELUTanh", "QuickGELU", "HardSwishMe", "HardSigmoidMe", "HardMishMe", "SwishMe", "MishMe"}
+# Hugging Face transformers' activation modules (transformers.activations), by class name: elementwise, no parameters
+HF_ELEMENTWISE = {"GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
+                  "GELUTanh", "PytorchGELUTanh", "SiLUActivation", "MishActivation", "AccurateGELUActivation"}
 
 
 def is_elementwise_activation(module: nn.Module) -> bool:
@@ -510,8 +513,9 @@ def is_elementwise_activation(module: nn.Module) -> bool:
     if isinstance(module, ELEMENTWISE_ACTIVATIONS):
         return True
     kind = type(module)
-    return (kind.__module__.startswith("timm.layers.activations") and kind.__name__ in TIMM_ELEMENTWISE
-            and not any(True for _ in module.parameters()))
+    named = ((kind.__module__.startswith("timm.layers.activations") and kind.__name__ in TIMM_ELEMENTWISE)
+             or (kind.__module__.startswith("transformers.activations") and kind.__name__ in HF_ELEMENTWISE))
+    return named and not any(True for _ in module.parameters())
 
 
 INPUT_QUANTIZED_CLASS: dict[type[nn.Module], type[nn.Module]] = {

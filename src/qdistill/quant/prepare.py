@@ -35,7 +35,12 @@ from torch import nn
 
 from qdistill.batch import batch_inputs, call_model, move_inputs
 from qdistill.errors import ModelError
-from qdistill.quant.attention import DecomposedMultiheadAttention, decompose_attention, unfuse_attention
+from qdistill.quant.attention import (
+    DecomposedMultiheadAttention,
+    decompose_attention,
+    explicit_hf_attention,
+    unfuse_attention,
+)
 from qdistill.quant.fold import batchnorms_to_convs, fold_batchnorms, fold_layer_scales
 from qdistill.quant.graph import CALLED_WITH, called_arguments, module_graphs, torch_module_notes, trace_model
 from qdistill.quant.modules import (
@@ -308,6 +313,7 @@ def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool, calle
     if called:
         setattr(student, CALLED_WITH, called)
     kept_attention = decompose_attention(student)
+    hf_attention = explicit_hf_attention(student)  # transformers: Q.K^T and attention.V as modules
     unfuse_attention(student)  # timm: explicit q @ k^T and attn @ v, which become quantized matmuls
     folded = fold_batchnorms(student)
     student.qdistill_layer_scales = fold_layer_scales(student)  # x * gamma folded into the layer before
@@ -315,7 +321,7 @@ def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool, calle
     layer_names = _quantize_layers(student, spec, init_weights)
     notes = _quantize_graph(student, spec, layer_names)
     _to_model_device(student)
-    student.qdistill_unquantized = {**_unquantized(student), **kept_attention, **notes}
+    student.qdistill_unquantized = {**_unquantized(student), **kept_attention, **notes, **hf_attention}
     student.qdistill_folded = folded
     student.qdistill_norm_convs = norm_convs  # BatchNorms with no layer before them, now depthwise 1x1 convs
     # shared quantizers remember their last tensors only within one forward pass

@@ -1,0 +1,72 @@
+"""Quantizing a transformers BertModel: its attention matmuls, GELU, Linears and residual adds are reached."""
+
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from qdistill.quant.attention import ExplicitSelfAttention, explicit_hf_attention  # noqa: E402
+from qdistill.quant.prepare import layer_table, prepare  # noqa: E402
+
+
+class MeanEncoder(nn.Module):
+    """The shape of models/hf.py's HFEncoder (task embedding, mean pooling), on a small random BertModel."""
+
+    def __init__(self, attn_implementation: str = "eager", pooler: bool = False) -> None:
+        super().__init__()
+        config = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=32)
+        config._attn_implementation = attn_implementation
+        torch.manual_seed(0)
+        self.bert = transformers.BertModel(config, add_pooling_layer=pooler)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                           token_type_ids=token_type_ids).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+def _batch(rows=3, length=7):
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 50, (rows, length), generator=generator)
+    mask = torch.ones(rows, length, dtype=torch.long)
+    mask[0, 4:] = 0  # padding, so the additive mask matters
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_explicit_attention_computes_what_transformers_computes():
+    model = MeanEncoder().eval()
+    batch = _batch()
+    with torch.no_grad():
+        expected = model(**batch)
+        kept = explicit_hf_attention(model)
+        assert set(kept) == {"bert.encoder.layer.0.attention.self", "bert.encoder.layer.1.attention.self"}
+        assert all("softmax stay float" in reason for reason in kept.values())
+        assert isinstance(model.bert.encoder.layer[0].attention.self, ExplicitSelfAttention)
+        assert torch.allclose(model(**batch), expected, atol=1e-5)
+
+
+def test_prepare_quantizes_attention_matmuls_and_gelu():
+    model = MeanEncoder().eval()
+    student = prepare(model, {"weight_bits": 8, "act_bits": 8}, calibration_data=[_batch()])
+    table = layer_table(student)
+    for block in range(2):
+        prefix = f"bert.encoder.layer.{block}."
+        for name in ("attention.self.query", "attention.self.key", "attention.self.value",
+                     "attention.self.scores.matmul", "attention.self.weighted.matmul",
+                     "attention.output.dense", "attention.output.add", "intermediate.dense",
+                     "intermediate.intermediate_act_fn", "output.dense", "output.add"):
+            assert table[prefix + name]["act_bits"] == 8, prefix + name
+    with torch.no_grad():
+        cosine = nn.functional.cosine_similarity(student(**_batch()), model(**_batch()))
+    assert cosine.min() > 0.99
+
+
+def test_fused_attention_stays_float_with_a_reason():
+    model = MeanEncoder(attn_implementation="sdpa").eval()
+    student = prepare(model, {"weight_bits": 8, "act_bits": 8}, calibration_data=[_batch()])
+    reason = student.qdistill_unquantized["bert.encoder.layer.0.attention.self"]
+    assert "attn_implementation='eager'" in reason
+    assert "bert.encoder.layer.0.attention.self.scores.matmul" not in layer_table(student)
