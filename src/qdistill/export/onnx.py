@@ -105,6 +105,7 @@ from qdistill.export.latency import first_samples, make_session
 from qdistill.export.packed import IntegerWeight, weight_integers
 from qdistill.export.qdq_graph import (
     FLOAT_CODE_FORM,
+    FLOAT_LOOKUP_KERNELS,
     INTEGER_OPS,
     LAYER_MARKER,
     LOOKUP_MARKER,
@@ -435,11 +436,13 @@ def _op_kernels(table: list[dict[str, Any]], optimized: onnx.ModelProto) -> dict
                               "for an integer kernel; every quantized op must feed one quantized layer or op")
         producer = producers.get(op.quantized_output)
         kernel = producer.op_type if producer is not None else "nothing (folded away)"
+        if op.op == "Lookup" and op.form:  # exact float ops, checked on every input code (qdq_graph._float_lookups)
+            allowed = FLOAT_LOOKUP_KERNELS
         if kernel not in allowed:
             expected = " or ".join(allowed) or "an integer kernel"
             raise ExportError(f"ONNX Runtime runs quantized op {op.name!r} ({op.op}) in float (its integer output is "
                               f"written by {kernel}); every quantized op must run as an integer kernel ({expected})")
-        kernels[op.name] = kernel
+        kernels[op.name] = f"{kernel} ({op.form})" if op.form else kernel
     return kernels
 
 

@@ -50,6 +50,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from qdistill.export.latency import make_session
+
 LAYER_MARKER = "qdistill_layer"  # attribute our weight DequantizeLinear carries through the exporter
 OP_MARKER = "qdistill_op"  # attribute of the Identity written after each quantized op without weights
 LOOKUP_MARKER = "qdistill_lookup"  # attributes (name, table) of the Identity an elementwise activation writes
@@ -74,6 +76,9 @@ OP_KERNELS = {
     "MatMul": ("QLinearMatMul", "MatMulInteger"),
     "Lookup": ("Gather",),
 }
+# what writes a lookup's codes when it runs as exact float ops (``_float_lookups``): the QuantizeLinear
+# after them, or ONNX Runtime's own table kernel for DequantizeLinear -> Sigmoid -> QuantizeLinear
+FLOAT_LOOKUP_KERNELS = ("QuantizeLinear", "QLinearSigmoid")
 
 
 @dataclass
@@ -105,7 +110,7 @@ class OpInfo:
 
     Example (``rewrite_for_int8`` fills ``quantized_output``, or ``feeds`` when there is no such tensor):
         >>> OpInfo("layer1.0.add", "Add", "/layer1/layer1.0/add/Add_output_0").as_dict()
-        {'name': 'layer1.0.add', 'op': 'Add', 'output': '/layer1/layer1.0/add/Add_output_0', 'quantized_output': None, 'feeds': ''}
+        {'name': 'layer1.0.add', 'op': 'Add', 'output': '/layer1/layer1.0/add/Add_output_0', 'quantized_output': None, 'feeds': '', 'form': ''}
     """
 
     name: str
@@ -113,6 +118,7 @@ class OpInfo:
     output: str
     quantized_output: str | None = None
     feeds: str = ""  # what its result feeds when that is not one QuantizeLinear (for the error message)
+    form: str = ""  # a lookup computed by exact float ops instead of its Gather: those ops (``_float_lookups``)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -255,12 +261,14 @@ def _collect_lookups(graph: onnx.GraphProto) -> dict[str, tuple[onnx.NodeProto, 
     return lookups
 
 
-def _install_lookups(graph: onnx.GraphProto, lookups: dict[str, tuple[onnx.NodeProto, np.ndarray]]) -> dict[str, OpInfo]:
+def _install_lookups(graph: onnx.GraphProto, lookups: dict[str, tuple[onnx.NodeProto, np.ndarray]],
+                     sources: dict[str, list[str]] | None = None) -> dict[str, OpInfo]:
     """Each marker becomes ``Cast(int32) -> Gather(table)`` on the integer input codes (the DQ removed).
 
     The table is indexed by the code modulo 256 (Gather counts negative indices from the end), so
     signed and unsigned codes need no offset. Its output is float here; ``_integer_lookups`` turns
-    it into codes where one QuantizeLinear reads it.
+    it into codes where one QuantizeLinear reads it. ``sources`` receives, per lookup, the input
+    DequantizeLinear's inputs (codes, scale, zero point), which ``_float_lookups`` reads.
     """
     infos: dict[str, OpInfo] = {}
     for key, (marker, table) in lookups.items():
@@ -271,6 +279,8 @@ def _install_lookups(graph: onnx.GraphProto, lookups: dict[str, tuple[onnx.NodeP
             continue
         table_name, codes = f"{key}.lookup_table", f"{key}.lookup_index"
         _set_initializer(graph, table_name, table)
+        if sources is not None:
+            sources[key] = list(dequantize.input)
         graph.node.append(helper.make_node("Cast", [dequantize.input[0]], [codes], name=f"{key}.lookup_cast",
                                            to=onnx.TensorProto.INT32))
         graph.node.append(helper.make_node("Gather", [table_name, codes], [marker.output[0]], name=key, axis=0))
@@ -281,11 +291,12 @@ def _install_lookups(graph: onnx.GraphProto, lookups: dict[str, tuple[onnx.NodeP
     return infos
 
 
-def _integer_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo]) -> None:
+def _integer_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo], sources: dict[str, list[str]] | None = None) -> None:
     """A table whose output one QuantizeLinear reads holds that quantizer's codes instead (the Q removed).
 
     The codes are computed as the student's fake quantization computes them: ``round(v * (1 / s)) + z``
-    in float32, rounding half to even, clamped to the integer type.
+    in float32, rounding half to even, clamped to the integer type. ``sources`` (``_install_lookups``)
+    gets the removed quantizer's scale and zero point appended.
     """
     for info in lookups.values():
         index = _Index(graph)
@@ -303,8 +314,127 @@ def _integer_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo]) -> None
         gather = index.producer[info.output]
         _repoint_shapes(graph, info.output, quantize.output[0])
         gather.output[0] = quantize.output[0]
+        if sources is not None and info.name in sources:
+            sources[info.name] += list(quantize.input[1:3])
         graph.node.remove(quantize)
         info.output = info.quantized_output = quantize.output[0]
+
+
+# Float forms an integer lookup may take instead of its Gather, fastest first: (name, steps). A step is
+# (op, attributes, operands); an operand is "x" (the dequantized input), "v" (the previous step's
+# result) or a float constant. ONNX Runtime's Gather copies one byte per index (~11 ns a value); these
+# run vectorised, and DequantizeLinear -> Sigmoid -> QuantizeLinear even fuses into QLinearSigmoid.
+_HARD = {"alpha": 1.0 / 6.0, "beta": 0.5}
+FLOAT_LOOKUP_FORMS = (
+    ("HardSigmoid", (("HardSigmoid", _HARD, ("v",)),)),
+    ("Sigmoid", (("Sigmoid", {}, ("v",)),)),
+    ("HardSigmoid, Mul (hardswish)", (("HardSigmoid", _HARD, ("v",)), ("Mul", {}, ("x", "v")))),
+    ("Sigmoid, Mul (SiLU)", (("Sigmoid", {}, ("v",)), ("Mul", {}, ("x", "v")))),
+    # PyTorch's own formulas, op for op: min(max(x + 3, 0), 6) / 6 and x * min(max(x + 3, 0), 6) / 6
+    ("Add, Clip, Div (hardsigmoid as PyTorch computes it)",
+     (("Add", {}, ("v", 3.0)), ("Clip", {}, ("v", 0.0, 6.0)), ("Div", {}, ("v", 6.0)))),
+    ("Add, Clip, Mul, Div (hardswish as PyTorch computes it)",
+     (("Add", {}, ("v", 3.0)), ("Clip", {}, ("v", 0.0, 6.0)), ("Mul", {}, ("x", "v")), ("Div", {}, ("v", 6.0)))),
+)
+FLOAT_LOOKUP_LEVELS = ("basic", "extended", "all")  # float ops, QDQ fusions, NHWC layout: each must give the table
+FLOAT_LOOKUP_CHUNK = 7  # the codes are also run in pieces this short, so that the ops' scalar tail code is checked
+
+
+def _form_nodes(form: tuple, x: str, prefix: str) -> tuple[list[onnx.NodeProto], dict[str, np.ndarray], str]:
+    """The nodes of one ``FLOAT_LOOKUP_FORMS`` entry on float ``x``, their constants, and the result's name."""
+    nodes, constants, value = [], {}, x
+    for position, (op, attributes, operands) in enumerate(form):
+        inputs = []
+        for slot, operand in enumerate(operands):
+            if isinstance(operand, float):
+                name = f"{prefix}.constant_{position}_{slot}"
+                constants[name] = np.array(operand, np.float32)
+                inputs.append(name)
+            else:
+                inputs.append(x if operand == "x" else value)
+        output = f"{prefix}.float_{position}"
+        nodes.append(helper.make_node(op, inputs, [output], name=f"{prefix}.{op.lower()}_{position}", **attributes))
+        value = output
+    return nodes, constants, value
+
+
+def _lookup_codes(graph: onnx.GraphProto, codes: str, dtype: np.dtype) -> np.ndarray:
+    """The input codes a lookup can see: the integer type, narrowed by an integer Clip that writes them."""
+    limits = np.iinfo(dtype)
+    low, high = int(limits.min), int(limits.max)
+    producer = _Index(graph).producer.get(codes)
+    if producer is not None and producer.op_type == "Clip" and all(name in _initializers(graph) for name in producer.input[1:3]):
+        low = max(low, int(_array(graph, producer.input[1])))
+        high = min(high, int(_array(graph, producer.input[2])))
+    return np.arange(low, high + 1).astype(dtype)
+
+
+def _exact_forms(graph: onnx.GraphProto, lookups: dict[str, tuple[list[str], np.ndarray, np.ndarray]],
+                 form: tuple) -> set[str]:
+    """The lookups for which ``DequantizeLinear -> form -> QuantizeLinear`` in ONNX Runtime gives the table's
+    codes on every input code, at every level of ``FLOAT_LOOKUP_LEVELS``, whole and in short pieces."""
+    inputs, outputs, nodes, initializers = [], [], [], []
+    for position, (key, (source, codes, _)) in enumerate(lookups.items()):
+        names = [f"k{position}.{part}" for part in ("codes", "scale", "zero", "out_scale", "out_zero")]
+        for name, original in zip(names[1:], source[1:], strict=True):
+            initializers.append(numpy_helper.from_array(_array(graph, original).reshape(()), name))
+        inputs.append(helper.make_tensor_value_info(names[0], helper.np_dtype_to_tensor_dtype(codes.dtype), ["n"]))
+        nodes.append(helper.make_node("DequantizeLinear", names[:3], [f"k{position}.x"]))
+        form_nodes, constants, value = _form_nodes(form, f"k{position}.x", f"k{position}")
+        nodes += form_nodes
+        initializers += [numpy_helper.from_array(array, name) for name, array in constants.items()]
+        nodes.append(helper.make_node("QuantizeLinear", [value, *names[3:]], [f"k{position}.y"]))
+        out_type = helper.np_dtype_to_tensor_dtype(_array(graph, source[4]).dtype)
+        outputs.append(helper.make_tensor_value_info(f"k{position}.y", out_type, ["n"]))
+    model = helper.make_model(helper.make_graph(nodes, "lookup_check", inputs, outputs, initializers),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    exact = set(lookups)
+    for level in FLOAT_LOOKUP_LEVELS:
+        session = make_session(model.SerializeToString(), threads=1, level=level)
+        count = max(len(codes) for _, codes, _ in lookups.values())
+        for start, stop in [(0, count)] + [(s, s + FLOAT_LOOKUP_CHUNK) for s in range(0, count, FLOAT_LOOKUP_CHUNK)]:
+            feed = {f"k{p}.codes": codes[start % len(codes):stop] if start < len(codes) else codes[:1]
+                    for p, (_, codes, _) in enumerate(lookups.values())}
+            results = session.run(None, feed)
+            for position, (key, (_, codes, table)) in enumerate(lookups.items()):
+                piece = feed[f"k{position}.codes"]
+                if not np.array_equal(results[position].astype(np.int64), table[piece.astype(np.int64) % 256].astype(np.int64)):
+                    exact.discard(key)
+    return exact
+
+
+def _float_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo], sources: dict[str, list[str]]) -> None:
+    """An integer lookup that ONNX Runtime's own float ops reproduce exactly runs as those ops.
+
+    ``Cast -> Gather(table)`` becomes ``DequantizeLinear -> form -> QuantizeLinear`` with the first
+    ``FLOAT_LOOKUP_FORMS`` entry that gives the table's codes on every input code the lookup can
+    see (checked here in ONNX Runtime, ``_exact_forms``). Same values, so the student's outputs stay
+    exact; the Gather stays where no form is exact. Why: the Gathers took half of MobileNetV3-Small's
+    int8 time (docs/deploy.md).
+    """
+    pending = {}
+    for key, info in lookups.items():
+        source = sources.get(key, [])
+        if info.quantized_output is None or len(source) != 5:
+            continue
+        table = _array(graph, f"{key}.lookup_table")
+        pending[key] = (source, _lookup_codes(graph, source[0], _array(graph, source[2]).dtype), table)
+    for name, form in FLOAT_LOOKUP_FORMS:
+        if not pending:
+            return
+        for key in _exact_forms(graph, pending, form):
+            source = pending.pop(key)[0]
+            index = _Index(graph)
+            gather = index.producer[lookups[key].output]
+            graph.node.remove(index.producer[gather.input[1]])  # the Cast to indices
+            graph.node.remove(gather)
+            nodes, constants, value = _form_nodes(form, f"{key}.dequantized", key)
+            for constant, array in constants.items():
+                _set_initializer(graph, constant, array)
+            graph.node.append(helper.make_node("DequantizeLinear", source[:3], [f"{key}.dequantized"], name=f"{key}.dequantize"))
+            graph.node.extend(nodes)
+            graph.node.append(helper.make_node("QuantizeLinear", [value, *source[3:]], [lookups[key].output], name=key))
+            lookups[key].form = f"exact float {name}"
 
 
 def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -864,8 +994,10 @@ def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict
     lookups = _collect_lookups(graph)
     _move_all_quantizes(graph, layers)
     _op_quantized_outputs(graph, ops)
-    lookup_ops = _install_lookups(graph, lookups)
-    _integer_lookups(graph, lookup_ops)
+    sources: dict[str, list[str]] = {}
+    lookup_ops = _install_lookups(graph, lookups, sources)
+    _integer_lookups(graph, lookup_ops, sources)
+    _float_lookups(graph, lookup_ops, sources)
     ops.update(lookup_ops)
     index = _Index(graph)
     for info in layers.values():
