@@ -10,8 +10,8 @@ training labels. A KD run and its QAT twin differ only in distill.alpha (0.9 vs 
 learning rate and labelled batches. Seeds vary train.seed (initialisation from scratch, dropout); the split,
 the labelled 10% and the batch order are fixed by data.seed 0. Accuracies are on each data set's test split.
 Targets: KD - QAT >= 1 pp (mean) in both MNIST scenarios; half-width W4A4 KD within 0.5 pp of the teacher.
-Run with OMP_NUM_THREADS=1 (about 40 minutes on a busy 2-core machine); arguments pick scenarios by name,
-e.g. `python bench/kd_gain_bench.py scratch`.
+Run with OMP_NUM_THREADS=1 (about 13 minutes per from-scratch MNIST scenario on a busy 2-core machine); arguments
+pick scenarios by name, e.g. `python bench/kd_gain_bench.py scratch`.
 """
 
 from __future__ import annotations
