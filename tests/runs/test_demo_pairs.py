@@ -1,5 +1,6 @@
-"""The demo's KD and no-KD runs come in twins that differ in ``distill.alpha`` alone (same seeds, epochs, learning
-rate, labelled batches), cover the half-width and 10%-label students, and the page pairs each twin with its own."""
+"""The demo's KD and no-KD runs come in twins that train identically but for ``distill.alpha`` (same seeds, epochs,
+learning rate, labelled batches; the no-KD twin skips the ONNX export its KD twin makes), cover the half-width and
+10%-label students, and the page pairs each twin with its own."""
 
 from __future__ import annotations
 
@@ -18,7 +19,11 @@ def test_every_kd_run_has_a_twin_that_differs_in_alpha_alone():
             kd, qat = runs[f"{name}_kd"].to_dict(), runs[f"{name}_qat"].to_dict()
             assert kd["distill"]["alpha"] > 0 and qat["distill"]["alpha"] == 0
             kd["distill"].pop("alpha"), qat["distill"].pop("alpha")
+            assert qat["export"]["onnx"] is False  # the KD twin exports this architecture at these bits
+            kd["export"].pop("onnx"), qat["export"].pop("onnx")
             assert kd == qat, name
+        assert [name for name, recipe in runs.items() if recipe.export.onnx] == (
+            [] if quick else ["w8a8_kd", "w4a4_kd", "w2a2_kd"])
 
 
 def test_scarce_label_and_half_width_runs():

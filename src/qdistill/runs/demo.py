@@ -53,7 +53,8 @@ def demo_runs(base: Recipe) -> list[tuple[str, Recipe]]:
     student (``_10pct``: the KD run learns from the other 90% as unlabeled transfer data, the QAT run has
     the labelled 10% only). The 10% rows mix ``LABEL_FRACTION_RATIO`` unlabeled samples into every step per
     labelled one, so each epoch passes once over all 3200 training images, labelled or not, as the full-label
-    rows do. The comparison rows skip the ONNX export (the same architectures and bits are exported above).
+    rows do. The comparison rows and every ``_qat`` twin skip the ONNX export (the ``_kd`` rows at 8, 4 and 2 bits
+    export the same architecture and bits).
     """
     runs = []
     for bits in (8, 4, 2):
@@ -67,9 +68,13 @@ def demo_runs(base: Recipe) -> list[tuple[str, Recipe]]:
 
 
 def _pair(name: str, recipe: Recipe) -> list[tuple[str, Recipe]]:
-    """The KD run and its no-KD twin (QAT only), identical but for ``distill.alpha``."""
+    """The KD run and its no-KD twin (QAT only), trained identically but for ``distill.alpha``.
+
+    The twin skips the ONNX export: its KD twin exports the same architecture at the same bits, and the
+    export with its parity gate was about 15% of a W4A4 row's time (measured in ``docs/distillation.md``).
+    """
     return [(f"{name}_kd", recipe.with_overrides([f"distill.alpha={KD_ALPHA}"])),
-            (f"{name}_qat", recipe.with_overrides(["distill.alpha=0.0"]))]
+            (f"{name}_qat", recipe.with_overrides(["distill.alpha=0.0", "export.onnx=false"]))]
 
 
 def _row(name: str, recipe: Recipe, report: dict[str, Any], seconds: float) -> dict[str, Any]:
