@@ -374,7 +374,7 @@ def _exact_forms(graph: onnx.GraphProto, lookups: dict[str, tuple[list[str], np.
     """The lookups for which ``DequantizeLinear -> form -> QuantizeLinear`` in ONNX Runtime gives the table's
     codes on every input code, at every level of ``FLOAT_LOOKUP_LEVELS``, whole and in short pieces."""
     inputs, outputs, nodes, initializers = [], [], [], []
-    for position, (key, (source, codes, _)) in enumerate(lookups.items()):
+    for position, (source, codes, _) in enumerate(lookups.values()):
         names = [f"k{position}.{part}" for part in ("codes", "scale", "zero", "out_scale", "out_zero")]
         for name, original in zip(names[1:], source[1:], strict=True):
             initializers.append(numpy_helper.from_array(_array(graph, original).reshape(()), name))
@@ -396,7 +396,7 @@ def _exact_forms(graph: onnx.GraphProto, lookups: dict[str, tuple[list[str], np.
             feed = {f"k{p}.codes": codes[start % len(codes):stop] if start < len(codes) else codes[:1]
                     for p, (_, codes, _) in enumerate(lookups.values())}
             results = session.run(None, feed)
-            for position, (key, (_, codes, table)) in enumerate(lookups.items()):
+            for position, (key, (_, _, table)) in enumerate(lookups.items()):
                 piece = feed[f"k{position}.codes"]
                 if not np.array_equal(results[position].astype(np.int64), table[piece.astype(np.int64) % 256].astype(np.int64)):
                     exact.discard(key)
