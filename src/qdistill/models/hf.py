@@ -49,15 +49,17 @@ def import_transformers(field: str = "model.hf") -> ModuleType:
 
 
 def layer_indices(total: int, keep: int) -> list[int]:
-    """Which of ``total`` layers a ``keep``-layer student takes: evenly spaced, first and last included.
+    """Which of ``total`` layers a ``keep``-layer student takes: evenly spaced (rounded down), first and last included.
 
     Example:
         >>> layer_indices(6, 3), layer_indices(6, 2), layer_indices(6, 6), layer_indices(12, 1)
         ([0, 2, 5], [0, 5], [0, 1, 2, 3, 4, 5], [11])
+        >>> layer_indices(12, 4)
+        [0, 3, 7, 11]
     """
     if keep == 1:
         return [total - 1]
-    return [int(i * (total - 1) / (keep - 1) + 0.5) for i in range(keep)]
+    return [i * (total - 1) // (keep - 1) for i in range(keep)]
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
