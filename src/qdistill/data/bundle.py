@@ -46,7 +46,7 @@ class DataBundle:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """One sample's shape; for dict inputs (tokens) the first tensor's, e.g. ``(max_length,)``."""
-        first = self.train_x if isinstance(self.train_x, torch.Tensor) else next(iter(self.train_x.values()))
+        first = next(iter(self.train_x.values())) if isinstance(self.train_x, dict) else self.train_x
         return tuple(first.shape[1:])
 
     @property
