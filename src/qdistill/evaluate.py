@@ -133,3 +133,58 @@ def evaluate(model: nn.Module, loader: Iterable[Any], num_classes: int | None = 
         teacher_logits, _ = predict(teacher, loader)
         metrics["agreement_with_teacher"] = float(np.mean(teacher_logits.argmax(axis=1) == predictions))
     return metrics
+
+
+RETRIEVAL_KS = (1, 10)
+
+
+def nearest_neighbours(embeddings: torch.Tensor, k: int) -> torch.Tensor:
+    """For each row, the indices of its ``k`` most cosine-similar other rows (itself excluded), most similar first.
+
+    Example:
+        >>> nearest_neighbours(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]]), 1).flatten().tolist()
+        [1, 0, 1]
+    """
+    unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(-float("inf"))
+    return similarity.topk(min(k, len(embeddings) - 1), dim=1).indices
+
+
+def embedding_metrics(student: torch.Tensor, teacher: torch.Tensor) -> dict[str, Any]:
+    """How closely a student's embeddings follow the teacher's on the same held-out texts.
+
+    ``mean_cosine`` / ``min_cosine``: cosine similarity between the two embeddings of each text;
+    ``agreement_at_1``: the fraction of texts whose nearest neighbour (cosine, among the other held-out
+    texts) is the same for student and teacher; ``agreement_at_10``: the mean overlap of the two
+    10-nearest-neighbour sets, divided by 10 (fewer when there are fewer texts).
+
+    Example:
+        >>> teacher = torch.eye(4) + 0.1
+        >>> metrics = embedding_metrics(teacher * 2, teacher)
+        >>> metrics["mean_cosine"], metrics["agreement_at_1"], metrics["agreement_at_10"]
+        (1.0, 1.0, 1.0)
+    """
+    if student.shape != teacher.shape or student.dim() != 2 or len(student) < 2:
+        raise DataError(f"embedding metrics need two (samples >= 2, width) tensors of one shape; got "
+                        f"{tuple(student.shape)} and {tuple(teacher.shape)}")
+    cosine = torch.nn.functional.cosine_similarity(student.double(), teacher.double(), dim=1)
+    metrics: dict[str, Any] = {"mean_cosine": round(float(cosine.mean()), 6), "min_cosine": round(float(cosine.min()), 6),
+                               "samples": len(student)}
+    for k in RETRIEVAL_KS:
+        ours, theirs = nearest_neighbours(student, k), nearest_neighbours(teacher, k)
+        overlap = [len(set(a) & set(b)) / len(a) for a, b in zip(ours.tolist(), theirs.tolist(), strict=True)]
+        metrics[f"agreement_at_{k}"] = round(float(np.mean(overlap)), 6)
+    return metrics
+
+
+@torch.no_grad()
+def embed(model: nn.Module, loader: Iterable[Any]) -> torch.Tensor:
+    """The model's outputs (embeddings) for every batch of ``loader``, in order, on the CPU."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        return torch.cat([call_model(model, move_inputs(split_batch(batch)[0], device)).float().cpu() for batch in loader])
+    finally:
+        model.train(was_training)

@@ -16,11 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from qdistill.errors import RecipeError
 
 ZOOS = ("torchvision", "timm")
-MODEL_SOURCES = ("name", "factory", *ZOOS)
-DATA_SOURCES = ("name", "npz", "factory", "image_folder")
+MODEL_SOURCES = ("name", "factory", *ZOOS, "hf")
+DATA_SOURCES = ("name", "npz", "factory", "image_folder", "text")
+HF_KEYS = ("task", "pooling", "num_layers")  # model keys for Hugging Face models only
+TEXT_DEFAULTS = {"text_field": "text", "label_field": None, "tokenizer": None, "max_length": 128}  # text data only
 DEFAULT_IMAGE_SIZE = 224
 IMAGE_FOLDER_DEFAULTS = {"image_size": None, "augment": "none", "workers": 2}  # keys for image folders only
-UNLABELED_SOURCES = ("npz", "image_folder", "factory")
+UNLABELED_SOURCES = ("npz", "image_folder", "factory", "text")
 
 
 class _Section(BaseModel):
@@ -35,20 +37,45 @@ class ModelSpec(_Section):
 
     Zoo models are built without pretrained weights (nothing is ever downloaded); weights come only
     from ``checkpoint``, a local safetensors or torch state-dict file.
+
+    ``hf``: a local Hugging Face model folder (the ``nlp`` extra, ``models.hf.load_hf``) with its
+    weights; ``task`` (``embedding``: a pooled vector per text, default; ``sequence_classification``:
+    class logits from a new linear head), ``pooling`` (``mean`` over the attention mask, default, or
+    ``cls``) and ``num_layers`` (a shallower model keeping that many evenly spaced layers).
+
+    Example:
+        >>> ModelSpec(hf="minilm").task, ModelSpec(hf="minilm", num_layers=3).pooling
+        ('embedding', 'mean')
     """
 
     name: str | None = None
     factory: str | None = None
     torchvision: str | None = None
     timm: str | None = None
+    hf: str | None = None
+    task: Literal["embedding", "sequence_classification"] | None = None
+    pooling: Literal["mean", "cls"] | None = None
+    num_layers: int | None = Field(None, ge=1, le=1000)
     checkpoint: str | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hf_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("hf") is not None:
+            return {"task": "embedding", "pooling": "mean", **{k: v for k, v in data.items() if v is not None}}
+        return data
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSpec:
         if sum(getattr(self, key) is not None for key in MODEL_SOURCES) != 1:
             raise ValueError("give exactly one of 'name' (a built-in model), 'factory' (module:function), "
-                             "'torchvision' or 'timm' (an architecture of that model zoo)")
+                             "'torchvision' or 'timm' (an architecture of that model zoo) or 'hf' (a local "
+                             "Hugging Face model folder)")
+        if self.hf is None:
+            for key in HF_KEYS:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} applies to Hugging Face models (hf: <folder>) only")
         return self
 
     @property
@@ -77,12 +104,14 @@ class UnlabeledSpec(_Section):
     npz: str | None = None
     image_folder: str | None = None
     factory: str | None = None
+    text: str | None = None
     limit: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _one_source(self) -> UnlabeledSpec:
         if sum(getattr(self, key) is not None for key in UNLABELED_SOURCES) != 1:
-            raise ValueError("give exactly one of 'npz' (path), 'image_folder' (path) or 'factory' (module:function)")
+            raise ValueError("give exactly one of 'npz' (path), 'image_folder' (path), 'factory' (module:function) "
+                             "or 'text' (a .txt/.jsonl/.csv file)")
         return self
 
 
@@ -100,6 +129,13 @@ class DataSpec(_Section):
     of the training images), ``workers`` (DataLoader processes that decode the images) and
     ``normalize: imagenet`` (ImageNet's per-channel mean and standard deviation).
 
+    Text (``data/text.py``, the ``nlp`` extra): ``text`` is a ``.txt`` (one text per line, no labels),
+    ``.jsonl`` or ``.csv`` file; ``text_field`` names the text's field (default ``text``),
+    ``label_field`` the label's (optional: without it the data is unlabeled, for embedding models);
+    ``tokenizer`` is a local Hugging Face tokenizer folder (required) and ``max_length`` the tokens per
+    text (padded and truncated). Batches are dicts (``input_ids``, ``attention_mask``, ``token_type_ids``);
+    ``unlabeled: {text: <file>}`` adds unlabeled text, tokenized the same way.
+
     Scarce labels: ``label_fraction`` keeps the labels of a stratified fraction of the training split
     (chosen by ``seed``) and treats the rest as unlabeled; ``unlabeled`` adds unlabeled transfer data
     (``UnlabeledSpec``). Unlabeled samples train with the KD loss only (``kd.mixing``): every step
@@ -116,6 +152,11 @@ class DataSpec(_Section):
     npz: str | None = None
     factory: str | None = None
     image_folder: str | None = None
+    text: str | None = None
+    text_field: str = Field("text", min_length=1)
+    label_field: str | None = Field(None, min_length=1)
+    tokenizer: str | None = None
+    max_length: int = Field(128, ge=2, le=8192)
     batch_size: int = Field(64, ge=1, le=65536)
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
     test_fraction: float | None = Field(None, gt=0.0, lt=1.0)
@@ -140,11 +181,19 @@ class DataSpec(_Section):
     def _one_source(self) -> DataSpec:
         given = [key for key in DATA_SOURCES if getattr(self, key) is not None]
         if len(given) != 1:
-            raise ValueError("give exactly one of 'name' (mnist5k | digits), 'npz' (path), 'factory' (module:function) "
-                             "or 'image_folder' (path)")
+            raise ValueError("give exactly one of 'name' (mnist5k | digits), 'npz' (path), 'factory' (module:function), "
+                             "'image_folder' (path) or 'text' (a .txt/.jsonl/.csv file)")
         if self.name == "mnist5k" and self.test_fraction is not None and self.limit is None:
             raise ValueError("mnist5k has a fixed 1000-image test set; test_fraction applies to digits, npz, factory "
                              "data and to mnist5k with a limit")
+        if self.text is None:
+            for key, default in TEXT_DEFAULTS.items():
+                if getattr(self, key) != default:
+                    raise ValueError(f"{key} applies to text data (text: <file>) only")
+            if self.unlabeled is not None and self.unlabeled.text is not None:
+                raise ValueError("unlabeled.text goes with text data (data.text and data.tokenizer)")
+        elif self.tokenizer is None:
+            raise ValueError("text data needs tokenizer: a local Hugging Face tokenizer folder (e.g. the model's folder)")
         if self.image_folder is None:
             self._no_image_keys()
         elif self.limit is not None:

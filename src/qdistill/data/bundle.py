@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from qdistill.batch import input_rows
 
 
 @dataclass
@@ -42,7 +45,9 @@ class DataBundle:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train_x.shape[1:])
+        """One sample's shape; for dict inputs (tokens) the first tensor's, e.g. ``(max_length,)``."""
+        first = next(iter(self.train_x.values())) if isinstance(self.train_x, dict) else self.train_x
+        return tuple(first.shape[1:])
 
     @property
     def has_labels(self) -> bool:
@@ -51,10 +56,12 @@ class DataBundle:
     @property
     def unlabeled_samples(self) -> int:
         """How many unlabeled inputs there are (label-stripped training samples plus ``data.unlabeled``)."""
-        return 0 if self.unlabeled_x is None else len(self.unlabeled_x)
+        return 0 if self.unlabeled_x is None else _rows(self.unlabeled_x)
 
     def model_kwargs(self) -> dict[str, int]:
-        """Arguments built-in models take to fit this data (channels, classes, image size)."""
+        """Arguments built-in models take to fit this data (channels, classes, image size; classes only for tokens)."""
+        if isinstance(self.train_x, dict):
+            return {"num_classes": self.num_classes}
         shape = self.input_shape
         channels = shape[0] if len(shape) == 3 else 1
         return {"in_channels": channels, "num_classes": self.num_classes, "image_size": shape[-1]}
@@ -64,7 +71,13 @@ class DataBundle:
 
         ``train_samples`` is the whole training split, including samples whose labels ``data.label_fraction`` set aside.
         """
-        sizes = {"train_samples": len(self.train_x) + self.unlabeled_from_train, "val_samples": len(self.val_x)}
+        sizes = {"train_samples": _rows(self.train_x) + self.unlabeled_from_train,
+                 "val_samples": _rows(self.val_x)}
         if self.test_x is not None:
-            sizes["test_samples"] = len(self.test_x)
+            sizes["test_samples"] = _rows(self.test_x)
         return sizes
+
+
+def _rows(inputs: Any) -> int:
+    """Samples in a split: ``len`` of a tensor or image files, the rows of a dict of tensors (tokens)."""
+    return input_rows(inputs) if isinstance(inputs, dict) else len(inputs)

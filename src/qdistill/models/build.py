@@ -1,4 +1,5 @@
-"""A float model from a recipe's model section: a built-in name, a factory or a zoo architecture, with its checkpoint loaded."""
+"""A float model from a recipe's model section: a built-in name, a factory, a zoo architecture or a Hugging Face
+folder, with its checkpoint loaded."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import nn
 from qdistill.errors import ModelError
 from qdistill.factory import call_factory
 from qdistill.io import load_state, load_torch_weights, load_weights
+from qdistill.models.hf import load_hf
 from qdistill.models.registry import create
 from qdistill.models.zoo import create_zoo_model, import_zoo, zoo_kwargs
 from qdistill.recipe import ModelSpec
@@ -21,14 +23,18 @@ TORCH_SUFFIXES = (".pt", ".pth", ".bin")  # torch state-dict files, read with we
 def build_model(spec: ModelSpec, model_kwargs: dict[str, Any], field_name: str = "model") -> nn.Module:
     """Build the model ``spec`` names; ``model_kwargs`` (from the data) come first, ``spec.kwargs`` win.
 
-    Zoo models (``torchvision``, ``timm``) get the data's arguments translated (``models.zoo.zoo_kwargs``).
+    Zoo models (``torchvision``, ``timm``) get the data's arguments translated (``models.zoo.zoo_kwargs``); a
+    Hugging Face folder (``hf``) takes only ``num_classes`` (for ``task: sequence_classification``).
 
     Example:
         >>> from qdistill.recipe import ModelSpec
         >>> build_model(ModelSpec(name="mlp"), {"in_channels": 1, "num_classes": 3, "image_size": 4}).net[-1].out_features
         3
     """
-    if spec.zoo is not None:
+    if spec.hf is not None:  # a Hugging Face folder: classes from the data, the rest from the spec
+        model = load_hf(spec.hf, spec.task or "embedding", spec.pooling or "mean",
+                        num_labels=model_kwargs.get("num_classes"), num_layers=spec.num_layers, field=field_name)
+    elif spec.zoo is not None:
         name = getattr(spec, spec.zoo)
         import_zoo(spec.zoo, field_name)  # a missing extra first: it is what the user has to fix
         kwargs = zoo_kwargs(spec.zoo, name, model_kwargs, spec.kwargs, field_name)

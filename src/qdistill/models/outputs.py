@@ -1,4 +1,9 @@
-"""What qdistill needs from a model's output: one tensor of class logits ``(batch, classes)``.
+"""What qdistill needs from a model's output: one tensor, class logits ``(batch, classes)`` or an embedding.
+
+``OUTPUT_KINDS``: ``"logits"`` are class logits (softmax KD, accuracy, argmax agreement);
+``"embedding"`` is a pooled vector per sample (cosine/MSE KD, cosine and retrieval metrics).
+A run's kind comes from ``distill.output`` when given, else from the model (``models.hf.HFEncoder``
+declares it through ``model.task``), else ``"logits"`` (``output_kind``).
 
 ``class_logits`` runs a model on an example batch and turns every way that can go wrong into a
 one-line error that names the model's role (teacher, student) and what is allowed.
@@ -16,6 +21,21 @@ from qdistill.batch import call_model, describe_inputs
 from qdistill.errors import DataError, ModelError
 
 PROBABILITY_TOLERANCE = 1e-4
+OUTPUT_KINDS = ("logits", "embedding")
+
+
+def output_kind(model: nn.Module, declared: str | None = None) -> str:
+    """The run's output kind: ``declared`` (``distill.output``) when given, else the model's ``output_kind``
+    attribute (Hugging Face encoders set it from ``task``), else ``"logits"``.
+
+    Example:
+        >>> output_kind(nn.Linear(4, 3)), output_kind(nn.Linear(4, 3), "embedding")
+        ('logits', 'embedding')
+    """
+    kind = declared if declared is not None else getattr(model, "output_kind", "logits")
+    if kind not in OUTPUT_KINDS:
+        raise ModelError(f"output kind {kind!r} is not supported; allowed: {', '.join(OUTPUT_KINDS)}")
+    return kind
 
 
 def describe_output(output: Any) -> str:

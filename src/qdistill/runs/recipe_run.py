@@ -89,5 +89,7 @@ def _sample_group(indices: np.ndarray, inputs, labels, student_pred: np.ndarray,
 
 def write_html_report(result: Result, data: RunData, run: RunDir, teacher: nn.Module | None = None) -> Path:
     """``report.html``: the human report, with prediction grids of test samples (student and teacher)."""
-    samples = prediction_samples(result.student, data, teacher)
+    inputs = data.bundle.test_x if data.test is not None else data.bundle.val_x
+    # the grids draw images: tokens (dict inputs) and other multi-tensor inputs have none to draw
+    samples = prediction_samples(result.student, data, teacher) if not isinstance(inputs, dict | tuple) else None
     return atomic_write_text(run.html, render(result.report, samples))
