@@ -92,8 +92,3 @@ def class_logits(model: nn.Module, inputs: Any, role: str) -> torch.Tensor:
         warnings.warn(f"{role} outputs look like probabilities (non-negative, each row sums to 1); qdistill expects "
                       "logits before softmax, and distilling probabilities trains badly", stacklevel=2)
     return output
-
-
-# what a model's output is (issue 12): class logits (softmax KD, accuracy, argmax agreement) or a pooled
-# embedding per sample (cosine/MSE KD, cosine metrics, the cosine parity gate of export_onnx)
-OUTPUT_KINDS = ("logits", "embedding")
