@@ -135,12 +135,12 @@ def _folder_recipe(name: str, folder: Path, bits: int, teacher: Path | None, epo
     model = {"torchvision": name, "kwargs": {"num_classes": 10}}
     if teacher is not None:
         model["checkpoint"] = str(teacher)
+    student_epochs, lr = FOLDER_SCHEDULES.get((name, bits), (epochs, 1e-4))
     return Recipe(model=model,
                   data={"image_folder": str(folder), "image_size": IMAGE_SIZE, "normalize": "standard",
                         "augment": "none", "batch_size": 64, "seed": 0},
                   quant={"weight_bits": bits, "act_bits": bits, "first_last_bits": 8},
-                  train={"epochs": FOLDER_SCHEDULES.get((name, bits), (epochs, 1e-4))[0],
-                         "lr": FOLDER_SCHEDULES.get((name, bits), (epochs, 1e-4))[1], "schedule": "cosine"},  # fine-tuning
+                  train={"epochs": student_epochs, "lr": lr, "schedule": "cosine"},  # fine-tuning from the teacher
                   # MobileNetV3's BatchNorm momentum 0.01 lags a short schedule: statistics re-estimated at the end
                   teacher_train={"epochs": teacher_epochs, "lr": 1e-3, "schedule": "cosine", "bn_recalibration_batches": 20},
                   export={"onnx": True, "packed": True})
