@@ -229,6 +229,7 @@ class QuantSpec(_Section):
     percentile: float = Field(99.99, gt=50.0, le=100.0)
     calibration_batches: int = Field(8, ge=1, le=10000)
     learn_scale: bool = True
+    learn_input_scale: bool = False  # learn the step of the model's input data too (costs a first-layer input-gradient pass)
     overrides: dict[str, LayerOverride] = Field(default_factory=dict)
 
 

@@ -261,22 +261,55 @@ def _activation_quantizer(scale: float, zero: int, bits: int = 4) -> Quantizer:
 def test_activation_step_gradient_scale_counts_one_sample():
     """For activations N is the features of one sample (LSQ's N_F), not the whole batch."""
     qmin, qmax = grid(4, False)
-    x = torch.rand(16, 4, 5, 5) * 3 - 0.5
+    x = (torch.rand(16, 4, 5, 5) * 3 - 0.5).requires_grad_(True)  # an activation inside a network
     upstream = torch.randn_like(x)
     quantizer = _activation_quantizer(0.15, 3)
-    _, expected, magnitude = reference_lsq_gradients(x.numpy(), 0.15, 3, qmin, qmax, upstream.numpy(),
+    _, expected, magnitude = reference_lsq_gradients(x.detach().numpy(), 0.15, 3, qmin, qmax, upstream.numpy(),
                                                      1.0 / math.sqrt(4 * 5 * 5 * qmax))
     assert abs(_step_gradient(quantizer, x, upstream) - expected) <= 1e-5 * magnitude
 
 
 def test_activation_step_gradient_does_not_depend_on_the_batch_size():
-    sample = torch.rand(1, 4, 5, 5) * 3 - 0.5
+    sample = (torch.rand(1, 4, 5, 5) * 3 - 0.5).requires_grad_(True)
     gradients = []
     for copies in (1, 8):
         quantizer = _activation_quantizer(0.15, 3)
         quantizer(sample.repeat(copies, 1, 1, 1)).sum(dim=(1, 2, 3)).mean().backward()  # a batch-mean loss
         gradients.append(quantizer.scale.grad.item())
     assert gradients[1] == pytest.approx(gradients[0], rel=1e-6)
+
+
+def test_the_step_of_input_data_is_kept_unless_asked():
+    """Data carries no gradient: learning its step would cost an input-gradient pass through the first layer."""
+    data = torch.rand(8, 4) * 3 - 0.5
+    kept = _activation_quantizer(0.15, 3)
+    out = kept(data)
+    assert not out.requires_grad and kept.scale.requires_grad  # nothing to backpropagate into the first layer's input
+    learned = _activation_quantizer(0.15, 3)
+    learned.learn_input_scale = True
+    learned(data).sum().backward()
+    inside_slopes = learned.scale.grad.item()
+    assert inside_slopes != 0.0
+    # an activation inside a network (it carries a gradient) learns its step either way
+    hidden = data.clone().requires_grad_(True)
+    kept(hidden).sum().backward()
+    assert kept.scale.grad.item() == pytest.approx(inside_slopes, rel=1e-6)
+
+
+def test_a_zero_point_of_zero_skips_nothing_that_matters():
+    """The zero_is_zero fast path gives the same values and gradients bit for bit."""
+    x = (torch.rand(6, 50) * 4 - 1).requires_grad_(True)
+    upstream = torch.randn(6, 50)
+    results = []
+    for promise in (False, True):
+        scale = torch.tensor(0.11, requires_grad=True)
+        x.grad = None
+        out = fake_quantize(x, scale, torch.tensor(0, dtype=torch.int32), IntRange(4, False), grad_factor=0.3,
+                            zero_is_zero=promise)
+        out.backward(upstream)
+        results.append((out.detach(), x.grad.clone(), scale.grad.clone()))
+    for first, second in zip(*results, strict=True):
+        torch.testing.assert_close(first, second, atol=0, rtol=0)
 
 
 def test_quantizer_role_is_checked():

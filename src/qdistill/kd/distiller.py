@@ -58,8 +58,19 @@ class Distiller(nn.Module):
             self.adapters[name.replace(".", "_")] = adapter
 
     def teacher_logits(self, x: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return call_model(self.teacher, x)
+        """The teacher's outputs for ``x``, computed without autograd.
+
+        Without feature hints the forward runs in ``torch.inference_mode`` (no version counters or
+        view tracking) and the small output is cloned into an ordinary tensor, which a loss may save
+        for its backward. With hints the taps' feature maps are saved by the hint losses, so plain
+        ``no_grad`` is used.
+        """
+        if self._taps:
+            with torch.no_grad():
+                return call_model(self.teacher, x)
+        with torch.inference_mode():
+            logits = call_model(self.teacher, x)
+        return logits.clone()
 
     def forward(self, x: Any, labels: torch.Tensor | None = None,
                 teacher_logits: torch.Tensor | None = None) -> LossParts:

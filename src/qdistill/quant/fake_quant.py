@@ -83,8 +83,8 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor, axis: int | None) -> to
     return values.reshape(shape)
 
 
-def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qrange: IntRange, axis: int | None,
-                 need_slope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, qrange: IntRange,
+                 axis: int | None, need_slope: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(output, inside, slope)`` in one sweep: the fake-quantized values, the float 0/1 "inside" mask
     and, when ``need_slope``, the step-size slope ``d out / d scale`` (before the gradient scale).
 
@@ -97,17 +97,34 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     Four tensors of ``x``'s size are allocated (the scaled input, the codes, the clamped codes, the
     output); everything else is written in place, since on a CPU a fresh large tensor costs more
     (page faults) than the arithmetic in it: the mask is written over the codes (``eq`` into a float
-    tensor gives 1.0/0.0) and the slope over the clamped codes.
+    tensor gives 1.0/0.0) and the slope over the clamped codes. ``zero_point=None`` means a zero
+    point of 0 (every weight grid, and most activations after a ReLU): adding and subtracting it
+    are then two passes over the data that change nothing, and are skipped.
     """
-    zero = _broadcast(zero_point.to(x.dtype), x, axis)
-    scaled = x * (1.0 / _broadcast(scale, x, axis))  # the product torch's kernels round
-    code = torch.round(scaled).add_(zero)
+    scaled = x * _broadcast(scale.reciprocal(), x, axis)  # the product torch's kernels round
+    code = torch.round(scaled)
+    zero = None if zero_point is None else _broadcast(zero_point.to(x.dtype), x, axis)
+    if zero is not None:
+        code.add_(zero)
     levels = code.clamp(qrange.qmin, qrange.qmax)
     inside = torch.eq(levels, code, out=code)  # 1.0 inside, 0.0 outside, over the codes no longer needed
-    levels.sub_(zero)  # q - z: integers, exact
+    if zero is not None:
+        levels.sub_(zero)  # q - z: integers, exact
     output = levels * _broadcast(scale, x, axis)
-    slope = levels.sub_(scaled.mul_(inside)) if need_slope else None  # outside: (q - z) - 0 (x * 0 is +-0)
+    # (q - z) - (x/s) * inside in one pass: the product with a 0/1 mask is exact, so one rounding as
+    # in a multiply then subtract; outside it is (q - z) -+ 0
+    slope = levels.addcmul_(scaled, inside, value=-1.0) if need_slope else None
     return output, inside, slope
+
+
+def _step_gradient(grad_output: torch.Tensor, slope: torch.Tensor, axis: int | None) -> torch.Tensor:
+    """``sum(grad_output * slope)`` over everything but ``axis``, as dot products: no product tensor is made."""
+    if axis is None:
+        return torch.dot(grad_output.reshape(-1), slope.reshape(-1))
+    if axis == 0:
+        rows = slope.shape[0]
+        return torch.bmm(grad_output.reshape(rows, 1, -1), slope.reshape(rows, -1, 1)).reshape(rows)
+    return (grad_output * slope).sum(dim=[dim for dim in range(slope.dim()) if dim != axis])
 
 
 class LsqFakeQuantize(torch.autograd.Function):
@@ -126,7 +143,7 @@ class LsqFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qrange: IntRange, axis: int | None, grad_factor: float):
-        need_slope = scale.requires_grad
+        need_slope = scale.requires_grad  # zero_point None: a zero point of 0 (see _lsq_forward)
         scale = scale.clamp_min(MIN_SCALE)  # the values used; the gradient goes straight through (see above)
         output, inside, slope = _lsq_forward(x, scale, zero_point, qrange, axis, need_slope=need_slope)
         ctx.save_for_backward(inside, slope)
@@ -139,12 +156,7 @@ class LsqFakeQuantize(torch.autograd.Function):
         grad_x = grad_output * inside if ctx.needs_input_grad[0] else None
         grad_scale = None
         if ctx.needs_input_grad[1]:
-            per_element = grad_output * slope
-            if ctx.axis is None:
-                grad_scale = per_element.sum()
-            else:
-                grad_scale = per_element.sum(dim=[dim for dim in range(slope.dim()) if dim != ctx.axis])
-            grad_scale = grad_scale.reshape(ctx.scale_shape) * ctx.grad_factor
+            grad_scale = _step_gradient(grad_output, slope, ctx.axis).reshape(ctx.scale_shape) * ctx.grad_factor
         return grad_x, grad_scale, None, None, None, None
 
 
@@ -186,8 +198,12 @@ def fake_quantize(
     qrange: IntRange,
     axis: int | None = None,
     grad_factor: float = 1.0,
+    zero_is_zero: bool = False,
 ) -> torch.Tensor:
     """Quantize-dequantize ``x`` onto ``qrange`` with step ``scale`` (per tensor or along ``axis``).
+
+    ``zero_is_zero=True`` promises that every zero point is 0 (the caller knows it without reading the
+    tensor, e.g. a symmetric weight grid), which saves two passes over ``x`` in training.
 
     Example:
         >>> w = torch.tensor([[0.3, -1.4, 0.65], [0.02, 0.05, -0.1]])
@@ -201,4 +217,4 @@ def fake_quantize(
         scale_values = scale.detach().clamp_min(MIN_SCALE).cpu().reshape(-1 if axis is not None else ()).tolist()
         zero_values = zero_point.detach().cpu().to(torch.int32).reshape(-1 if axis is not None else ()).tolist()
         return QdqForExport.apply(x, scale_values, zero_values, qrange.qmin, qrange.qmax, axis)
-    return LsqFakeQuantize.apply(x, scale, zero_point, qrange, axis, grad_factor)
+    return LsqFakeQuantize.apply(x, scale, None if zero_is_zero else zero_point, qrange, axis, grad_factor)

@@ -46,9 +46,10 @@ class QuantLayerMixin:
                 or torch.onnx.is_in_onnx_export() or input_quantizer._observing
                 or not input_quantizer.is_initialized() or not weight_quantizer.is_initialized()):  # no host sync
             return bias
-        step = (input_quantizer.scale.clamp_min(MIN_SCALE) * weight_quantizer.scale.clamp_min(MIN_SCALE)).detach()
-        step = step.expand_as(bias)  # (C_out,)
-        return bias + (torch.round(bias / step) * step - bias).detach()
+        with torch.no_grad():  # the rounding is a constant offset for autograd (straight-through): no graph to record
+            step = input_quantizer.scale.clamp_min(MIN_SCALE) * weight_quantizer.scale.clamp_min(MIN_SCALE)
+            offset = torch.round(bias / step).mul_(step).sub_(bias)  # step broadcasts to (C_out,)
+        return bias + offset
 
     def computes_on_integers(self) -> bool:
         """True when the forward runs as an integer runtime does: no gradient, both quantizers set.
@@ -206,8 +207,12 @@ class ActivationQuantizer(Quantizer):
         True
     """
 
-    def __init__(self, bits: int, init: str = "mse", percentile: float = 99.99, learn_scale: bool = True) -> None:
-        super().__init__(bits, signed=False, init=init, percentile=percentile, learn_scale=learn_scale, role="activation")
+    _holding: list[ActivationQuantizer] = []  # the instances whose memo is set (``clear_memos`` empties them)
+
+    def __init__(self, bits: int, init: str = "mse", percentile: float = 99.99, learn_scale: bool = True,
+                 learn_input_scale: bool = False) -> None:
+        super().__init__(bits, signed=False, init=init, percentile=percentile, learn_scale=learn_scale, role="activation",
+                         learn_input_scale=learn_input_scale)
         self._memo: tuple | None = None
 
     def _memo_key(self, x: torch.Tensor) -> tuple:
@@ -220,6 +225,8 @@ class ActivationQuantizer(Quantizer):
         if self._memo is not None and self._memo[0] is x and self._memo[1] == key:
             return self._memo[2]
         output = super().forward(x)
+        if self._memo is None:
+            ActivationQuantizer._holding.append(self)
         self._memo = (x, key, output)
         return output
 
@@ -241,13 +248,19 @@ class ActivationQuantizer(Quantizer):
 def clear_memos(model: nn.Module, *_: object) -> None:
     """Forget every shared quantizer's last tensors (used as a forward hook, hence ``*_``).
 
+    Only the quantizers that remembered something since the last call are visited
+    (``ActivationQuantizer._holding``), not every module of ``model``: the hook runs twice per
+    forward, and walking a few dozen modules each time was a measurable part of a small model's
+    training step. Forgetting another model's memo is harmless: a memo only saves recomputing
+    values that would come out the same.
+
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 4))
         >>> handle = model.register_forward_hook(clear_memos)      # prepare does this
     """
-    for module in model.modules():
-        if isinstance(module, ActivationQuantizer):
-            module.clear_memo()
+    holding = ActivationQuantizer._holding
+    while holding:
+        holding.pop()._memo = None
 
 
 class InputQuantizedMixin:

@@ -124,7 +124,8 @@ def _unmatched(pattern: str, names: list[str]) -> None:
 
 
 def _activation_quantizer(spec: QuantSpec, bits: int) -> ActivationQuantizer:
-    return ActivationQuantizer(bits, init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale)
+    return ActivationQuantizer(bits, init=spec.init, percentile=spec.percentile, learn_scale=spec.learn_scale,
+                               learn_input_scale=spec.learn_input_scale)
 
 
 def _make_layer(layer: nn.Module, weight_bits: int, act_bits: int, spec: QuantSpec, init_weights: bool) -> nn.Module:

@@ -48,6 +48,7 @@ class Quantizer(nn.Module):
         percentile: float = 99.99,
         learn_scale: bool = True,
         role: str | None = None,
+        learn_input_scale: bool = False,
     ) -> None:
         super().__init__()
         self.qrange = IntRange(bits, signed)
@@ -56,6 +57,7 @@ class Quantizer(nn.Module):
             raise RecipeError(f"role: {role!r} is not allowed; allowed: {', '.join(map(repr, ROLES))}")
         self.axis = 0 if channels is not None else None
         self.init_method = init
+        self.learn_input_scale = learn_input_scale
         self.percentile = percentile
         shape = (channels,) if channels is not None else ()
         self.scale = nn.Parameter(torch.ones(shape), requires_grad=learn_scale)
@@ -66,6 +68,7 @@ class Quantizer(nn.Module):
         self._high: torch.Tensor | None = None
         self._samples: list[torch.Tensor] = []
         self._initialized_seen: tuple[torch.Tensor, int, bool] | None = None
+        self._zero_seen: tuple[torch.Tensor, int, bool] | None = None
 
     @property
     def bits(self) -> int:
@@ -88,7 +91,7 @@ class Quantizer(nn.Module):
             self.scale.copy_(scale.to(self.scale))
             self.zero_point.zero_()
             self.initialized.fill_(True)
-        self.is_initialized()  # refresh the cached value (see is_initialized)
+        self.is_initialized(), self.zero_is_zero()  # refresh the cached values (see _read_cached)
 
     def finish_calibration(self) -> None:
         """End calibration: set scale and zero point from what was observed."""
@@ -104,7 +107,7 @@ class Quantizer(nn.Module):
             self.zero_point.copy_(zero_point)
             self.initialized.fill_(True)
         self._samples = []
-        self.is_initialized()  # refresh the cached value (see is_initialized)
+        self.is_initialized(), self.zero_is_zero()  # refresh the cached values (see _read_cached)
 
     def _record(self, x: torch.Tensor) -> None:
         values = x.detach().float().reshape(-1)
@@ -119,7 +122,7 @@ class Quantizer(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self.is_initialized()  # refresh the cached value (see is_initialized)
+        self.is_initialized(), self.zero_is_zero()  # refresh the cached values (see _read_cached)
 
     def elements_per_step(self, x: torch.Tensor) -> int:
         """LSQ's ``N`` for ``x``: the elements one step size applies to (one sample's, for activations).
@@ -136,12 +139,8 @@ class Quantizer(nn.Module):
         return per_step
 
     def is_initialized(self) -> bool:
-        """``bool(self.initialized)``, read from the tensor only after it changed.
-
-        Reading a tensor's value is a host synchronisation on a GPU; the flag changes a handful
-        of times per run (calibration, ``load_state_dict``, ``fill_``), each of which bumps the
-        tensor's version counter or replaces the tensor (``.to(device)``), so a training step
-        reads only the counter.
+        """``bool(self.initialized)``, read from the tensor only after it changed (``_read_cached``):
+        a training step reads only the version counter.
 
         Example:
             >>> quantizer = Quantizer(bits=8, signed=False)
@@ -151,16 +150,35 @@ class Quantizer(nn.Module):
             tensor(True)
             True
         """
-        flag, seen = self.initialized, getattr(self, "_initialized_seen", None)  # None: pickled before the cache
-        if torch.compiler.is_compiling() and seen is not None and seen[0] is flag:
+        return self._read_cached("_initialized_seen", self.initialized, bool)
+
+    def zero_is_zero(self) -> bool:
+        """Whether every zero point is 0 (read from the tensor only after it changed, like ``is_initialized``).
+
+        Example:
+            >>> Quantizer(bits=8, signed=False).zero_is_zero()
+            True
+        """
+        return self._read_cached("_zero_seen", self.zero_point, lambda zero: not bool(zero.any()))
+
+    def _read_cached(self, slot: str, tensor: torch.Tensor, read) -> bool:
+        """``read(tensor)``, recomputed only when ``tensor`` was replaced or changed in place.
+
+        Reading a tensor's value is a host synchronisation on a GPU, and these tensors change a
+        handful of times per run (calibration, ``load_state_dict``, ``fill_``), each of which bumps
+        the version counter or replaces the tensor (``.to(device)``).
+        """
+        seen = getattr(self, slot, None)  # None: pickled before the cache existed
+        if torch.compiler.is_compiling() and seen is not None and seen[0] is tensor:
             # torch.compile cannot read a version counter, and reading the value breaks the graph at
             # every layer: the traced code uses the value last read eagerly (``finish_calibration``,
             # ``init_from_weight`` and ``load_state_dict`` read it) and is guarded on it
             return seen[2]
-        if flag.is_inference():
-            return bool(flag)  # inference tensors have no version counter
-        if seen is None or seen[0] is not flag or seen[1] != flag._version:
-            seen = self._initialized_seen = (flag, flag._version, bool(flag))
+        if tensor.is_inference():
+            return read(tensor)  # inference tensors have no version counter
+        if seen is None or seen[0] is not tensor or seen[1] != tensor._version:
+            seen = (tensor, tensor._version, read(tensor))
+            setattr(self, slot, seen)
         return seen[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,7 +188,20 @@ class Quantizer(nn.Module):
         if not self.is_initialized():
             return x
         grad_factor = lsq_grad_factor(self.elements_per_step(x), self.qrange)
-        return fake_quantize(x, self.scale, self.zero_point, self.qrange, self.axis, grad_factor)
+        return fake_quantize(x, self._trained_scale(x), self.zero_point, self.qrange, self.axis, grad_factor,
+                             zero_is_zero=self.zero_is_zero())
+
+    def _trained_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The step size, detached for an activation that carries no gradient (the model's input data).
+
+        Learning that step needs the gradient with respect to the data: a full extra input-gradient
+        pass through the first layer, which no other parameter needs (about 15% of a QAT step of
+        the demo CNN). The data's range is fixed, so its calibrated step is kept unless
+        ``learn_input_scale`` asks otherwise (recipe ``quant.learn_input_scale``).
+        """
+        if self.role == "activation" and not self.learn_input_scale and not x.requires_grad:
+            return self.scale.detach()
+        return self.scale
 
 
 def quantizer_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

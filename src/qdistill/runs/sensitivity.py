@@ -140,7 +140,8 @@ def _narrow_inputs(student: nn.Module, name: str, bits: int, calibration_inputs:
     news = []
     for old in olds.values():
         new = ActivationQuantizer(bits, init=old.init_method, percentile=old.percentile,
-                                  learn_scale=old.scale.requires_grad).to(old.scale.device)
+                                  learn_scale=old.scale.requires_grad,
+                                  learn_input_scale=old.learn_input_scale).to(old.scale.device)
         for parent in student.modules():
             for child_name, child in list(parent.named_children()):
                 if child is old:
