@@ -22,11 +22,12 @@ GOLDEN = {
     "data": {"train_samples": 576, "val_samples": 144, "test_samples": 180, "labelled_samples": 576, "unlabeled_samples": 0},
     "teacher_accuracy": 158 / 180,
     "student_accuracy": 158 / 180,
-    "agreement_with_teacher": 172 / 180,
-    "val_accuracy": [122 / 144, 122 / 144],
+    "agreement_with_teacher": 171 / 180,
+    "val_accuracy": [120 / 144, 122 / 144],
     "teacher_loss": [2.254395988252428, 1.7195660207006667, 1.098920202917523, 0.8671327961815728],
-    "loss": [0.2473909647928344, 0.19984115908543268],
-    "kd_loss": [0.1776500956879722, 0.12833822104665968],
+    # moved when the input data's step size stopped being learned (quant.learn_input_scale, default false)
+    "loss": [0.24788687295383877, 0.200702626672056],
+    "kd_loss": [0.1780611061387592, 0.12910877623491818],
 }
 
 
