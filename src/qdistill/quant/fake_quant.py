@@ -118,12 +118,16 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
 
 
 def _step_gradient(grad_output: torch.Tensor, slope: torch.Tensor, axis: int | None) -> torch.Tensor:
-    """``sum(grad_output * slope)`` over everything but ``axis``, as dot products: no product tensor is made."""
+    """``sum(grad_output * slope)`` over everything but ``axis``: one dot product per step size.
+
+    Per tensor a BLAS dot (no product tensor is made); per channel ``vecdot`` along the rows
+    (a batched matmul of 1x1 products is about 5x slower on a CPU).
+    """
     if axis is None:
         return torch.dot(grad_output.reshape(-1), slope.reshape(-1))
     if axis == 0:
         rows = slope.shape[0]
-        return torch.bmm(grad_output.reshape(rows, 1, -1), slope.reshape(rows, -1, 1)).reshape(rows)
+        return torch.linalg.vecdot(grad_output.reshape(rows, -1), slope.reshape(rows, -1), dim=1)
     return (grad_output * slope).sum(dim=[dim for dim in range(slope.dim()) if dim != axis])
 
 
