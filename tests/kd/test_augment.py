@@ -15,6 +15,7 @@ from qdistill.data.images import ROTATE_DEGREES, SCALE_RANGE, SHIFT_PIXELS, augm
 from qdistill.errors import DataError
 from qdistill.kd.cache import CachedTeacherLoader, is_cacheable
 from qdistill.recipe import Recipe
+from qdistill.runs.stages import prepare_data
 
 RECIPE = {"train": {"epochs": 1}, "quant": {"weight_bits": 8, "act_bits": 8}}
 
@@ -127,3 +128,10 @@ def test_augment_errors_are_one_line():
         Recipe(data={"image_folder": "photos", "augment": "shift"})
     with pytest.raises(ValueError, match="augment"):
         Recipe(data={"name": "mnist5k", "augment": "rotate"})
+
+
+def test_a_recipe_augments_the_training_and_unlabeled_inputs_only():
+    data = prepare_data(Recipe(data={"name": "digits", "augment": "shift", "label_fraction": 0.5}))
+    assert type(data.train.dataset).__name__ == type(data.unlabeled.dataset).__name__ == "AugmentedTensorDataset"
+    assert is_cacheable(data.val) and is_cacheable(data.test)  # validation and test: the plain images
+    assert is_cacheable(prepare_data(Recipe(data={"name": "digits"})).train)
