@@ -53,6 +53,8 @@ SCENARIOS = [  # (name, base recipe, overrides, checked against the targets)
     ("MNIST half-width, init teacher", MNIST, ["student={name: mnist_cnn_small}"], True),
     ("MNIST half-width, scratch", MNIST, ["student={name: mnist_cnn_small}", *SCRATCH], True),
     ("MNIST half-width, augmented, init teacher", AUGMENTED, ["student={name: mnist_cnn_small}", *PATIENT], True),
+    ("MNIST half-width, augmented, scratch", AUGMENTED,
+     ["student={name: mnist_cnn_small}", "distill.student_init=scratch", "train.lr=0.002", "train.epochs=20"], True),
     ("MNIST 10% labels, init teacher", MNIST, SCARCE, False),
     ("MNIST 10% labels, scratch", MNIST, ["student={name: mnist_cnn}", *SCARCE_SCRATCH], True),
     ("digits MLP 10% labels, init teacher", DIGITS, SCARCE, False),
