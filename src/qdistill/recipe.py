@@ -21,7 +21,7 @@ DATA_SOURCES = ("name", "npz", "factory", "image_folder", "text")
 HF_KEYS = ("task", "pooling", "num_layers")  # model keys for Hugging Face models only
 TEXT_DEFAULTS = {"text_field": "text", "label_field": None, "tokenizer": None, "max_length": 128}  # text data only
 DEFAULT_IMAGE_SIZE = 224
-IMAGE_FOLDER_DEFAULTS = {"image_size": None, "augment": "none", "workers": 2}  # keys for image folders only
+IMAGE_FOLDER_DEFAULTS = {"image_size": None, "workers": 2}  # keys for image folders only
 UNLABELED_SOURCES = ("npz", "image_folder", "factory", "text")
 
 
@@ -126,7 +126,8 @@ class DataSpec(_Section):
 
     Image folders only: ``image_size`` (default 224: the shorter side is resized to it, then the
     centre square is cropped), ``augment`` (``standard``: random resized crop and horizontal flip
-    of the training images), ``workers`` (DataLoader processes that decode the images) and
+    of the training images; image tensors such as mnist5k: ``shift`` moves by up to 2 pixels,
+    ``standard`` also rotates by up to 10 degrees and zooms by 0.9-1.1, ``data/images.py``), ``workers`` (DataLoader processes that decode the images) and
     ``normalize: imagenet`` (ImageNet's per-channel mean and standard deviation).
 
     Text (``data/text.py``, the ``nlp`` extra): ``text`` is a ``.txt`` (one text per line, no labels),
@@ -164,7 +165,7 @@ class DataSpec(_Section):
     normalize: Literal["none", "unit", "standard", "imagenet"] = "unit"
     limit: int | None = Field(None, ge=1)
     image_size: int | None = Field(None, ge=1, le=4096)
-    augment: Literal["none", "standard"] = "none"
+    augment: Literal["none", "shift", "standard"] = "none"
     workers: int = Field(2, ge=0, le=64)
     label_fraction: float | None = Field(None, gt=0.0, le=1.0)
     unlabeled: UnlabeledSpec | None = None
@@ -198,12 +199,17 @@ class DataSpec(_Section):
             self._no_image_keys()
         elif self.limit is not None:
             raise ValueError("limit applies to mnist5k, digits and npz data; for an image_folder make a smaller folder")
+        if self.image_folder is not None and self.augment == "shift":
+            raise ValueError("augment 'shift' applies to image tensors (mnist5k, npz, factory); allowed for "
+                             "image_folder: none, standard")
         if self.unlabeled is not None and self.unlabeled.image_folder is not None and self.image_folder is None:
             raise ValueError("unlabeled.image_folder goes with image_folder data (the images are decoded as RGB at "
                              "image_size); for array data give unlabeled.npz or unlabeled.factory")
         return self
 
     def _no_image_keys(self) -> None:
+        if self.augment != "none" and self.text is not None:
+            raise ValueError("augment applies to image data (image_folder, or image tensors such as mnist5k) only")
         for key, default in IMAGE_FOLDER_DEFAULTS.items():
             if getattr(self, key) != default:
                 raise ValueError(f"{key} applies to image_folder data only")

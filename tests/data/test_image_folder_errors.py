@@ -84,7 +84,9 @@ def test_too_few_images_to_set_a_split_aside(folder, tmp_path):
 
 @pytest.mark.parametrize(("data", "message"), [
     ({"name": "digits", "image_size": 32}, "image_size applies to image_folder data only"),
-    ({"npz": "x.npz", "augment": "standard"}, "augment applies to image_folder data only"),
+    # image tensors (npz, mnist5k) augment too (data.augment shift|standard); text does not
+    ({"text": "x.txt", "tokenizer": "tok", "augment": "standard"}, "augment applies to image data"),
+    ({"image_folder": "photos", "augment": "shift"}, "augment 'shift' applies to image tensors"),
     ({"name": "digits", "normalize": "imagenet"}, "normalize 'imagenet' applies to image_folder data only"),
     ({"image_folder": "photos", "limit": 10}, "limit applies to mnist5k, digits and npz data"),
     ({"image_folder": "photos", "name": "digits"}, "give exactly one of 'name'"),

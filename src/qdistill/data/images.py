@@ -189,3 +189,115 @@ class ImageDataset(Dataset):
         rng = np.random.default_rng([self.seed, epoch, index]) if self.images.augment else None
         image = self.images.decode(index, rng)
         return (image,) if self.labels is None else (image, self.labels[index])
+
+
+# ---- augmentation of in-memory image tensors (mnist5k, npz/factory images): ``data.augment`` ----
+
+TENSOR_AUGMENTS = ("shift", "standard")
+SHIFT_PIXELS = 2  # translation, both modes: up to 2 pixels each way (7 % of a 28-pixel digit)
+ROTATE_DEGREES = 10.0  # ``standard`` only: rotation up to 10 degrees each way ...
+SCALE_RANGE = (0.9, 1.1)  # ... and a zoom of 0.9-1.1; no flip (digits and letters are not mirror-symmetric)
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, elementwise on uint64: a well-mixed hash, so counters become random bits."""
+    with np.errstate(over="ignore"):
+        z = values + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_uniforms(seed: int, epoch: int, indices: Sequence[int], count: int) -> np.ndarray:
+    """``count`` uniform numbers in [0, 1) per sample, a fixed function of ``(seed, epoch, index)``: ``(n, count)``.
+
+    Counter-based (a hash of the key), so a sample's numbers do not depend on the batch it is in,
+    the batch order, the worker or a resume.
+
+    Example:
+        >>> a = sample_uniforms(0, 1, [5, 9], 3)
+        >>> b = sample_uniforms(0, 1, [9], 3)
+        >>> a.shape, bool((a[1] == b[0]).all()), bool(((0 <= a) & (a < 1)).all())
+        ((2, 3), True, True)
+    """
+    key = (int(seed) * 1_000_003 + int(epoch)) & _MASK64
+    base = _splitmix64(np.full(len(indices), key, dtype=np.uint64))
+    with np.errstate(over="ignore"):
+        counters = (base ^ _splitmix64(np.asarray(indices, dtype=np.uint64)))[:, None] * np.uint64(count) \
+            + np.arange(count, dtype=np.uint64)[None, :]
+    return (_splitmix64(_splitmix64(counters)) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def augment_images(x: torch.Tensor, uniforms: np.ndarray, mode: str) -> torch.Tensor:
+    """Randomly translate (``shift``), or translate, rotate and zoom (``standard``), a batch ``(n, C, H, W)``.
+
+    ``uniforms`` holds each sample's random numbers (``sample_uniforms(..., 4)``). Pixels that move
+    in from outside repeat the edge (the background of a centred digit, whatever the normalisation).
+    ``shift`` moves by whole pixels, so every pixel is an input pixel.
+
+    Example:
+        >>> x = torch.zeros(1, 1, 8, 8); x[0, 0, 4, 4] = 1.0
+        >>> moved = augment_images(x, np.array([[1.0 - 1e-9, 0.5, 0.5, 0.5]]), "shift")   # 2 pixels right
+        >>> torch.nonzero(moved[0, 0]).tolist(), float(moved.sum())
+        ([[4, 6]], 1.0)
+    """
+    n, _, height, width = x.shape
+    u = torch.from_numpy(uniforms).to(torch.float64)
+    dx = torch.floor(u[:, 0] * (2 * SHIFT_PIXELS + 1)) - SHIFT_PIXELS  # whole pixels in -2..2
+    dy = torch.floor(u[:, 1] * (2 * SHIFT_PIXELS + 1)) - SHIFT_PIXELS
+    angle = torch.zeros(n, dtype=torch.float64)
+    scale = torch.ones(n, dtype=torch.float64)
+    if mode == "standard":
+        angle = (2 * u[:, 2] - 1) * math.radians(ROTATE_DEGREES)
+        scale = SCALE_RANGE[0] + u[:, 3] * (SCALE_RANGE[1] - SCALE_RANGE[0])
+    # the output pixel at p samples the input at R(-angle) p / scale - shift (grid coordinates in [-1, 1])
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, -2 * dx / width], 1), torch.stack([sin, cos, -2 * dy / height], 1)], 1)
+    grid = torch.nn.functional.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    resample = "nearest" if mode == "shift" else "bilinear"
+    return torch.nn.functional.grid_sample(x, grid, mode=resample, padding_mode="border", align_corners=False)
+
+
+class AugmentedTensorDataset(Dataset):
+    """In-memory image tensors ``(N, C, H, W)`` (with optional labels), augmented per ``(seed, epoch, index)``.
+
+    Keys are ``(epoch, index)`` pairs (``data.loaders.AugmentSampler``) or plain indices (epoch 0).
+    Batches are fetched whole (``__getitems__``) and augmented in one ``grid_sample``. Never
+    ``deterministic``: the teacher-logit cache does not apply, so the teacher sees the student's
+    augmented batch.
+
+    Example:
+        >>> data = AugmentedTensorDataset(torch.rand(4, 1, 8, 8), torch.arange(4), seed=0, mode="shift")
+        >>> x, y = data[(3, 1)]
+        >>> tuple(x.shape), int(y), data.deterministic
+        ((1, 8, 8), 1, False)
+    """
+
+    deterministic = False
+
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor | None, seed: int, mode: str) -> None:
+        if mode not in TENSOR_AUGMENTS:
+            raise DataError(f"data.augment: {mode!r} is not an augmentation of image tensors; allowed: none, "
+                            f"{', '.join(TENSOR_AUGMENTS)}")
+        if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() == 4):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"data.augment: {mode} needs float images (N, channels, height, width), but the inputs are "
+                            f"{shape}; use augment: none for this data")
+        self.x, self.labels, self.seed, self.mode = x, labels, seed, mode
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[tuple[torch.Tensor, ...]]:
+        pairs = [key if isinstance(key, tuple) else (0, key) for key in keys]
+        indices = [index for _, index in pairs]
+        uniforms = np.concatenate([sample_uniforms(self.seed, epoch, [index], 4) for epoch, index in pairs]) \
+            if len({epoch for epoch, _ in pairs}) > 1 else sample_uniforms(self.seed, pairs[0][0], indices, 4)
+        images = augment_images(self.x[indices], uniforms, self.mode)
+        if self.labels is None:
+            return [(image,) for image in images]
+        return list(zip(images, self.labels[indices], strict=True))

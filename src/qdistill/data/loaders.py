@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from qdistill.batch import check_inputs, input_rows, take_rows
 from qdistill.data.bundle import DataBundle
-from qdistill.data.images import ImageDataset, ImageDecodeError, LazyImages
+from qdistill.data.images import AugmentedTensorDataset, ImageDataset, ImageDecodeError, LazyImages
 from qdistill.errors import DataError
 
 EVAL_BATCH_SIZE = 256  # validation and test batches: no gradients, so larger batches are free
@@ -88,7 +88,8 @@ class InputsDataset(Dataset):
         return (row,) if self.labels is None else (row, self.labels[index])
 
 
-def make_loader(x: Any, y: torch.Tensor | None, batch_size: int, seed: int, shuffle: bool) -> DataLoader:
+def make_loader(x: Any, y: torch.Tensor | None, batch_size: int, seed: int, shuffle: bool,
+                augment: str = "none") -> DataLoader:
     """A DataLoader over in-memory inputs or a split of image files, with an ``EpochSampler`` (deterministic, resumable).
 
     ``x`` is a tensor, image files (``LazyImages``), or inputs of several tensors (a tuple, or a dict
@@ -101,9 +102,16 @@ def make_loader(x: Any, y: torch.Tensor | None, batch_size: int, seed: int, shuf
         >>> tokens = make_loader({"input_ids": torch.zeros(5, 7, dtype=torch.long)}, None, 4, seed=0, shuffle=False)
         >>> [tuple(batch[0]["input_ids"].shape) for batch in tokens]
         [(4, 7), (1, 7)]
+
+    ``augment`` (``shift`` or ``standard``, ``data.augment``) augments image tensors ``(N, C, H, W)``
+    (``images.AugmentedTensorDataset``): each sample is a fixed function of ``(seed, epoch, index)``.
+    Image files carry their own augmentation (``LazyImages.augment``).
     """
     if isinstance(x, LazyImages):
         return _image_loader(x, y, batch_size, seed, shuffle)
+    if augment != "none":
+        return DataLoader(AugmentedTensorDataset(x, y, seed, augment), batch_size=batch_size,
+                          sampler=AugmentSampler(len(x), seed, shuffle), generator=torch.Generator().manual_seed(seed))
     if isinstance(x, torch.Tensor):
         dataset: Dataset = TensorDataset(*((x,) if y is None else (x, y)))
     else:
@@ -144,9 +152,10 @@ def _image_loader(images: LazyImages, labels: torch.Tensor | None, batch_size: i
                       generator=torch.Generator().manual_seed(seed))
 
 
-def make_loaders(bundle: DataBundle, batch_size: int, seed: int) -> tuple[DataLoader, DataLoader, DataLoader | None]:
-    """Shuffled training loader, ordered validation loader, ordered test loader (None without a test split)."""
-    train = make_loader(bundle.train_x, bundle.train_y, batch_size, seed, shuffle=True)
+def make_loaders(bundle: DataBundle, batch_size: int, seed: int,
+                 augment: str = "none") -> tuple[DataLoader, DataLoader, DataLoader | None]:
+    """Shuffled training loader (augmented by ``augment``), ordered validation loader, ordered test loader (None without a test split)."""
+    train = make_loader(bundle.train_x, bundle.train_y, batch_size, seed, shuffle=True, augment=augment)
     val = make_loader(bundle.val_x, bundle.val_y, max(batch_size, EVAL_BATCH_SIZE), seed, shuffle=False)
     test = None
     if bundle.test_x is not None:
@@ -154,8 +163,8 @@ def make_loaders(bundle: DataBundle, batch_size: int, seed: int) -> tuple[DataLo
     return train, val, test
 
 
-def make_unlabeled_loader(bundle: DataBundle, batch_size: int, seed: int) -> DataLoader | None:
-    """A shuffled loader of the bundle's unlabeled inputs (batches ``(x,)``), or None when it has none.
+def make_unlabeled_loader(bundle: DataBundle, batch_size: int, seed: int, augment: str = "none") -> DataLoader | None:
+    """A shuffled loader of the bundle's unlabeled inputs (batches ``(x,)``, augmented as the training ones), or None.
 
     Its order comes from ``seed + UNLABELED_SEED_OFFSET``, so adding unlabeled data never changes the
     order of the labelled batches.
@@ -168,4 +177,4 @@ def make_unlabeled_loader(bundle: DataBundle, batch_size: int, seed: int) -> Dat
     """
     if bundle.unlabeled_x is None:
         return None
-    return make_loader(bundle.unlabeled_x, None, batch_size, seed + UNLABELED_SEED_OFFSET, shuffle=True)
+    return make_loader(bundle.unlabeled_x, None, batch_size, seed + UNLABELED_SEED_OFFSET, shuffle=True, augment=augment)

@@ -3,7 +3,8 @@
 In-memory inputs (a tensor, or a tuple/dict of tensors such as token ids, ``data.loaders.InputsDataset``)
 are cached with their inputs (``CachedTeacherLoader``); an image folder decoded
 without augmentation keeps decoding in its loader and gets the logits attached by sample index
-(``CachedImageLoader``). Augmented images run the teacher live.
+(``CachedImageLoader``). Augmented images (image files, or image tensors with ``data.augment``:
+``data.images.AugmentedTensorDataset``) run the teacher live, on the batch the student gets.
 """
 
 from __future__ import annotations

@@ -51,9 +51,10 @@ def default_device() -> torch.device:
 def prepare_data(recipe: Recipe) -> RunData:
     """Load the recipe's data, split it into train/validation/test and build deterministic loaders."""
     bundle = load_data(recipe.data)
-    train, val, test = make_loaders(bundle, recipe.data.batch_size, recipe.data.seed)
+    tensor_augment = "none" if recipe.data.image_folder else recipe.data.augment  # image files augment as they decode
+    train, val, test = make_loaders(bundle, recipe.data.batch_size, recipe.data.seed, tensor_augment)
     unlabeled_batch = max(1, round(recipe.data.batch_size * recipe.data.unlabeled_ratio))
-    unlabeled = make_unlabeled_loader(bundle, unlabeled_batch, recipe.data.seed)
+    unlabeled = make_unlabeled_loader(bundle, unlabeled_batch, recipe.data.seed, tensor_augment)
     return RunData(bundle, train, val, test, bundle.model_kwargs(), unlabeled)
 
 
