@@ -1040,6 +1040,50 @@ def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo,
     graph.node.extend(new_nodes)
 
 
+def _channels_last_flattens(model: onnx.ModelProto, layers: dict[str, LayerInfo]) -> None:
+    """A Gemm layer that reads ``Flatten`` of a 4-D integer tensor reads it flattened in NHWC order.
+
+    ``X -> Flatten -> [Clip] -> DQ -> Gemm`` becomes ``X -> Transpose(0,2,3,1) -> Flatten -> ...``
+    with the Gemm's weight columns permuted the same way: the same products summed in another
+    order, and integer sums do not depend on the order, so the result is exact. Why: ONNX
+    Runtime runs the QLinearConv chain in NHWC and ends it with a Transpose back to NCHW before the
+    Flatten; that Transpose and this one cancel, so the graph has one node (a single-threaded one)
+    fewer (demo CNN; docs/deploy.md).
+    """
+    graph = model.graph
+    index = _Index(graph)
+    shapes = None
+    for info in layers.values():
+        node = index.producer.get(info.output)
+        if info.op != "Gemm" or node is None or node.op_type != "Gemm" or info.act_input is None:
+            continue
+        dequantize = _layer_input_dequantize(graph, info, index)
+        flatten = index.producer.get(info.act_input)
+        if flatten is not None and flatten.op_type == "Clip":
+            flatten = index.producer.get(flatten.input[0])
+        if (dequantize is None or flatten is None or flatten.op_type != "Flatten" or _attribute(flatten, "axis", 1) != 1
+                or len(index.consumers[flatten.output[0]]) != 1 or len(index.consumers[dequantize.output[0]]) != 1):
+            continue
+        if shapes is None:  # inferred afresh, in node order: value_info the rewrite carried along may lack shapes
+            bare = onnx.ModelProto.FromString(model.SerializeToString())
+            del bare.graph.value_info[:]
+            toposort(bare.graph)
+            inferred = onnx.shape_inference.infer_shapes(bare)
+            shapes = {value.name: value.type.tensor_type.shape for value in inferred.graph.value_info}
+        shape = shapes.get(flatten.input[0])
+        dims = [dim.dim_value if dim.HasField("dim_value") else 0 for dim in shape.dim] if shape is not None else []
+        weight = _array(graph, info.weight)
+        transposed = _attribute(node, "transB", 0) == 1
+        if len(dims) != 4 or not all(dims[1:]) or weight.shape[1 if transposed else 0] != int(np.prod(dims[1:])):
+            continue
+        order = np.arange(int(np.prod(dims[1:]))).reshape(dims[1:]).transpose(1, 2, 0).reshape(-1)
+        _set_initializer(graph, info.weight, weight[:, order] if transposed else weight[order])
+        channels_last = f"{flatten.input[0]}_channels_last"
+        graph.node.append(helper.make_node("Transpose", [flatten.input[0]], [channels_last], name=f"{info.name}.input_channels_last",
+                                           perm=[0, 2, 3, 1]))
+        flatten.input[0] = channels_last
+
+
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop nodes and initializers that no graph output depends on."""
     index = _Index(graph)
@@ -1125,6 +1169,7 @@ def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict
     index = _Index(graph)
     for info in layers.values():
         _integer_output_form(graph, info, index)
+    _channels_last_flattens(model, layers)
     _prune(graph)
     toposort(graph)
     position = {output: order for order, node in enumerate(graph.node) for output in node.output}
