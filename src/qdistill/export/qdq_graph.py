@@ -910,7 +910,6 @@ def _requantize_scales(multiplier: np.ndarray, zero_point: np.ndarray, bounds: t
     width = int((last - first).max()) + 1
     if width * len(multiplier) > REQUANTIZE_CHECK_VALUES:
         return None
-    width += -width % FLOAT_LOOKUP_CHUNK
     sums = (first[:, None] + np.minimum(np.arange(width)[None, :], (last - first)[:, None])).astype(np.float32)
     chosen = np.zeros(len(multiplier), np.float32)
     pending = np.arange(len(multiplier))
@@ -945,8 +944,8 @@ def _requantize_exact(sums: np.ndarray, multiplier: np.ndarray, scales: np.ndarr
                               [helper.make_tensor_value_info(name, zero_type, None) for name in ("reference", "folded")],
                               [numpy_helper.from_array(np.asarray(array), name) for name, array in constants.items()])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    rows = sums.shape[1]
-    pieces = sums.reshape(channels, rows // FLOAT_LOOKUP_CHUNK, FLOAT_LOOKUP_CHUNK).transpose(1, 0, 2)
+    sums = np.pad(sums, ((0, 0), (0, -sums.shape[1] % FLOAT_LOOKUP_CHUNK)), mode="edge")  # whole pieces
+    pieces = sums.reshape(channels, -1, FLOAT_LOOKUP_CHUNK).transpose(1, 0, 2)
     exact = np.ones(channels, bool)
     for level in REQUANTIZE_LEVELS:
         session = make_session(model.SerializeToString(), threads=1, level=level)
