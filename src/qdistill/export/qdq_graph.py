@@ -856,7 +856,7 @@ def _float_code_conv(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onn
         scaled = pool.output[0]
     zero_point = _array(graph, quantize.input[2]).reshape(())
     scales = _requantize_scales(multiplier, zero_point, _code_bounds(graph, quantize, index),
-                                _sum_bound(graph, dequantize, info, len(inputs) > 2))
+                                _sum_bound(graph, dequantize, info, len(inputs) > 2)) if REQUANTIZE_FOLD else None
     if scales is not None:  # one per-channel QuantizeLinear does the Mul's and the rounding's work
         quantize.input[:] = [scaled, _set_initializer(graph, f"{name}.requantize_scale", scales),
                              _set_initializer(graph, f"{name}.requantize_zero_point", np.full(len(scales), zero_point))]
@@ -883,6 +883,10 @@ def _code_bounds(graph: onnx.GraphProto, quantize: onnx.NodeProto, index: _Index
     return low, high
 
 
+# The fold saves a node and the NCHWc Mul's pass (demo CNN, one thread: batch 1 kernel sum 192 -> 192 us with 16 -> 15
+# nodes, batch 64 3977 -> 3687 us); ONNX Runtime runs a per-channel QuantizeLinear one H*W block at a time (single-
+# threaded at small blocks), so with 2 threads at batch 64 it is estimated a wash (docs/deploy.md). False turns it off.
+REQUANTIZE_FOLD = True
 REQUANTIZE_CHECK_VALUES = 1 << 23  # at most this many (channel, sum) pairs are checked; beyond, the Mul stays
 REQUANTIZE_ULPS = (0, -1, 1, -2, 2)  # candidate scales: float32(1 / M) and its neighbours, in this order
 # QuantizeLinear runs the same kernel at every level; "basic" (no fusions) and "all" (the deploy level) are checked
