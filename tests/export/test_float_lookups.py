@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from torch import nn
@@ -49,3 +50,23 @@ def test_float_lookups_are_bit_equal_to_the_gather_tables(digits, tmp_path, monk
     for level in ("basic", "extended", "all"):
         np.testing.assert_array_equal(_outputs(tmp_path / "float.onnx", inputs, level),
                                       _outputs(tmp_path / "gather.onnx", inputs, level))
+
+
+def test_the_hardswish_form_raises_the_opset_to_14_only_when_used(digits, tmp_path, monkeypatch):
+    bundle, train, _ = digits
+    torch.manual_seed(0)
+    student = prepare(Activations(), {"weight_bits": 8, "act_bits": 8, "init": "minmax", "calibration_batches": 2},
+                      calibration_data=train)
+    info = export_onnx(student, tmp_path / "hardswish.onnx", bundle.train_x[:1])
+    assert info["integer_ops_other"]["hswish"] == "QuantizeLinear (exact float HardSwish)", info["integer_ops_other"]
+    model = onnx.load(str(tmp_path / "hardswish.onnx"))
+    assert [opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")] == [14]
+    assert sum(node.op_type == "HardSwish" for node in model.graph.node) == 1
+    monkeypatch.setattr(qdq_graph, "FLOAT_LOOKUP_FORMS", tuple(form for form in qdq_graph.FLOAT_LOOKUP_FORMS if form[0] != "HardSwish"))
+    export_onnx(student, tmp_path / "two_nodes.onnx", bundle.train_x[:1])
+    model = onnx.load(str(tmp_path / "two_nodes.onnx"))
+    assert [opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")] == [13]
+    inputs = bundle.val_x.numpy()
+    for level in ("basic", "all"):
+        np.testing.assert_array_equal(_outputs(tmp_path / "hardswish.onnx", inputs, level),
+                                      _outputs(tmp_path / "two_nodes.onnx", inputs, level))

@@ -68,6 +68,9 @@ def test_relu_maxpool_flatten_run_on_integers(w4_export):
             if producer.op_type == "Conv":  # the narrow first conv: pooled on its exact integer sums, then requantized
                 assert producer.name == "features.0" and producer.input[0] == "features.0.input_codes", node.name
                 continue
+            if producer.op_type == "Transpose":  # NHWC flatten order for the next Gemm (qdq_graph._channels_last_flattens)
+                assert node.op_type == "Flatten" and producer.name.endswith(".input_channels_last"), node.name
+                producer = producers[producer.input[0]]
             assert producer.op_type in ("QuantizeLinear", "MaxPool"), node.name
 
 

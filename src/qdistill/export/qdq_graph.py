@@ -328,6 +328,9 @@ _HARD = {"alpha": 1.0 / 6.0, "beta": 0.5}
 FLOAT_LOOKUP_FORMS = (
     ("HardSigmoid", (("HardSigmoid", _HARD, ("v",)),)),
     ("Sigmoid", (("Sigmoid", {}, ("v",)),)),
+    # one node with one DequantizeLinear before it; the two-node form below gets a DequantizeLinear per reader
+    # (ONNX Runtime duplicates it for the Mul): 19 nodes fewer on MobileNetV3-Small (needs opset 14, FORM_OPSETS)
+    ("HardSwish", (("HardSwish", {}, ("v",)),)),
     ("HardSigmoid, Mul (hardswish)", (("HardSigmoid", _HARD, ("v",)), ("Mul", {}, ("x", "v")))),
     ("Sigmoid, Mul (SiLU)", (("Sigmoid", {}, ("v",)), ("Mul", {}, ("x", "v")))),
     # PyTorch's own formulas, op for op: min(max(x + 3, 0), 6) / 6 and x * min(max(x + 3, 0), 6) / 6
@@ -336,6 +339,7 @@ FLOAT_LOOKUP_FORMS = (
     ("Add, Clip, Mul, Div (hardswish as PyTorch computes it)",
      (("Add", {}, ("v", 3.0)), ("Clip", {}, ("v", 0.0, 6.0)), ("Mul", {}, ("x", "v")), ("Div", {}, ("v", 6.0)))),
 )
+FORM_OPSETS = {"HardSwish": 14}  # ops newer than the export's opset 13: a model that uses one gets opset 14
 FLOAT_LOOKUP_LEVELS = ("basic", "extended", "all")  # float ops, QDQ fusions, NHWC layout: each must give the table
 FLOAT_LOOKUP_CHUNK = 7  # the codes are also run in pieces this short, so that the ops' scalar tail code is checked
 
@@ -387,7 +391,7 @@ def _exact_forms(graph: onnx.GraphProto, lookups: dict[str, tuple[list[str], np.
         out_type = helper.np_dtype_to_tensor_dtype(_array(graph, source[4]).dtype)
         outputs.append(helper.make_tensor_value_info(f"k{position}.y", out_type, ["n"]))
     model = helper.make_model(helper.make_graph(nodes, "lookup_check", inputs, outputs, initializers),
-                              opset_imports=[helper.make_opsetid("", 13)])
+                              opset_imports=[helper.make_opsetid("", _form_opset(form))])
     exact = set(lookups)
     for level in FLOAT_LOOKUP_LEVELS:
         session = make_session(model.SerializeToString(), threads=1, level=level)
@@ -403,15 +407,21 @@ def _exact_forms(graph: onnx.GraphProto, lookups: dict[str, tuple[list[str], np.
     return exact
 
 
-def _float_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo], sources: dict[str, list[str]]) -> None:
+def _form_opset(form: tuple, opset: int = 13) -> int:
+    """The opset a ``FLOAT_LOOKUP_FORMS`` entry's ops need (at least ``opset``)."""
+    return max([opset] + [FORM_OPSETS.get(op, opset) for op, _, _ in form])
+
+
+def _float_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo], sources: dict[str, list[str]]) -> int:
     """An integer lookup that ONNX Runtime's own float ops reproduce exactly runs as those ops.
 
     ``Cast -> Gather(table)`` becomes ``DequantizeLinear -> form -> QuantizeLinear`` with the first
     ``FLOAT_LOOKUP_FORMS`` entry that gives the table's codes on every input code the lookup can
     see (checked here in ONNX Runtime, ``_exact_forms``). Same values, so the student's outputs stay
     exact; the Gather stays where no form is exact. Why: the Gathers took half of MobileNetV3-Small's
-    int8 time (docs/deploy.md).
+    int8 time (docs/deploy.md). Returns the opset the forms used need (13 when none needs more).
     """
+    opset = 13
     pending = {}
     for key, info in lookups.items():
         source = sources.get(key, [])
@@ -421,8 +431,9 @@ def _float_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo], sources: 
         pending[key] = (source, _lookup_codes(graph, source[0], _array(graph, source[2]).dtype), table)
     for name, form in FLOAT_LOOKUP_FORMS:
         if not pending:
-            return
+            break
         for key in _exact_forms(graph, pending, form):
+            opset = _form_opset(form, opset)
             source = pending.pop(key)[0]
             index = _Index(graph)
             gather = index.producer[lookups[key].output]
@@ -435,6 +446,7 @@ def _float_lookups(graph: onnx.GraphProto, lookups: dict[str, OpInfo], sources: 
             graph.node.extend(nodes)
             graph.node.append(helper.make_node("QuantizeLinear", [value, *source[3:]], [lookups[key].output], name=key))
             lookups[key].form = f"exact float {name}"
+    return opset
 
 
 def _rename_tensor(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -763,7 +775,7 @@ def _narrow_conv(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, 
     ``|sum| <= max|x_q - z_x| * max_c sum|w_c| + max|bias|`` must stay below 2^24, the integers
     float32 represents exactly; then a float Conv on the codes gives QLinearConv's int32 sums.
     """
-    weight = _array(graph, info.weight).astype(np.int64)
+    weight = _array(graph, info.weight)
     dequantize = index.producer.get(node.input[0])
     constants = _initializers(graph)
     has_bias = len(node.input) > 2 and bool(node.input[2])
@@ -774,11 +786,16 @@ def _narrow_conv(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, 
             or f"{info.name}.weight_zero_point" not in constants or np.any(_array(graph, f"{info.name}.weight_zero_point"))
             or (has_bias and node.input[2] != f"{info.name}.bias_dequantized")):  # set by _quantize_conv_bias
         return False  # only the plain form: per-tensor input codes, symmetric weights, an int32 bias (or none)
+    return _sum_bound(graph, dequantize, info, has_bias) < 2**24
+
+
+def _sum_bound(graph: onnx.GraphProto, dequantize: onnx.NodeProto, info: LayerInfo, has_bias: bool) -> int:
+    """The largest ``|int32 sum|`` a conv on the codes ``dequantize`` reads can reach (any input)."""
+    weight = _array(graph, info.weight).astype(np.int64)
     zero = int(_array(graph, dequantize.input[2]))
     grid = np.iinfo(_array(graph, dequantize.input[2]).dtype)
     bias = np.abs(_array(graph, f"{info.name}.bias_quantized").astype(np.int64)).max() if has_bias else 0
-    largest = max(abs(grid.min - zero), abs(grid.max - zero)) * np.abs(weight).reshape(len(weight), -1).sum(1).max() + bias
-    return bool(largest < 2**24)
+    return int(max(abs(grid.min - zero), abs(grid.max - zero)) * np.abs(weight).reshape(len(weight), -1).sum(1).max() + bias)
 
 
 def _reads_graph_input(graph: onnx.GraphProto, codes: str, index: _Index) -> bool:
@@ -837,13 +854,112 @@ def _float_code_conv(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onn
         for value in [value for value in graph.value_info if value.name == old_codes]:
             graph.value_info.remove(value)
         scaled = pool.output[0]
-    multiplier_name = _set_initializer(graph, f"{name}.requantize_multiplier", multiplier.reshape([1, -1, *spatial]))
-    new_nodes.append(helper.make_node("Mul", [multiplier_name, scaled], [f"{name}.requantized"], name=f"{name}.requantize"))
-    quantize.input[0] = f"{name}.requantized"
-    quantize.input[1] = _set_initializer(graph, f"{name}.unit_scale", np.array(1.0, np.float32))
+    zero_point = _array(graph, quantize.input[2]).reshape(())
+    scales = _requantize_scales(multiplier, zero_point, _code_bounds(graph, quantize, index),
+                                _sum_bound(graph, dequantize, info, len(inputs) > 2)) if REQUANTIZE_FOLD else None
+    if scales is not None:  # one per-channel QuantizeLinear does the Mul's and the rounding's work
+        quantize.input[:] = [scaled, _set_initializer(graph, f"{name}.requantize_scale", scales),
+                             _set_initializer(graph, f"{name}.requantize_zero_point", np.full(len(scales), zero_point))]
+        del quantize.attribute[:]
+        quantize.attribute.append(helper.make_attribute("axis", 1))
+    else:
+        multiplier_name = _set_initializer(graph, f"{name}.requantize_multiplier", multiplier.reshape([1, -1, *spatial]))
+        new_nodes.append(helper.make_node("Mul", [multiplier_name, scaled], [f"{name}.requantized"], name=f"{name}.requantize"))
+        quantize.input[0] = f"{name}.requantized"
+        quantize.input[1] = _set_initializer(graph, f"{name}.unit_scale", np.array(1.0, np.float32))
     graph.node.remove(node)
     graph.node.extend(new_nodes)
     info.output, info.weight, info.form = accumulator, f"{name}.weight_codes", FLOAT_CODE_FORM
+
+
+def _code_bounds(graph: onnx.GraphProto, quantize: onnx.NodeProto, index: _Index) -> tuple[int, int]:
+    """The codes ``quantize``'s readers can see: its integer type, narrowed by a constant Clip that alone reads it."""
+    limits = np.iinfo(_array(graph, quantize.input[2]).dtype)
+    low, high = int(limits.min), int(limits.max)
+    users = index.consumers.get(quantize.output[0], [])
+    constants = _initializers(graph)
+    if len(users) == 1 and users[0].op_type == "Clip" and all(name in constants for name in users[0].input[1:3]):
+        low, high = max(low, int(_array(graph, users[0].input[1]))), min(high, int(_array(graph, users[0].input[2])))
+    return low, high
+
+
+# The fold saves a node and the NCHWc Mul's pass (demo CNN, one thread: batch 1 kernel sum 192 -> 192 us with 16 -> 15
+# nodes, batch 64 3977 -> 3687 us); ONNX Runtime runs a per-channel QuantizeLinear one H*W block at a time (single-
+# threaded at small blocks), so with 2 threads at batch 64 it is estimated a wash (docs/deploy.md). False turns it off.
+REQUANTIZE_FOLD = True
+REQUANTIZE_CHECK_VALUES = 1 << 23  # at most this many (channel, sum) pairs are checked; beyond, the Mul stays
+REQUANTIZE_ULPS = (0, -1, 1, -2, 2)  # candidate scales: float32(1 / M) and its neighbours, in this order
+# QuantizeLinear runs the same kernel at every level; "basic" (no fusions) and "all" (the deploy level) are checked
+REQUANTIZE_LEVELS = ("basic", "all")
+
+
+def _requantize_scales(multiplier: np.ndarray, zero_point: np.ndarray, bounds: tuple[int, int], largest: int
+                       ) -> np.ndarray | None:
+    """Per-channel float32 scales ``s`` for which ``clip(QuantizeLinear(a, s, z))`` equals
+    ``clip(QuantizeLinear(float32(a * M), 1, z))`` for *every* integer sum ``a`` (``|a| <= largest``)
+    in ONNX Runtime, or None.
+
+    Both sides are monotone in ``a``, so equality on the integers between the last sum that
+    gives the lowest code and the first that gives the highest (both checked to be saturated)
+    covers all sums. Checked in ONNX Runtime itself on those integers, in long rows (its vector
+    code) and in pieces of ``FLOAT_LOOKUP_CHUNK`` (its scalar tail), at the levels of
+    ``REQUANTIZE_LEVELS``. Why: the narrow conv's requantize ``Mul`` is one node and one pass over
+    the pooled sums less (each node costs thread-pool overhead at batch 1, docs/deploy.md).
+    """
+    multiplier = multiplier.reshape(-1).astype(np.float32)
+    low, high = bounds
+    zero = int(zero_point)
+    first = np.maximum(np.floor((low - zero - 2) / multiplier.astype(np.float64)), -largest).astype(np.int64)
+    last = np.minimum(np.ceil((high - zero + 2) / multiplier.astype(np.float64)), largest).astype(np.int64)
+    width = int((last - first).max()) + 1
+    if width * len(multiplier) > REQUANTIZE_CHECK_VALUES:
+        return None
+    sums = (first[:, None] + np.minimum(np.arange(width)[None, :], (last - first)[:, None])).astype(np.float32)
+    chosen = np.zeros(len(multiplier), np.float32)
+    pending = np.arange(len(multiplier))
+    base = np.float32(1.0) / multiplier
+    for ulps in REQUANTIZE_ULPS:
+        candidate = base[pending]
+        for _ in range(abs(ulps)):
+            candidate = np.nextafter(candidate, np.float32(np.inf if ulps > 0 else 0)).astype(np.float32)
+        exact = _requantize_exact(sums[pending], multiplier[pending], candidate, zero_point, bounds,
+                                  ends=(first[pending] > -largest, last[pending] < largest))
+        chosen[pending[exact]] = candidate[exact]
+        pending = pending[~exact]
+        if not len(pending):
+            return chosen
+    return None
+
+
+def _requantize_exact(sums: np.ndarray, multiplier: np.ndarray, scales: np.ndarray, zero_point: np.ndarray,
+                      bounds: tuple[int, int], ends: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Per channel (row of ``sums``): whether the two requantize forms of ``_requantize_scales`` agree
+    on every sum in ONNX Runtime, and the reference is saturated at each end of the row that ``ends`` marks."""
+    channels = len(multiplier)
+    zero_type = helper.np_dtype_to_tensor_dtype(zero_point.dtype)
+    constants = {"m": multiplier.reshape(1, -1, 1), "one": np.array(1.0, np.float32), "z": zero_point.reshape(()),
+                 "s": scales, "zc": np.full(channels, zero_point.reshape(())), "lo": np.array(bounds[0], zero_point.dtype),
+                 "hi": np.array(bounds[1], zero_point.dtype)}
+    nodes = [helper.make_node("Mul", ["m", "a"], ["y"]), helper.make_node("QuantizeLinear", ["y", "one", "z"], ["q"]),
+             helper.make_node("Clip", ["q", "lo", "hi"], ["reference"]),
+             helper.make_node("QuantizeLinear", ["a", "s", "zc"], ["p"], axis=1),
+             helper.make_node("Clip", ["p", "lo", "hi"], ["folded"])]
+    graph = helper.make_graph(nodes, "requantize_check", [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, ["n", channels, "w"])],
+                              [helper.make_tensor_value_info(name, zero_type, None) for name in ("reference", "folded")],
+                              [numpy_helper.from_array(np.asarray(array), name) for name, array in constants.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    sums = np.pad(sums, ((0, 0), (0, -sums.shape[1] % FLOAT_LOOKUP_CHUNK)), mode="edge")  # whole pieces
+    pieces = sums.reshape(channels, -1, FLOAT_LOOKUP_CHUNK).transpose(1, 0, 2)
+    exact = np.ones(channels, bool)
+    for level in REQUANTIZE_LEVELS:
+        session = make_session(model.SerializeToString(), threads=1, level=level)
+        for long_rows, feed in ((True, sums[None]), (False, np.ascontiguousarray(pieces))):
+            reference, folded = session.run(None, {"a": feed})
+            exact &= (np.moveaxis(reference, 1, 0).reshape(channels, -1) == np.moveaxis(folded, 1, 0).reshape(channels, -1)).all(axis=1)
+            if long_rows:  # the first and the last sum of each channel: the reference saturates there
+                exact &= ~ends[0] | (reference[0, :, 0] == bounds[0])
+                exact &= ~ends[1] | (reference[0, :, -1] == bounds[1])
+    return exact
 
 
 def float_code_codes(graph: onnx.GraphProto, accumulator: str) -> tuple[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -855,24 +971,30 @@ def float_code_codes(graph: onnx.GraphProto, accumulator: str) -> tuple[str, tup
     index = _Index(graph)
     pool = index.consumers.get(accumulator, [None])[0]
     mul = index.consumers.get(pool.output[0], [None])[0] if pool is not None and pool.op_type == "MaxPool" else pool
-    if mul is None or mul.op_type != "Mul" or not mul.name.endswith(".requantize"):
+    folded = mul is not None and mul.op_type == "QuantizeLinear" and mul.input[1].endswith(".requantize_scale")
+    if mul is None or not folded and (mul.op_type != "Mul" or not mul.name.endswith(".requantize")):
         return None
-    quantize = index.consumers[mul.output[0]][0]
+    quantize = mul if folded else index.consumers[mul.output[0]][0]
     after = index.consumers.get(quantize.output[0], [])
     clip = after[0] if len(after) == 1 and after[0].op_type == "Clip" else None
     readers = index.consumers.get(clip.output[0] if clip else quantize.output[0], [])
     scales = [reader.input[1] for reader in readers if reader.op_type == "DequantizeLinear"]
     if not scales:
         return None
-    prefix = mul.name[: -len(".requantize")] + ".diagnosis"
-    graph.node.append(helper.make_node("Mul", [mul.input[0], accumulator], [f"{prefix}_scaled"], name=f"{prefix}_mul"))
-    graph.node.append(helper.make_node("QuantizeLinear", [f"{prefix}_scaled", *quantize.input[1:]], [f"{prefix}_codes"],
-                                       name=f"{prefix}_quantize"))
+    prefix = (mul.input[1][: -len(".requantize_scale")] if folded else mul.name[: -len(".requantize")]) + ".diagnosis"
+    if folded:  # the per-channel QuantizeLinear of _requantize_scales, on the sums before the pool
+        graph.node.append(helper.make_node("QuantizeLinear", [accumulator, *quantize.input[1:]], [f"{prefix}_codes"],
+                                           name=f"{prefix}_quantize", axis=1))
+    else:
+        graph.node.append(helper.make_node("Mul", [mul.input[0], accumulator], [f"{prefix}_scaled"], name=f"{prefix}_mul"))
+        graph.node.append(helper.make_node("QuantizeLinear", [f"{prefix}_scaled", *quantize.input[1:]], [f"{prefix}_codes"],
+                                           name=f"{prefix}_quantize"))
     codes = f"{prefix}_codes"
     if clip is not None:
         graph.node.append(helper.make_node("Clip", [codes, *clip.input[1:]], [f"{prefix}_clipped"], name=f"{prefix}_clip"))
         codes = f"{prefix}_clipped"
-    return codes, (_array(graph, scales[0]), _array(graph, quantize.input[2]))
+    zero_point = _array(graph, quantize.input[2])  # per channel when folded, all equal
+    return codes, (_array(graph, scales[0]), zero_point.reshape(-1)[:1].reshape(()) if folded else zero_point)
 
 
 def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo) -> None:
@@ -919,6 +1041,50 @@ def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo,
         new_nodes.append(helper.make_node("Add", [names["rescaled"], bias_name], [output], name=f"{info.name}.bias_add"))
     graph.node.remove(node)
     graph.node.extend(new_nodes)
+
+
+def _channels_last_flattens(model: onnx.ModelProto, layers: dict[str, LayerInfo]) -> None:
+    """A Gemm layer that reads ``Flatten`` of a 4-D integer tensor reads it flattened in NHWC order.
+
+    ``X -> Flatten -> [Clip] -> DQ -> Gemm`` becomes ``X -> Transpose(0,2,3,1) -> Flatten -> ...``
+    with the Gemm's weight columns permuted the same way: the same products summed in another
+    order, and integer sums do not depend on the order, so the result is exact. Why: ONNX
+    Runtime runs the QLinearConv chain in NHWC and ends it with a Transpose back to NCHW before the
+    Flatten; that Transpose and this one cancel, so the graph has one node (a single-threaded one)
+    fewer (demo CNN; docs/deploy.md).
+    """
+    graph = model.graph
+    index = _Index(graph)
+    shapes = None
+    for info in layers.values():
+        node = index.producer.get(info.output)
+        if info.op != "Gemm" or node is None or node.op_type != "Gemm" or info.act_input is None:
+            continue
+        dequantize = _layer_input_dequantize(graph, info, index)
+        flatten = index.producer.get(info.act_input)
+        if flatten is not None and flatten.op_type == "Clip":
+            flatten = index.producer.get(flatten.input[0])
+        if (dequantize is None or flatten is None or flatten.op_type != "Flatten" or _attribute(flatten, "axis", 1) != 1
+                or len(index.consumers[flatten.output[0]]) != 1 or len(index.consumers[dequantize.output[0]]) != 1):
+            continue
+        if shapes is None:  # inferred afresh, in node order: value_info the rewrite carried along may lack shapes
+            bare = onnx.ModelProto.FromString(model.SerializeToString())
+            del bare.graph.value_info[:]
+            toposort(bare.graph)
+            inferred = onnx.shape_inference.infer_shapes(bare)
+            shapes = {value.name: value.type.tensor_type.shape for value in inferred.graph.value_info}
+        shape = shapes.get(flatten.input[0])
+        dims = [dim.dim_value if dim.HasField("dim_value") else 0 for dim in shape.dim] if shape is not None else []
+        weight = _array(graph, info.weight)
+        transposed = _attribute(node, "transB", 0) == 1
+        if len(dims) != 4 or not all(dims[1:]) or weight.shape[1 if transposed else 0] != int(np.prod(dims[1:])):
+            continue
+        order = np.arange(int(np.prod(dims[1:]))).reshape(dims[1:]).transpose(1, 2, 0).reshape(-1)
+        _set_initializer(graph, info.weight, weight[:, order] if transposed else weight[order])
+        channels_last = f"{flatten.input[0]}_channels_last"
+        graph.node.append(helper.make_node("Transpose", [flatten.input[0]], [channels_last], name=f"{info.name}.input_channels_last",
+                                           perm=[0, 2, 3, 1]))
+        flatten.input[0] = channels_last
 
 
 def _prune(graph: onnx.GraphProto) -> None:
@@ -997,11 +1163,16 @@ def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict
     sources: dict[str, list[str]] = {}
     lookup_ops = _install_lookups(graph, lookups, sources)
     _integer_lookups(graph, lookup_ops, sources)
-    _float_lookups(graph, lookup_ops, sources)
+    needed = _float_lookups(graph, lookup_ops, sources)
+    # opset 14 changes none of the ops these graphs hold (Add/Mul/Relu gain types, Reshape's allowzero defaults to 0)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version < needed:
+            opset.version = needed
     ops.update(lookup_ops)
     index = _Index(graph)
     for info in layers.values():
         _integer_output_form(graph, info, index)
+    _channels_last_flattens(model, layers)
     _prune(graph)
     toposort(graph)
     position = {output: order for order, node in enumerate(graph.node) for output in node.output}
