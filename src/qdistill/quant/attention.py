@@ -325,3 +325,18 @@ def residual_stream_modules(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules()
             if name and type(module).__module__.startswith("transformers.")
             and any(isinstance(child, nn.LayerNorm) for child in module.children())]
+
+
+GELU_NOTE = ("GELU of a transformer's feed-forward block stays float: ONNX Runtime runs a quantized GELU as a table "
+             "lookup (Cast + Gather on int64 codes), measured about 6x slower than its float Gelu kernel on MiniLM at "
+             "batch 32 x 128 tokens; the Linear before it writes float, the Linear after it quantizes its own input")
+
+
+def is_transformers_activation(module: nn.Module) -> bool:
+    """A Hugging Face transformers activation module (``transformers.activations.GELUActivation``, ...).
+
+    Example:
+        >>> is_transformers_activation(nn.GELU())
+        False
+    """
+    return type(module).__module__.startswith("transformers.")

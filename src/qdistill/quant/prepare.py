@@ -38,8 +38,10 @@ from qdistill.errors import ModelError
 from qdistill.quant.attention import (
     DecomposedMultiheadAttention,
     decompose_attention,
+    GELU_NOTE,
     RESIDUAL_NOTE,
     explicit_hf_attention,
+    is_transformers_activation,
     residual_stream_modules,
     unfuse_attention,
 )
@@ -158,7 +160,8 @@ def _quantize_float_ops(student: nn.Module, spec: QuantSpec, float_modules: froz
     """Average pools, LayerNorms and elementwise activations get a quantized input (their computation
     is unchanged); an activation then runs as a table of its input codes in the export.
 
-    The direct children of ``float_modules`` (a transformer's residual-stream modules) are left as they are."""
+    The direct children of ``float_modules`` (a transformer's residual-stream modules) are left as they are, and so
+    are transformers' own activation modules when ``float_modules`` is not empty (``GELU_NOTE``)."""
     names = []
     for name, module in list(student.named_modules()):
         if not name or any(name.startswith(done + ".") for done in names):
@@ -169,6 +172,8 @@ def _quantize_float_ops(student: nn.Module, spec: QuantSpec, float_modules: froz
         quantized = INPUT_QUANTIZED_CLASS.get(type(module))
         if quantized is not None:
             student.set_submodule(name, quantized.from_float(module, quantizer))
+        elif float_modules and is_transformers_activation(module):
+            continue  # prepare lists GELU_NOTE
         elif is_elementwise_activation(module):
             inner = copy.copy(module)
             if hasattr(inner, "inplace"):
@@ -203,6 +208,8 @@ def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str])
     constant_notes = _float_if_constant_input(student, trace)
     added, notes = rewrite_functional_ops(student, trace, lambda: make(spec.act_bits), skip=residual)
     notes |= {name: RESIDUAL_NOTE for name in sorted(residual)}
+    notes |= {name: GELU_NOTE for name, module in student.named_modules()
+              if residual and is_transformers_activation(module) and is_elementwise_activation(module)}
     notes |= {f"{name}.{child}": RESIDUAL_NOTE for name in sorted(residual)
               for child, module in student.get_submodule(name).named_children() if isinstance(module, nn.LayerNorm)}
     _override_ops(student, op_names + added, layer_names, spec)
