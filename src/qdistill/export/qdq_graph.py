@@ -965,6 +965,45 @@ def _fuse_matmul_biases(model_or_graph: onnx.GraphProto, layers: dict[str, Layer
                if info.op == "MatMul" and info.form == "float" and info.act_input is not None)
 
 
+def _fold_matmul_scale(graph: onnx.GraphProto, op: OpInfo, index: _Index) -> bool:
+    """A quantized matmul op followed by a product with a constant (attention's ``Q.K^T * scale``): the constant
+    moves into the scale of one input's DequantizeLinear and the Mul goes; True when folded.
+
+    ONNX Runtime then runs ``Q.K^T`` and the scaling in one MatMulIntegerToFloat instead of a second pass
+    over the (batch, heads, tokens, tokens) scores. The integer product is the same; only the float
+    rounding of ``codes * (scale * constant)`` against ``(codes * scale) * constant`` differs.
+    """
+    node, users = index.producer.get(op.output), index.consumers.get(op.output, [])
+    if node is None or node.op_type != "MatMul" or len(users) != 1 or users[0].op_type != "Mul" or op.output in index.outputs:
+        return False
+    mul = users[0]
+    weights = _initializers(graph)
+    factor = next((name for name in mul.input if name != op.output), None)
+    if factor not in weights or np.prod(weights[factor].dims, dtype=np.int64) != 1 or mul.output[0] in index.outputs:
+        return False
+    for name in reversed(node.input):
+        dequantize = index.producer.get(name)
+        if dequantize is not None and dequantize.op_type == "DequantizeLinear" and len(index.consumers[name]) == 1 \
+                and dequantize.input[1] in weights and not weights[dequantize.input[1]].dims:
+            break
+    else:
+        return False
+    scale = _array(graph, dequantize.input[1]).astype(np.float32) * _array(graph, factor).astype(np.float32).reshape(())
+    dequantize.input[1] = _set_initializer(graph, f"{dequantize.name or name}.scale_times_{factor}", scale)
+    for user in index.consumers.get(mul.output[0], []):
+        for position, value in enumerate(user.input):
+            if value == mul.output[0]:
+                user.input[position] = op.output
+    graph.node.remove(mul)
+    return True
+
+
+def _fold_matmul_scales(graph: onnx.GraphProto, ops: dict[str, OpInfo]) -> int:
+    """``_fold_matmul_scale`` on every quantized matmul op; how many were folded."""
+    index = _Index(graph)  # each fold edits only its own op's nodes
+    return sum(_fold_matmul_scale(graph, op, index) for op in ops.values() if op.op == "MatMul")
+
+
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop nodes and initializers that no graph output depends on."""
     index = _Index(graph)
@@ -1048,6 +1087,7 @@ def rewrite_for_int8(model: onnx.ModelProto) -> tuple[dict[str, LayerInfo], dict
         _integer_output_form(graph, info, index)
     if _fuse_matmul_biases(graph, layers) and not any(entry.domain == "com.microsoft" for entry in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _fold_matmul_scales(graph, ops)
     _prune(graph)
     toposort(graph)
     position = {output: order for order, node in enumerate(graph.node) for output in node.output}
