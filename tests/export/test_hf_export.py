@@ -20,14 +20,14 @@ def student():
     return prepare(MeanEncoder(pooler=True).eval(), {"weight_bits": 8, "act_bits": 8}, calibration_data=[_batch()])
 
 
-def test_attention_matmuls_and_gelu_run_on_integer_kernels(student, tmp_path):
+def test_attention_matmuls_and_linears_run_on_integer_kernels(student, tmp_path):
     info = export_onnx(student, tmp_path / "bert.onnx", _batch(1))
     other = info["integer_ops_other"]
     for block in range(2):
         prefix = f"bert.encoder.layer.{block}."
         assert other[prefix + "attention.self.scores.matmul"] in {"MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul"}
         assert other[prefix + "attention.self.weighted.matmul"] in {"MatMulInteger", "MatMulIntegerToFloat", "QLinearMatMul"}
-        assert other[prefix + "intermediate.intermediate_act_fn"] == "Gather"  # GELU as a table of input codes
+        assert prefix + "intermediate.intermediate_act_fn" not in other  # GELU stays float (prepare lists why)
         for linear in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                        "intermediate.dense", "output.dense"):
             assert info["integer_ops"][prefix + linear] in {"MatMulIntegerToFloat", "QGemm", "MatMulInteger"}
@@ -59,3 +59,31 @@ def test_embedding_parity_gate_passes_and_is_recorded(student, tmp_path):
     assert section["mean_cosine"] >= section["mean_cosine_gate"] == 0.999
     assert "agreement_with_student" not in section and "logit_sqnr_db" not in section
     assert section["dropped_layers"] == {"bert.pooler.dense": UNUSED_OUTPUT}
+
+
+def test_linear_biases_and_attention_scale_fold_into_integer_matmuls(student, tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    path = export_onnx(student, tmp_path / "bert.onnx", _batch(1))["path"]
+    graph = onnx.load(path).graph
+    fused = [node for node in graph.node if node.op_type == "MatMulIntegerToFloat"]
+    biases = {node.input[6] for node in fused if len(node.input) == 7}
+    for block in range(2):  # each Linear of the encoder is one MatMulIntegerToFloat that adds its bias
+        for linear in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                       "intermediate.dense", "output.dense"):
+            assert any(name.endswith(f"encoder.layer.{block}.{linear}.bias") for name in biases), linear
+    assert not any(node.op_type == "Add" and set(node.input) & biases for node in graph.node)  # no separate bias Add
+    # Q.K^T * scale: no Mul by the scale after the scores matmul (it went into a DequantizeLinear scale)
+    scores = {out for node in graph.node if node.op_type == "MatMul" and "scores" in node.name for out in node.output}
+    assert len(scores) == 2
+    assert not any(node.op_type == "Mul" and set(node.input) & scores for node in graph.node)
+    # ONNX Runtime computes what the PyTorch student computes (independent of the exporter's own gate)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    batch = _batch()
+    got = session.run(None, {value.name: batch[value.name].numpy() for value in session.get_inputs()})[0]
+    with torch.no_grad():
+        expected = student(**batch).numpy()
+    cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosine.min() > 0.9999

@@ -48,7 +48,7 @@ def test_explicit_attention_computes_what_transformers_computes():
         assert torch.allclose(model(**batch), expected, atol=1e-5)
 
 
-def test_prepare_quantizes_attention_matmuls_and_gelu():
+def test_prepare_quantizes_linears_and_attention_matmuls():
     model = MeanEncoder().eval()
     student = prepare(model, {"weight_bits": 8, "act_bits": 8}, calibration_data=[_batch()])
     table = layer_table(student)
@@ -56,9 +56,15 @@ def test_prepare_quantizes_attention_matmuls_and_gelu():
         prefix = f"bert.encoder.layer.{block}."
         for name in ("attention.self.query", "attention.self.key", "attention.self.value",
                      "attention.self.scores.matmul", "attention.self.weighted.matmul",
-                     "attention.output.dense", "attention.output.add", "intermediate.dense",
-                     "intermediate.intermediate_act_fn", "output.dense", "output.add"):
+                     "attention.output.dense", "intermediate.dense", "output.dense"):
             assert table[prefix + name]["act_bits"] == 8, prefix + name
+        # the residual stream (adds, LayerNorms and their inputs) stays float, with its reason listed
+        for name in ("attention.output", "attention.output.LayerNorm", "output", "output.LayerNorm"):
+            assert "residual stream" in student.qdistill_unquantized[prefix + name], prefix + name
+        assert prefix + "attention.output.add" not in table and prefix + "output.LayerNorm" not in table
+        assert type(student.get_submodule(prefix + "output.LayerNorm")) is nn.LayerNorm
+        # GELU stays float (a table lookup is slower than ORT's float Gelu), with its reason
+        assert "GELU" in student.qdistill_unquantized[prefix + "intermediate.intermediate_act_fn"]
     with torch.no_grad():
         cosine = nn.functional.cosine_similarity(student(**_batch()), model(**_batch()))
     assert cosine.min() > 0.99

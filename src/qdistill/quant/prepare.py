@@ -36,9 +36,13 @@ from torch import nn
 from qdistill.batch import batch_inputs, call_model, move_inputs
 from qdistill.errors import ModelError
 from qdistill.quant.attention import (
+    GELU_NOTE,
+    RESIDUAL_NOTE,
     DecomposedMultiheadAttention,
     decompose_attention,
     explicit_hf_attention,
+    is_transformers_activation,
+    residual_stream_modules,
     unfuse_attention,
 )
 from qdistill.quant.fold import batchnorms_to_convs, fold_batchnorms, fold_layer_scales
@@ -153,17 +157,24 @@ def _quantize_layers(student: nn.Module, spec: QuantSpec, init_weights: bool) ->
     return [name for name, _ in layers]
 
 
-def _quantize_float_ops(student: nn.Module, spec: QuantSpec) -> list[str]:
+def _quantize_float_ops(student: nn.Module, spec: QuantSpec, float_modules: frozenset[str] = frozenset()) -> list[str]:
     """Average pools, LayerNorms and elementwise activations get a quantized input (their computation
-    is unchanged); an activation then runs as a table of its input codes in the export."""
+    is unchanged); an activation then runs as a table of its input codes in the export.
+
+    The direct children of ``float_modules`` (a transformer's residual-stream modules) are left as they are, and so
+    are transformers' own activation modules when ``float_modules`` is not empty (``GELU_NOTE``)."""
     names = []
     for name, module in list(student.named_modules()):
         if not name or any(name.startswith(done + ".") for done in names):
+            continue
+        if name.rpartition(".")[0] in float_modules:
             continue
         quantizer = _activation_quantizer(spec, spec.act_bits)
         quantized = INPUT_QUANTIZED_CLASS.get(type(module))
         if quantized is not None:
             student.set_submodule(name, quantized.from_float(module, quantizer))
+        elif float_modules and is_transformers_activation(module):
+            continue  # prepare lists GELU_NOTE
         elif is_elementwise_activation(module):
             inner = copy.copy(module)
             if hasattr(inner, "inplace"):
@@ -192,10 +203,16 @@ def _override_ops(student: nn.Module, op_names: list[str], layer_names: list[str
 def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str]) -> dict[str, str]:
     """Steps 4 and 5 of ``prepare``; returns ``{name: reason}`` for what could not be handled."""
     make = partial(_activation_quantizer, spec)
-    op_names = _quantize_float_ops(student, spec)
+    residual = frozenset(residual_stream_modules(student))  # transformers: the residual adds and LayerNorms stay float
+    op_names = _quantize_float_ops(student, spec, residual)
     trace = trace_model(student)
     constant_notes = _float_if_constant_input(student, trace)
-    added, notes = rewrite_functional_ops(student, trace, lambda: make(spec.act_bits))
+    added, notes = rewrite_functional_ops(student, trace, lambda: make(spec.act_bits), skip=residual)
+    notes |= {name: RESIDUAL_NOTE for name in sorted(residual)}
+    notes |= {name: GELU_NOTE for name, module in student.named_modules()
+              if residual and is_transformers_activation(module) and is_elementwise_activation(module)}
+    notes |= {f"{name}.{child}": RESIDUAL_NOTE for name in sorted(residual)
+              for child, module in student.get_submodule(name).named_children() if isinstance(module, nn.LayerNorm)}
     _override_ops(student, op_names + added, layer_names, spec)
     retrace = trace_model(student) if trace.graph is not None else trace  # it now shows the new ops
     if retrace.graph is not None:

@@ -316,11 +316,12 @@ def _same_signature(generated, original):
     return forward
 
 
-def rewrite_functional_ops(model: nn.Module, trace: ModelTrace,
-                           make_quantizer: Callable[[], Quantizer]) -> tuple[list[str], dict[str, str]]:
+def rewrite_functional_ops(model: nn.Module, trace: ModelTrace, make_quantizer: Callable[[], Quantizer],
+                           skip: frozenset[str] = frozenset()) -> tuple[list[str], dict[str, str]]:
     """Quantize the additions/concatenations of every custom module; returns (ops added, ``{module: reason}``).
 
-    ``reason`` says why a module's forward could not be rewritten (its additions stay float).
+    ``reason`` says why a module's forward could not be rewritten (its additions stay float). The modules
+    named in ``skip`` keep their forward (``prepare`` lists why).
 
     Example:
         >>> from qdistill import models
@@ -333,6 +334,8 @@ def rewrite_functional_ops(model: nn.Module, trace: ModelTrace,
     graphs, problems = module_graphs(model, trace, matters=_has_functional_ops)
     added = []
     for name, module, graph, tensor_positions in graphs:
+        if name in skip:
+            continue
         tensors = tensor_nodes(graph, tensor_positions)
         prefix = f"{name}." if name else ""
         added += [prefix + child for child in rewrite_module(module, graph, tensors, make_quantizer)]
