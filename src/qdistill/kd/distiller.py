@@ -28,8 +28,11 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, loss: KDLoss,
-                 features: Iterable = (), example_input: Any = None) -> None:
+                 features: Iterable = (), example_input: Any = None, extra_losses: Iterable[nn.Module] = ()) -> None:
         super().__init__()
+        # inner-activation losses (``kd.hidden``): called with the batch's inputs after both forwards,
+        # each returns {name: weighted loss}; their parameters (projections) train with the student
+        self.extra_losses = nn.ModuleList(extra_losses)
         self.student = student
         self.loss = loss
         # kept out of the module tree: its weights are not trained, saved or wrapped
@@ -67,7 +70,7 @@ class Distiller(nn.Module):
 
         ``x`` is the batch's inputs in any form of ``qdistill.batch`` (a tensor, a tuple or a dict).
         """
-        if teacher_logits is None and (self.loss.alpha > 0 or self._taps):
+        if teacher_logits is None and (self.loss.alpha > 0 or self._taps or len(self.extra_losses)):
             teacher_logits = self.teacher_logits(x)
         student_logits = call_model(self.student, x)
         if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
@@ -81,6 +84,10 @@ class Distiller(nn.Module):
             feature_loss = torch.nn.functional.mse_loss(adapted, teacher_tap.output.detach())
             parts.features[name] = feature_loss
             parts.total = parts.total + weight * feature_loss
+        for extra in self.extra_losses:
+            for name, value in extra(x).items():
+                parts.features[name] = value
+                parts.total = parts.total + value
         return parts
 
     def remove_hooks(self) -> None:
@@ -88,3 +95,5 @@ class Distiller(nn.Module):
         for _, student_tap, teacher_tap, _ in self._taps:
             student_tap.remove()
             teacher_tap.remove()
+        for extra in self.extra_losses:
+            extra.remove()
