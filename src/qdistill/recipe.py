@@ -264,7 +264,7 @@ class DistillSpec(_Section):
 
     Example:
         >>> DistillSpec(hidden_layers=[[5, 2]], output="embedding").hidden_layers
-        [(5, 2)]
+        [[5, 2]]
     """
 
     temperature: float = Field(4.0, gt=0.0, le=100.0)
@@ -274,7 +274,7 @@ class DistillSpec(_Section):
     output: Literal["auto", "logits", "embedding"] = "auto"
     cosine_weight: float = Field(1.0, ge=0.0)
     mse_weight: float = Field(0.0, ge=0.0)
-    hidden_layers: list[tuple[int, int]] = Field(default_factory=list)
+    hidden_layers: list[list[int]] = Field(default_factory=list)
     hidden_weight: float = Field(1.0, ge=0.0)
     attention_relation_weight: float = Field(0.0, ge=0.0)
 
@@ -282,6 +282,9 @@ class DistillSpec(_Section):
     def _embedding_weights(self) -> DistillSpec:
         if self.cosine_weight + self.mse_weight == 0:
             raise ValueError("cosine_weight and mse_weight must not both be 0 (the embedding KD loss needs one)")
+        for pair in self.hidden_layers:
+            if len(pair) != 2 or min(pair) < 0:
+                raise ValueError(f"hidden_layers entry {pair} must be [teacher_layer, student_layer], two indices >= 0")
         return self
 
 
