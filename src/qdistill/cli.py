@@ -96,6 +96,11 @@ def _print_metrics(report: dict[str, Any]) -> None:
     console.print(table)
     if "agreement_with_teacher" in report.get("student", {}):
         console.print(f"agreement with teacher: {report['student']['agreement_with_teacher']:.4f}")
+    student = report.get("student", {})
+    if "mean_cosine" in student:  # an embedding model: how closely the student's embeddings follow the teacher's
+        console.print(f"embeddings vs teacher: mean cosine {student['mean_cosine']:.4f} (min {student['min_cosine']:.4f}), "
+                      f"agreement@1 {student['agreement_at_1']:.4f}, agreement@10 {student['agreement_at_10']:.4f} "
+                      f"over {student['embedding_samples']} texts")
 
 
 def _eval(args: argparse.Namespace) -> int:

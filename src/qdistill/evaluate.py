@@ -188,3 +188,30 @@ def embed(model: nn.Module, loader: Iterable[Any]) -> torch.Tensor:
         return torch.cat([call_model(model, move_inputs(split_batch(batch)[0], device)).float().cpu() for batch in loader])
     finally:
         model.train(was_training)
+
+
+def size_metrics(model: nn.Module) -> dict[str, Any]:
+    """``params`` and theoretical ``size_bytes`` of a model (the part of ``evaluate`` that needs no data).
+
+    Example:
+        >>> size_metrics(nn.Linear(3, 2))
+        {'params': 8, 'size_bytes': 32}
+    """
+    return {"params": count_params(model), "size_bytes": theoretical_size_bytes(model)}
+
+
+def evaluate_embeddings(student: nn.Module, teacher: nn.Module,
+                        loader: Iterable[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(teacher metrics, student metrics) of an embedding model on held-out inputs: sizes for both, and for
+    the student ``embedding_metrics`` against the teacher's embeddings of the same inputs (labels are ignored).
+
+    Example:
+        >>> from qdistill.data import make_loader
+        >>> loader = make_loader(torch.eye(3), None, 3, 0, False)
+        >>> _, student = evaluate_embeddings(nn.Linear(3, 2), nn.Linear(3, 2), loader)
+        >>> sorted(student)
+        ['agreement_at_1', 'agreement_at_10', 'embedding_samples', 'mean_cosine', 'min_cosine', 'params', 'size_bytes']
+    """
+    metrics = embedding_metrics(embed(student, loader), embed(teacher, loader))
+    metrics["embedding_samples"] = metrics.pop("samples")
+    return size_metrics(teacher), {**size_metrics(student), **metrics}

@@ -258,12 +258,41 @@ class DistillSpec(_Section):
     checkpoint) starts from the teacher's weights where shapes allow (``teacher``: each layer keeps
     the teacher's most important channels, ``models.narrow``) or from its own random initialisation
     (``scratch``).
+
+    ``output``: what the model returns, which picks the KD loss, the metrics and the export gate:
+    ``logits`` (softmax KD, accuracy), ``embedding`` (``cosine_weight * (1 - cos) + mse_weight * MSE``
+    on the pooled vectors, cosine and retrieval agreement to the teacher) or ``auto`` (from
+    ``model.task`` for Hugging Face models, else ``logits``).
+
+    ``hidden_layers``: ``[teacher_layer, student_layer]`` pairs of transformer layer indices (Hugging Face
+    encoders): MSE between their hidden states over the non-padding tokens, through a learned linear
+    projection when widths differ, weighted by ``hidden_weight``. ``attention_relation_weight`` > 0 adds
+    MiniLM's self-attention relation KD (query-query, key-key and value-value relations of the last layers).
+
+    Example:
+        >>> DistillSpec(hidden_layers=[[5, 2]], output="embedding").hidden_layers
+        [[5, 2]]
     """
 
     temperature: float = Field(4.0, gt=0.0, le=100.0)
     alpha: float = Field(0.9, ge=0.0, le=1.0)
     features: list[FeatureHint] | Literal["auto"] = Field(default_factory=list)
     student_init: Literal["teacher", "scratch"] = "teacher"
+    output: Literal["auto", "logits", "embedding"] = "auto"
+    cosine_weight: float = Field(1.0, ge=0.0)
+    mse_weight: float = Field(0.0, ge=0.0)
+    hidden_layers: list[list[int]] = Field(default_factory=list)
+    hidden_weight: float = Field(1.0, ge=0.0)
+    attention_relation_weight: float = Field(0.0, ge=0.0)
+
+    @model_validator(mode="after")
+    def _embedding_weights(self) -> DistillSpec:
+        if self.cosine_weight + self.mse_weight == 0:
+            raise ValueError("cosine_weight and mse_weight must not both be 0 (the embedding KD loss needs one)")
+        for pair in self.hidden_layers:
+            if len(pair) != 2 or min(pair) < 0:
+                raise ValueError(f"hidden_layers entry {pair} must be [teacher_layer, student_layer], two indices >= 0")
+        return self
 
 
 class TrainSpec(_Section):

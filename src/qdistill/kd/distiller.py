@@ -28,8 +28,11 @@ class Distiller(nn.Module):
     """
 
     def __init__(self, teacher: nn.Module, student: nn.Module, loss: KDLoss,
-                 features: Iterable = (), example_input: Any = None) -> None:
+                 features: Iterable = (), example_input: Any = None, extra_losses: Iterable[nn.Module] = ()) -> None:
         super().__init__()
+        # inner-activation losses (``kd.hidden``): called with the batch's inputs after both forwards,
+        # each returns {name: weighted loss}; their parameters (projections) train with the student
+        self.extra_losses = nn.ModuleList(extra_losses)
         self.student = student
         self.loss = loss
         # kept out of the module tree: its weights are not trained, saved or wrapped
@@ -60,12 +63,12 @@ class Distiller(nn.Module):
     def teacher_logits(self, x: Any) -> torch.Tensor:
         """The teacher's outputs for ``x``, computed without autograd.
 
-        Without feature hints the forward runs in ``torch.inference_mode`` (no version counters or
-        view tracking) and the small output is cloned into an ordinary tensor, which a loss may save
-        for its backward. With hints the taps' feature maps are saved by the hint losses, so plain
-        ``no_grad`` is used.
+        Without feature hints or extra losses the forward runs in ``torch.inference_mode`` (no version
+        counters or view tracking) and the small output is cloned into an ordinary tensor, which a loss
+        may save for its backward. With them the teacher's inner activations are saved by their
+        losses, so plain ``no_grad`` is used.
         """
-        if self._taps:
+        if self._taps or len(self.extra_losses):  # their losses save the teacher's inner activations
             with torch.no_grad():
                 return call_model(self.teacher, x)
         with torch.inference_mode():
@@ -78,7 +81,7 @@ class Distiller(nn.Module):
 
         ``x`` is the batch's inputs in any form of ``qdistill.batch`` (a tensor, a tuple or a dict).
         """
-        if teacher_logits is None and (self.loss.alpha > 0 or self._taps):
+        if teacher_logits is None and (self.loss.alpha > 0 or self._taps or len(self.extra_losses)):
             teacher_logits = self.teacher_logits(x)
         student_logits = call_model(self.student, x)
         if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
@@ -92,6 +95,10 @@ class Distiller(nn.Module):
             feature_loss = torch.nn.functional.mse_loss(adapted, teacher_tap.output.detach())
             parts.features[name] = feature_loss
             parts.total = parts.total + weight * feature_loss
+        for extra in self.extra_losses:
+            for name, value in extra(x).items():
+                parts.features[name] = value
+                parts.total = parts.total + value
         return parts
 
     def remove_hooks(self) -> None:
@@ -99,3 +106,5 @@ class Distiller(nn.Module):
         for _, student_tap, teacher_tap, _ in self._taps:
             student_tap.remove()
             teacher_tap.remove()
+        for extra in self.extra_losses:
+            extra.remove()

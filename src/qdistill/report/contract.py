@@ -12,7 +12,9 @@ import torch
 from qdistill.factory import FACTORIES_RUN
 from qdistill.version import __version__
 
-SUMMARY_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "params", "size_bytes")
+SUMMARY_KEYS = ("accuracy", "precision_macro", "recall_macro", "f1_macro", "params", "size_bytes",
+                # embedding models (output kind "embedding"): the student's embeddings against the teacher's
+                "mean_cosine", "min_cosine", "agreement_at_1", "agreement_at_10", "embedding_samples")
 
 
 def environment(seed: int) -> dict[str, Any]:

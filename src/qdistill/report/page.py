@@ -56,8 +56,9 @@ def _intro(report: dict[str, Any]) -> str:
     recipe = report.get("recipe", {})
     model = (recipe.get("student") or recipe.get("model") or {}).get("name", "the student")
     split = report.get("evaluated_on", "test")
-    items = [("student accuracy", percent(student.get("accuracy")),
-              f"{points(_delta(student, teacher, 'accuracy'))} against the teacher's {percent(teacher.get('accuracy'))}")]
+    items = _embedding_cards(student) if "mean_cosine" in student else [
+        ("student accuracy", percent(student.get("accuracy")),
+         f"{points(_delta(student, teacher, 'accuracy'))} against the teacher's {percent(teacher.get('accuracy'))}")]
     if student.get("size_bytes") and teacher.get("size_bytes"):
         items.append(("student size", f"{student['size_bytes'] / 1024:.1f} KiB",
                       f"{teacher['size_bytes'] / student['size_bytes']:.1f}x smaller than the teacher"))
@@ -71,6 +72,13 @@ def _intro(report: dict[str, Any]) -> str:
             "sizes are theoretical (weights at their bits plus scales)"
             + ("; file sizes on disk are under Export." if report.get("export") else "."))
     return cards(items) + note(text)
+
+
+def _embedding_cards(student: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """An embedding student's cards: cosine to the teacher's embeddings and nearest-neighbour agreement."""
+    return [("mean cosine to the teacher", fmt(student["mean_cosine"], 4), f"worst text {fmt(student.get('min_cosine'), 4)}"),
+            ("agreement@1", percent(student.get("agreement_at_1")), "same nearest neighbour as the teacher"),
+            ("agreement@10", percent(student.get("agreement_at_10")), "overlap of the 10 nearest neighbours")]
 
 
 def _models(report: dict[str, Any]) -> Section:

@@ -17,7 +17,7 @@ from qdistill.export.onnx import OPSET
 from qdistill.io import atomic_write_json
 from qdistill.recipe import ExportSpec, Recipe
 from qdistill.runs.rundir import RunDir, load_recipe, load_run, read_report
-from qdistill.runs.stages import RunData, prepare_data
+from qdistill.runs.stages import RunData, prepare_data, run_kind
 
 FORMATS = ("onnx", "packed", "all")
 
@@ -26,7 +26,8 @@ def export_outputs(student: nn.Module, recipe: Recipe, data: RunData, run: RunDi
                    latency_budget_s: float = BUDGET_SECONDS) -> dict[str, Any]:
     """Write the deployment files ``spec`` (default: the recipe's) asks for; returns report.json's ``export`` section.
 
-    The parity gate runs on the validation split (the export is checked, not tuned, on it).
+    The parity gate runs on the validation split (the export is checked, not tuned, on it); it compares
+    class predictions or, for embedding outputs (``stages.run_kind``), cosines and the largest difference.
     """
     spec = spec or recipe.export
     example = take_rows(cpu_inputs(batch_inputs(next(iter(data.train)))), slice(0, 1))  # one sample, any input form
@@ -37,7 +38,7 @@ def export_outputs(student: nn.Module, recipe: Recipe, data: RunData, run: RunDi
     example = example if isinstance(example, torch.Tensor) else (example,)  # a batch: a tuple of inputs is its first part
     section = export_all(student, example, data.val, onnx_path=run.onnx if spec.onnx else None,
                          packed_path=run.packed if spec.packed else None, latency_budget_s=latency_budget_s,
-                         packed_rebuild=rebuild)
+                         packed_rebuild=rebuild, output_kind=run_kind(recipe, student))
     return {"export": section} if section else {}
 
 

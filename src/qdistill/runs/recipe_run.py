@@ -15,7 +15,15 @@ from qdistill.recipe import Recipe
 from qdistill.report import render
 from qdistill.runs.deploy import export_outputs
 from qdistill.runs.rundir import RunDir, output_dir
-from qdistill.runs.stages import RunData, check_classes, checkpoint_plan, initial_student, obtain_teacher, prepare_data
+from qdistill.runs.stages import (
+    RunData,
+    check_classes,
+    checkpoint_plan,
+    initial_student,
+    obtain_teacher,
+    prepare_data,
+    run_kind,
+)
 from qdistill.runs.student import Result, distill
 from qdistill.train import distributed
 from qdistill.train.tensorboard import require_tensorboard
@@ -42,7 +50,7 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
         teacher_history = None
         if teacher is None:
             teacher, teacher_history = obtain_teacher(recipe, data, run, resume, show_progress)
-        check_classes(teacher, data)
+        check_classes(teacher, data, run_kind(recipe, teacher))
         plan = checkpoint_plan(recipe, run, resume, recipe.train.checkpoint_every_steps)
         student, student_init = initial_student(recipe, data, teacher)
         result = distill(copy.deepcopy(teacher), data.train, data.val, recipe, test=data.test,

@@ -58,7 +58,7 @@ from qdistill.runs.deploy import export_outputs
 from qdistill.runs.recipe_run import run_recipe, write_html_report
 from qdistill.runs.rundir import RunDir, output_dir
 from qdistill.runs.sensitivity import layer_sensitivity, widest_spec
-from qdistill.runs.stages import RunData, build_student, obtain_teacher, prepare_data
+from qdistill.runs.stages import RunData, build_student, obtain_teacher, prepare_data, run_kind
 from qdistill.runs.student import Result
 
 GRID = 24  # size budgets allocated from the top down to the smallest; search.points distinct ones are trained
@@ -107,6 +107,9 @@ def _search(recipe: Recipe, run: RunDir, show_progress: bool, echo) -> dict[str,
     data = prepare_data(recipe)
     sizes = size_model(recipe, data) if recipe.search.mode == "mixed" else None  # a budget too small fails here, untrained
     teacher, _ = obtain_teacher(recipe, data, run, resume=False, show_progress=show_progress, reuse_cached=True)
+    if run_kind(recipe, teacher) == "embedding":  # every target and choice below is an accuracy
+        raise RecipeError("search: the model outputs embeddings, which have no accuracy to target; search works on "
+                          "class logits: train embedding students with qdistill run at the bits you want")
     teacher_accuracy = evaluate(teacher, data.val, data.bundle.num_classes)["accuracy"]
     spec = recipe.search
     if spec.mode == "uniform":

@@ -18,8 +18,9 @@ from qdistill.data import DataBundle, load_data, make_loaders, make_unlabeled_lo
 from qdistill.errors import DataError
 from qdistill.evaluate import evaluate
 from qdistill.models import build_model
+from qdistill.models.hf import layer_indices
 from qdistill.models.narrow import init_from_teacher
-from qdistill.models.outputs import class_logits
+from qdistill.models.outputs import class_logits, output_kind
 from qdistill.quant.prepare import check_overrides
 from qdistill.recipe import Recipe
 from qdistill.runs.rundir import RunDir, load_teacher, save_teacher
@@ -68,9 +69,9 @@ def obtain_teacher(recipe: Recipe, data: RunData, run: RunDir, resume: bool, sho
     """The recipe's teacher and its training history: loaded from its checkpoint, reused from the run folder, or trained here."""
     torch.manual_seed(recipe.teacher_train.seed)  # the same initial weights in every run of this recipe
     teacher = build_model(recipe.model, data.model_kwargs).to(default_device())
-    check_classes(teacher, data)  # before any training: the data must fit the model
+    check_classes(teacher, data, run_kind(recipe, teacher))  # before any training: the data must fit the model
     check_quant_layers(recipe, data, teacher)
-    if recipe.model.checkpoint:
+    if recipe.model.checkpoint or pretrained_teacher(recipe, teacher):
         return teacher, None
     if run.teacher.is_file() and (resume or reuse_cached):
         return teacher, load_teacher(run, teacher)
@@ -85,17 +86,34 @@ def obtain_teacher(recipe: Recipe, data: RunData, run: RunDir, resume: bool, sho
     return teacher, history
 
 
+def run_kind(recipe: Recipe, model: nn.Module) -> str:
+    """The run's output kind: ``distill.output`` when not ``auto``, else the model's (``models.outputs.output_kind``).
+
+    Example:
+        >>> run_kind(Recipe(distill={"output": "embedding"}), nn.Linear(2, 2)), run_kind(Recipe(), nn.Linear(2, 2))
+        ('embedding', 'logits')
+    """
+    return output_kind(model, None if recipe.distill.output == "auto" else recipe.distill.output)
+
+
+def pretrained_teacher(recipe: Recipe, teacher: nn.Module) -> bool:
+    """A Hugging Face embedding model's folder holds the trained teacher: nothing to train (a classifier's new
+    head still trains on the labels)."""
+    return recipe.model.hf is not None and run_kind(recipe, teacher) == "embedding"
+
+
 def check_quant_layers(recipe: Recipe, data: RunData, teacher: nn.Module) -> None:
     """The recipe's quantization settings must fit the student before training (the rule ``prepare`` applies)."""
     check_overrides(build_student(recipe, data) or teacher, recipe.quant)
 
 
-def check_classes(teacher: nn.Module, data: RunData) -> None:
-    """The teacher must return class logits for the data's inputs, one per class in the labels."""
+def check_classes(teacher: nn.Module, data: RunData, kind: str = "logits") -> None:
+    """The teacher must return class logits for the data's inputs, one per class in the labels (an embedding
+    model, ``kind`` "embedding", must return one vector per input; labels are not used)."""
     example = move_inputs(take_rows(data.bundle.train_x, slice(0, 2)), next(teacher.parameters()).device)
     predicted = class_logits(teacher, example, "model").shape[1]
     in_data = data.bundle.num_classes
-    if data.bundle.has_labels and in_data != predicted:
+    if kind == "logits" and data.bundle.has_labels and in_data != predicted:
         raise DataError(f"data: labels cover {in_data} classes but the teacher predicts {predicted}; they must be equal")
 
 
@@ -120,6 +138,12 @@ def initial_student(recipe: Recipe, data: RunData, teacher: nn.Module) -> tuple[
         return None, {"from": "teacher_copy"}
     if recipe.student.checkpoint:
         return student, {"from": "checkpoint"}
+    if recipe.student.hf is not None:  # its folder's weights; num_layers keeps evenly spaced layers of that model
+        total = getattr(getattr(teacher, "encoder", None), "config", None)
+        layers = None
+        if recipe.student.num_layers is not None and total is not None and recipe.student.hf == recipe.model.hf:
+            layers = layer_indices(total.num_hidden_layers, recipe.student.num_layers)
+        return student, {"from": "hf_folder", **({"teacher_layers": layers} if layers is not None else {})}
     if recipe.distill.student_init == "scratch":
         return student, {"from": "scratch"}
     done = init_from_teacher(student, teacher)

@@ -14,14 +14,17 @@ from torch import nn
 
 from qdistill.batch import batch_inputs, check_inputs, input_rows, input_tensors, move_inputs, split_batch
 from qdistill.errors import DataError, ModelError, QdistillError, RecipeError
-from qdistill.evaluate import evaluate
+from qdistill.evaluate import evaluate, evaluate_embeddings
 from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, MixedLoader, freeze
+from qdistill.kd.hidden import AttentionRelationKD, HiddenStateKD
+from qdistill.kd.losses import EmbeddingKDLoss
 from qdistill.models.convnet import hint_layer
 from qdistill.models.outputs import class_logits
 from qdistill.quant import layer_table, prepare
 from qdistill.recipe import FeatureHint, Recipe
 from qdistill.report import bit_summary, build_report
 from qdistill.runs.rundir import RunDir, save_run
+from qdistill.runs.stages import run_kind
 from qdistill.train import CheckpointPlan, distributed, fit
 from qdistill.train.tensorboard import require_tensorboard, step_sizes
 
@@ -62,8 +65,11 @@ def first_batch(loader: Iterable[Any], name: str) -> Any:
     raise DataError(f"{name}: the loader yielded no batches; at least one sample is needed")
 
 
-def check_loader(loader: Iterable[Any], name: str, num_classes: int) -> tuple[bool, int]:
-    """Scan a loader before training: finite inputs, labels in ``0..num_classes-1``; returns (labelled, samples)."""
+def check_loader(loader: Iterable[Any], name: str, num_classes: int, check_labels: bool = True) -> tuple[bool, int]:
+    """Scan a loader before training: finite inputs, labels in ``0..num_classes-1``; returns (labelled, samples).
+
+    ``check_labels`` False (embedding outputs, which use no labels): labels are not checked, and the
+    loader counts as unlabeled."""
     labelled, samples = None, 0
     for batch in loader:
         inputs, labels = split_batch(batch)
@@ -71,8 +77,8 @@ def check_loader(loader: Iterable[Any], name: str, num_classes: int) -> tuple[bo
         samples += input_rows(inputs)
         if any(tensor.is_floating_point() and not torch.isfinite(tensor).all() for tensor in input_tensors(inputs)):
             raise DataError(f"{name}: inputs contain NaN or Inf values; all inputs must be finite")
-        labelled = labels is not None
-        if labels is not None and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+        labelled = labels is not None and check_labels
+        if labelled and labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             bad = int(labels.max()) if labels.max() >= num_classes else int(labels.min())
             raise DataError(f"{name}: label {bad} is outside the model's {num_classes} classes; allowed: 0..{num_classes - 1}")
     if labelled is None:
@@ -122,12 +128,15 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     check_inputs(example, "train data")
     example = move_inputs(example, device)
     float_student = copy.deepcopy(student if student is not None else teacher).to(device)
-    num_classes = _paired_classes(frozen_teacher, float_student, example)
-    labelled, train_samples = check_loader(train, "train data", num_classes)
-    val_labelled, val_samples = check_loader(val, "validation data", num_classes)
+    kind = run_kind(recipe, float_student)
+    _check_kind(recipe, kind)
+    num_classes = _paired_classes(frozen_teacher, float_student, example)  # for embeddings: the width
+    logits = kind == "logits"
+    labelled, train_samples = check_loader(train, "train data", num_classes, logits)
+    val_labelled, val_samples = check_loader(val, "validation data", num_classes, logits)
     sizes = {"train_samples": train_samples, "val_samples": val_samples}
     if test is not None:
-        sizes["test_samples"] = check_loader(test, "test data", num_classes)[1]
+        sizes["test_samples"] = check_loader(test, "test data", num_classes, logits)[1]
     torch.manual_seed(recipe.train.seed)
     if hasattr(getattr(train, "sampler", None), "set_epoch"):
         train.sampler.set_epoch(0)  # calibrate on the same batches whatever ran on this loader before
@@ -135,27 +144,52 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     _paired_classes(frozen_teacher, quantized, example)
     alpha = recipe.distill.alpha if labelled else 1.0  # label-free: the teacher is the only target
     hints = feature_hints(recipe)
-    distiller = Distiller(frozen_teacher, quantized, KDLoss(recipe.distill.temperature, alpha),
-                          hints, example_input=example)
+    extras = inner_losses(recipe, frozen_teacher, quantized)
+    loss = (KDLoss(recipe.distill.temperature, alpha) if logits else
+            EmbeddingKDLoss(recipe.distill.cosine_weight, recipe.distill.mse_weight))
+    distiller = Distiller(frozen_teacher, quantized, loss, hints, example_input=example, extra_losses=extras)
 
     def validate() -> float | None:
         return evaluate(quantized, val, num_classes)["accuracy"] if val_labelled else None
 
-    cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, bool(hints), alpha)
+    cached, teacher_logits = _teacher_logits_source(train, frozen_teacher, bool(hints or extras), alpha)
     loader = cached if cached is not None else train
     unlabeled_samples = 0
     if _uses_unlabeled(unlabeled, recipe, alpha):
-        unlabeled_samples = check_loader(unlabeled, "unlabeled data", num_classes)[1]
+        unlabeled_samples = check_loader(unlabeled, "unlabeled data", num_classes, logits)[1]
         loader, teacher_logits = _mixed(loader, unlabeled, frozen_teacher, teacher_logits)
     sizes.update(labelled_samples=train_samples if labelled else 0,
                  unlabeled_samples=(0 if labelled else train_samples) + unlabeled_samples)
     history = fit(distiller, loader, recipe.train, phase="student", validate=validate,
                   plan=checkpoint, show_progress=show_progress, tensorboard=tensorboard_dir)
     distiller.remove_hooks()
-    extra = {"data": sizes, "teacher_logits": teacher_logits, "evaluated_on": "test" if test is not None else "validation"}
+    extra = {"data": sizes, "teacher_logits": teacher_logits, "evaluated_on": "test" if test is not None else "validation",
+             "output_kind": kind}
     report = make_report(recipe, frozen_teacher, quantized, test if test is not None else val, num_classes, history,
-                         label_free=not labelled, extra=extra)
+                         label_free=not labelled, extra=extra, kind=kind)
     return Result(student=quantized, report=report, recipe=recipe, model_kwargs=model_kwargs or {})
+
+
+def _check_kind(recipe: Recipe, kind: str) -> None:
+    """Settings that assume class logits are refused for embedding outputs (one line, before any training)."""
+    if kind != "embedding":
+        return
+    if recipe.train.target_accuracy is not None:
+        raise RecipeError("train.target_accuracy: an embedding model has no accuracy (its metrics are the cosine and "
+                          "retrieval agreement to the teacher); remove train.target_accuracy")
+    if recipe.distill.features:
+        raise RecipeError("distill.features: hints on module outputs go with class logits; for an embedding "
+                          "encoder use distill.hidden_layers: [[teacher_layer, student_layer], ...]")
+
+
+def inner_losses(recipe: Recipe, teacher: nn.Module, student: nn.Module) -> list[nn.Module]:
+    """The recipe's losses on inner activations (``kd.hidden``): hidden-state pairs and attention relations."""
+    extras: list[nn.Module] = []
+    if recipe.distill.hidden_layers:
+        extras.append(HiddenStateKD(teacher, student, recipe.distill.hidden_layers, recipe.distill.hidden_weight))
+    if recipe.distill.attention_relation_weight > 0:
+        extras.append(AttentionRelationKD(teacher, student, recipe.distill.attention_relation_weight))
+    return extras
 
 
 def _tensorboard_dir(recipe: Recipe, directory: str | Path | None) -> Path | None:
@@ -219,10 +253,16 @@ def _mixed(loader: Iterable[Any], unlabeled: Iterable[Any], teacher: nn.Module, 
 
 
 def make_report(recipe: Recipe, teacher: nn.Module, student: nn.Module, loader: Iterable[Any], num_classes: int,
-                history: list[dict[str, Any]], label_free: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Evaluate teacher and student on ``loader`` (the test split) and build report.json."""
-    teacher_metrics = evaluate(teacher, loader, num_classes)
-    student_metrics = evaluate(student, loader, num_classes, teacher=teacher)
+                history: list[dict[str, Any]], label_free: bool = False, extra: dict[str, Any] | None = None,
+                kind: str = "logits") -> dict[str, Any]:
+    """Evaluate teacher and student on ``loader`` (the test split) and build report.json.
+
+    ``kind`` "embedding": the student's embeddings against the teacher's (``evaluate.evaluate_embeddings``)."""
+    if kind == "embedding":
+        teacher_metrics, student_metrics = evaluate_embeddings(student, teacher, loader)
+    else:
+        teacher_metrics = evaluate(teacher, loader, num_classes)
+        student_metrics = evaluate(student, loader, num_classes, teacher=teacher)
     steps = step_sizes(student)
     per_layer = {name: {**row, **steps.get(name, {})} for name, row in layer_table(student).items()}
     student_info = {
