@@ -94,7 +94,7 @@ $(NLP_STAMP): pyproject.toml
 # Hugging Face models and text data, and their docstring examples, with transformers installed
 test-nlp: $(NLP_STAMP)
 	$(NLP_PY) -m pytest -q tests/nlp tests/models/test_hf_extra.py tests/quant/test_hf_attention.py tests/export/test_hf_export.py tests/export/test_embedding_gate.py
-	$(NLP_PY) -m pytest -q -p no:cacheprovider --doctest-modules --pyargs qdistill.models.hf qdistill.data.text -o addopts=""
+	$(NLP_PY) -m pytest -q -p no:cacheprovider --doctest-modules --pyargs qdistill.models.hf qdistill.data.text qdistill.kd.hidden -o addopts=""
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

@@ -61,9 +61,10 @@ def test_the_hardswish_form_raises_the_opset_to_14_only_when_used(digits, tmp_pa
     assert info["integer_ops_other"]["hswish"] == "QuantizeLinear (exact float HardSwish)", info["integer_ops_other"]
     model = onnx.load(str(tmp_path / "hardswish.onnx"))
     assert [opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")] == [14]
+    assert (info["opset"], info["file_opset"]) == (13, 14)  # the report says what the file holds
     assert sum(node.op_type == "HardSwish" for node in model.graph.node) == 1
     monkeypatch.setattr(qdq_graph, "FLOAT_LOOKUP_FORMS", tuple(form for form in qdq_graph.FLOAT_LOOKUP_FORMS if form[0] != "HardSwish"))
-    export_onnx(student, tmp_path / "two_nodes.onnx", bundle.train_x[:1])
+    assert export_onnx(student, tmp_path / "two_nodes.onnx", bundle.train_x[:1])["file_opset"] == 13
     model = onnx.load(str(tmp_path / "two_nodes.onnx"))
     assert [opset.version for opset in model.opset_import if opset.domain in ("", "ai.onnx")] == [13]
     inputs = bundle.val_x.numpy()

@@ -787,7 +787,7 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
                 opset: int = OPSET, sqnr_gate_db: float = LOGIT_SQNR_GATE_DB, output_kind: str = "logits") -> dict[str, Any]:
     """Export ``student`` to an int8 ONNX file whose integer kernels and parity are checked.
 
-    Returns ``{path, file_bytes, integer_ops, integer_ops_other, dropped_layers, opset, parity_checked}``
+    Returns ``{path, file_bytes, integer_ops, integer_ops_other, dropped_layers, opset, file_opset, parity_checked}``
     (``integer_ops``: each quantized layer's kernel; ``integer_ops_other``: each quantized
     add/concat/pool/matmul's; ``dropped_layers``: ``{layer: why}`` for quantized layers that the
     forward pass computes but whose output the model's output never uses, which the exporter removes). With ``verify_on`` the parity gate runs (``parity_checked: True``) and
@@ -828,7 +828,10 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
             info.update(verify_onnx(temporary, student, verify_on, sqnr_gate_db, output_kind))
 
     path = atomic_write(path, write_and_check)
-    return {"path": str(path), "file_bytes": path.stat().st_size, "opset": opset, **info}
+    # "opset": the exporter's setting (what a packed file's rebuild exports at); "file_opset": the file's own,
+    # raised when a lookup's one-node form needs a newer op (qdq_graph.FORM_OPSETS)
+    file_opset = max(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+    return {"path": str(path), "file_bytes": path.stat().st_size, "opset": opset, "file_opset": file_opset, **info}
 
 
 def export_float_onnx(model: nn.Module, path: str | Path, example_input: Any, opset: int = OPSET) -> dict[str, Any]:
