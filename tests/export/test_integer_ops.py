@@ -288,3 +288,17 @@ def test_a_gemm_after_flatten_reads_nhwc_order_exactly(digits, digits_teacher, t
     for level in ("basic", "extended", "all"):
         np.testing.assert_array_equal(_session_outputs(tmp_path / "nhwc.onnx", inputs, level),
                                       _session_outputs(tmp_path / "nchw.onnx", inputs, level))
+
+
+def test_diagnosis_reads_a_linear_on_3d_inputs_fused_with_its_bias(tmp_path):
+    """A Linear on (batch, tokens, features) exports as one MatMulIntegerToFloat that adds its bias; the per-layer
+    diagnosis must compare that node's output (the layer's whole result) with the student's layer output."""
+    torch.manual_seed(0)
+    batches = [torch.randn(16, 5, 8) for _ in range(2)]
+    student = prepare(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)),
+                      {"weight_bits": 8, "act_bits": 8}, calibration_data=batches)
+    info = export_onnx(student, tmp_path / "tokens.onnx", batches[0][:1])
+    assert set(info["integer_ops"].values()) == {"MatMulIntegerToFloat"}
+    layers = diagnose_layers(info["path"], student, [batches[1]])
+    assert [layer["name"] for layer in layers] == ["0", "2"]
+    assert all(layer["sqnr_db"] > DIVERGENCE_SQNR_DB for layer in layers), layers

@@ -1121,6 +1121,7 @@ def _matmul_integer_to_float(graph: onnx.GraphProto, info: LayerInfo, index: _In
     graph.node.remove(add)
     graph.node.append(fused)
     info.form = MATMUL_BIAS_FORM
+    info.output = add.output[0]  # the MatMul's own output is gone; this one is the layer's whole result, bias included
     return True
 
 
