@@ -35,23 +35,21 @@ def _along(values, ndim: int, axis: int | None) -> np.ndarray:
 
 
 def expected_codes(x, scale, zero, qmin: int, qmax: int, axis: int | None = None):
-    """``(x * (1/s), its rounding half to even, the rounded code + z clamped to [qmin, qmax])`` in float32.
+    """``(x / s, its rounding half to even, the rounded code + z clamped to [qmin, qmax])`` in float32.
 
-    ``x * (1/s)``, not ``x / s``: torch's fake-quantize kernels, which ``fake_quantize`` runs,
-    multiply by the float32 reciprocal of the step. The two products differ in the last bit for
-    some x, and an x within one ulp of a half-integer step then rounds to the neighbouring integer
-    (about one value in a million at 8 bits), so a bit-exact comparison needs this form. (ONNX
-    QuantizeLinear divides.)
+    ``x / s``, as ONNX QuantizeLinear computes it (``fake_quantize`` follows the runtime), not torch's
+    kernels' ``x * (1/s)``: the two differ in the last bit for some x, and an x within one ulp of a
+    half-integer step then rounds to the neighbouring integer, so a bit-exact comparison needs this form.
     """
     x = np.asarray(x, dtype=np.float32)
     scale, zero = _along(scale, x.ndim, axis), _along(zero, x.ndim, axis)
-    scaled = x * (np.float32(1.0) / scale)
+    scaled = x / scale
     rounded = np.rint(scaled)  # numpy rounds half to even
     return scaled, rounded, np.clip(rounded + zero, qmin, qmax)
 
 
 def reference_fake_quantize(x, scale, zero, qmin: int, qmax: int, axis: int | None = None) -> np.ndarray:
-    """``(clamp(round_half_to_even(x * (1/s)) + z, qmin, qmax) - z) * s`` in float32."""
+    """``(clamp(round_half_to_even(x / s) + z, qmin, qmax) - z) * s`` in float32."""
     x = np.asarray(x, dtype=np.float32)
     _, _, codes = expected_codes(x, scale, zero, qmin, qmax, axis)
     return ((codes - _along(zero, x.ndim, axis)) * _along(scale, x.ndim, axis)).astype(np.float32)
@@ -347,3 +345,38 @@ def test_percentile_init_ignores_tail():
     quantizer(values)
     quantizer.finish_calibration()
     assert quantizer.scale.item() < 2.0 / 255
+
+
+def _onnx_runtime_quantize_dequantize(x: np.ndarray, scale: float, zero: int) -> np.ndarray:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    initializers = [helper.make_tensor("scale", TensorProto.FLOAT, [], [scale]),
+                    helper.make_tensor("zero", TensorProto.UINT8, [], [zero])]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"]),
+             helper.make_node("DequantizeLinear", ["q", "scale", "zero"], ["y"])]
+    graph = helper.make_graph(nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+@pytest.mark.parametrize("scale", [0.0371, 0.016777239739894867, 0.0031])
+def test_fake_quantize_equals_onnx_runtime_next_to_every_half_step_tie(scale):
+    """Independent reference: ONNX Runtime's QuantizeLinear -> DequantizeLinear on the values a few ulps
+    around every half-integer step, where a multiply by 1/s (torch's kernels) and a division part ways."""
+    zero = 37
+    ties = ((np.arange(-zero - 2, 256 - zero + 2) + 0.5) * np.float32(scale)).astype(np.float32)
+    x = [ties]
+    for direction in (np.inf, -np.inf):
+        neighbour = ties
+        for _ in range(3):
+            neighbour = np.nextafter(neighbour, np.float32(direction)).astype(np.float32)
+            x.append(neighbour)
+    x = np.concatenate(x)
+    out = fake_quantize(torch.from_numpy(x), torch.tensor(scale), torch.tensor(zero, dtype=torch.int32), IntRange(8, False))
+    runtime = _onnx_runtime_quantize_dequantize(x, scale, zero)
+    np.testing.assert_array_equal(out.numpy(), runtime)
+    torch_kernel = torch.fake_quantize_per_tensor_affine(torch.from_numpy(x), scale, zero, 0, 255).numpy()
+    assert (torch_kernel != runtime).any()  # the values do tell the two formulas apart

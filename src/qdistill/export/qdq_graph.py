@@ -724,7 +724,7 @@ def _integer_output_form(graph: onnx.GraphProto, info: LayerInfo, index: _Index 
     if len(users) == 1 and users[0].op_type == "QuantizeLinear" and info.output not in index.outputs:
         info.form = "fused with the next layer's QuantizeLinear"
         if info.op == "Conv":
-            _quantize_conv_bias(graph, node, users[0], info, index)
+            _quantize_conv_bias(graph, node, info, index)
             if _narrow_conv(graph, node, info, index):
                 _float_code_conv(graph, node, users[0], info, index)
         return
@@ -734,39 +734,35 @@ def _integer_output_form(graph: onnx.GraphProto, info: LayerInfo, index: _Index 
         _conv_integer(graph, node, info, index)
 
 
-def _quantize_conv_bias(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onnx.NodeProto,
+def _quantize_conv_bias(graph: onnx.GraphProto, node: onnx.NodeProto,
                         info: LayerInfo, index: _Index) -> None:
-    """Give QLinearConv an int32 bias chosen so an all-zero input window rounds as in PyTorch.
+    """Give QLinearConv the student's int32 bias: ``round(bias / (s_x * s_w))`` in float32, per channel.
 
     ORT adds the bias as an integer in units of ``s_x * s_w`` and requantizes ``acc * M`` with
-    ``M = s_x * s_w / s_y``; PyTorch rounds ``bias * (1 / s_y)`` where the input is zero (image
-    background, zero padding). Plain rounding of the bias can land on the other side of a .5 tie
-    there, which flips one channel's code over the whole background. Of the integers next to
-    ``bias / (s_x * s_w)`` the first that gives PyTorch's code is kept (error still < 1.5 units).
+    ``M = s_x * s_w / s_y``; the student's evaluation forward (``QuantLayerMixin.integer_forward``)
+    adds exactly these codes, computed with the same float32 division, so the two agree code for
+    code. (Choosing the integer by how a float forward would round an all-zero window instead
+    disagreed with the integer forward wherever the two roundings differ: DenseNet-201, one channel.)
     """
     if len(node.input) < 3 or node.input[2] not in _initializers(graph):
         return
-    dequantize = index.producer[node.input[0]]
-    input_scale = np.float32(_array(graph, dequantize.input[1]).reshape(()))
-    output_scale = np.float32(_array(graph, quantize.input[1]).reshape(()))
-    bias = _array(graph, node.input[2]).astype(np.float32)
-    grid = (input_scale * _array(graph, f"{info.name}.weight_scale").astype(np.float32)) * np.ones_like(bias)
-    multiplier = (grid / output_scale).astype(np.float32)  # ORT: X_scale * W_scale[c] / Y_scale
-    expected = np.rint(bias * (np.float32(1.0) / output_scale))  # torch: nearbyint(y * (1 / scale))
-    nearest = np.rint(bias.astype(np.float64) / grid.astype(np.float64)).astype(np.int64)
-    chosen = nearest.copy()
-    for channel in range(len(bias)):
-        for step in (0, -1, 1):
-            candidate = nearest[channel] + step
-            if np.rint(np.float32(candidate) * multiplier[channel]) == expected[channel]:
-                chosen[channel] = candidate
-                break
+    chosen, grid = _bias_codes(graph, node, info, index)
     names = [f"{info.name}.bias_quantized", f"{info.name}.bias_scale", f"{info.name}.bias_zero_point"]
-    for name, array in zip(names, (chosen.astype(np.int32), grid, np.zeros(len(bias), np.int32)), strict=True):
+    for name, array in zip(names, (chosen, grid, np.zeros(len(chosen), np.int32)), strict=True):
         _set_initializer(graph, name, array)
     output = f"{info.name}.bias_dequantized"
     graph.node.append(helper.make_node("DequantizeLinear", names, [output], name=f"{info.name}.bias_dequantize", axis=0))
     node.input[2] = output
+
+
+def _bias_codes(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, index: _Index
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """``(int32 codes, grid)`` of a layer's float bias on its grid ``s_x * s_w``, as the student's integer
+    forward rounds it: ``torch.round(bias / step)``, a float32 division rounded half to even."""
+    input_scale = np.float32(_array(graph, index.producer[node.input[0]].input[1]).reshape(()))
+    bias = _array(graph, node.input[2]).astype(np.float32)
+    grid = (input_scale * _array(graph, f"{info.name}.weight_scale").astype(np.float32)) * np.ones_like(bias)
+    return np.rint(bias / grid).astype(np.int32), grid
 
 
 def _narrow_conv(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, index: _Index) -> bool:
@@ -1015,7 +1011,9 @@ def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerIn
 
 def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, index: _Index) -> None:
     # QLinearConv needs a quantized output; without one ORT would run DQ -> Conv in float, so the
-    # layer becomes ConvInteger (int32 accumulator) and a float rescale by s_x * s_w per channel.
+    # layer becomes ConvInteger (int32 accumulator), the bias's int32 codes added to it, and a float
+    # rescale by s_x * s_w per channel: the student's integer forward, step for step (a float bias
+    # added after the rescale rounds differently, and a quantizer after it then flips codes).
     info.form = "ConvInteger + float rescale"
     dequantize = index.producer[node.input[0]]
     input_scale, input_zero = dequantize.input[1], dequantize.input[2]
@@ -1024,21 +1022,23 @@ def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo,
     spatial = _array(graph, info.weight).ndim - 2
     if multiplier.ndim:
         multiplier = multiplier.reshape([1, -1] + [1] * spatial)
-    names = {key: f"{info.name}.{key}" for key in ("accumulator", "accumulator_float", "rescaled", "multiplier")}
+    names = {key: f"{info.name}.{key}" for key in ("accumulator", "accumulator_float", "multiplier")}
     _set_initializer(graph, names["multiplier"], multiplier)
     output = node.output[0]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     integer_conv = helper.make_node("ConvInteger", [dequantize.input[0], info.weight, input_zero],
                                     [names["accumulator"]], name=f"{info.name}.conv_integer")
     integer_conv.attribute.extend(node.attribute)
-    new_nodes = [integer_conv,
-                 helper.make_node("Cast", [names["accumulator"]], [names["accumulator_float"]], to=onnx.TensorProto.FLOAT),
-                 helper.make_node("Mul", [names["accumulator_float"], names["multiplier"]],
-                                  [names["rescaled"] if bias else output], name=f"{info.name}.rescale")]
+    new_nodes = [integer_conv]
+    accumulator = names["accumulator"]
     if bias:
-        bias_name = f"{info.name}.bias_channels"
-        _set_initializer(graph, bias_name, _array(graph, bias).reshape([1, -1] + [1] * spatial))
-        new_nodes.append(helper.make_node("Add", [names["rescaled"], bias_name], [output], name=f"{info.name}.bias_add"))
+        codes, _ = _bias_codes(graph, node, info, index)
+        bias_name = _set_initializer(graph, f"{info.name}.bias_codes_int32", codes.reshape([1, -1] + [1] * spatial))
+        new_nodes.append(helper.make_node("Add", [accumulator, bias_name], [f"{info.name}.biased"], name=f"{info.name}.bias_add"))
+        accumulator = f"{info.name}.biased"
+    new_nodes += [helper.make_node("Cast", [accumulator], [names["accumulator_float"]], to=onnx.TensorProto.FLOAT),
+                  helper.make_node("Mul", [names["accumulator_float"], names["multiplier"]], [output],
+                                   name=f"{info.name}.rescale")]
     graph.node.remove(node)
     graph.node.extend(new_nodes)
 

@@ -1,12 +1,15 @@
 """Fake quantization math: integer ranges, the LSQ straight-through op, and its ONNX form.
 
-Forward values are ``(clamp(round_half_to_even(x * (1/s)) + z, qmin, qmax) - z) * s`` in float32,
-the formula of torch's ``fake_quantize_per_{tensor,channel}_affine`` kernels (``reference_fake_quantize``),
-written out in tensor ops for training (``LsqFakeQuantize``, bit for bit the kernels' result for finite
-inputs) so that one sweep also yields what the backward needs. They multiply by the
-float32 reciprocal of the step where ONNX ``QuantizeLinear`` divides; the two agree except for a
-value within one ulp of a half-integer step (about one in a million at 8 bits), which lands one
-step apart.
+Forward values are ``(clamp(round_half_to_even(x / s) + z, qmin, qmax) - z) * s`` in float32: the
+formula of ONNX ``QuantizeLinear`` then ``DequantizeLinear``, which the int8 file runs wherever a
+quantizer reads a float tensor (after a float op, a ConvInteger rescale, the model input). It is
+written out in tensor ops (``LsqFakeQuantize``) so that one sweep also yields what the backward
+needs. Torch's ``fake_quantize_per_{tensor,channel}_affine`` kernels (``reference_fake_quantize``)
+multiply by the float32 reciprocal of the step instead; that product differs from the quotient in
+the last bit for some ``x``, and an ``x`` within one ulp of a half-integer step then lands one step
+apart. On values a network computes such near-ties recur (DenseNet-201: 203 of 671744 codes of
+one layer's input, each flipping the ONNX Runtime output against the student), so the student
+divides as the runtime does.
 
 The backward pass is the learned-step-size (LSQ, Esser et al. 2020) gradient: straight-through for
 the input inside the range, zero outside, and for the step size ``d out / d scale = round(x/s) - x/s``
@@ -88,10 +91,10 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
     """``(output, inside, slope)`` in one sweep: the fake-quantized values, the float 0/1 "inside" mask
     and, when ``need_slope``, the step-size slope ``d out / d scale`` (before the gradient scale).
 
-    The output is torch's kernel formula written out: ``((clamp(round(x * (1/s)) + z) - z) * s``, the
-    codes integer-valued floats (exact), so it is the kernels' float32 result bit for bit for any
-    finite ``x``. The slope is ``round(x/s) - x/s`` inside and ``qmin - z`` / ``qmax - z`` outside,
-    i.e. ``(clamped code - z) - (x/s) * inside`` everywhere. Computing it here, while the forward has
+    The output is ONNX's QuantizeLinear/DequantizeLinear formula written out:
+    ``((clamp(round(x / s) + z) - z) * s``, the codes integer-valued floats (exact), so it is ONNX
+    Runtime's float32 result bit for bit for any finite ``x``. The slope is ``round(x/s) - x/s``
+    inside and ``qmin - z`` / ``qmax - z`` outside, i.e. ``(clamped code - z) - (x/s) * inside`` everywhere. Computing it here, while the forward has
     ``x/s`` and the codes at hand, leaves the backward two products and a sum.
 
     Four tensors of ``x``'s size are allocated (the scaled input, the codes, the clamped codes, the
@@ -101,7 +104,7 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
     point of 0 (every weight grid, and most activations after a ReLU): adding and subtracting it
     are then two passes over the data that change nothing, and are skipped.
     """
-    scaled = x * _broadcast(scale.reciprocal(), x, axis)  # the product torch's kernels round
+    scaled = x / _broadcast(scale, x, axis)  # the quotient ONNX QuantizeLinear rounds (not x * (1/s))
     code = torch.round(scaled)
     zero = None if zero_point is None else _broadcast(zero_point.to(x.dtype), x, axis)
     if zero is not None:

@@ -14,6 +14,7 @@ from torch import nn
 from qdistill.errors import ModelError
 from qdistill.quant.fake_quant import MIN_SCALE
 from qdistill.quant.quantizer import Quantizer
+from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, qlinear_add
 
 
 class QuantLayerMixin:
@@ -438,7 +439,32 @@ class QuantAdd(_TwoInputOp):
     combines = "adds"
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return quantize_output(self, self.input0_quantizer(a) + self.input1_quantizer(b))
+        a, b = self.input0_quantizer(a), self.input1_quantizer(b)
+        requantizer = self.integer_requantizer(a, b)
+        if requantizer is not None:  # evaluation: the runtime's QLinearAdd, code for code
+            return qlinear_add(a, b, self.input0_quantizer, self.input1_quantizer, requantizer)
+        return quantize_output(self, a + b)
+
+    def integer_requantizer(self, a: torch.Tensor, b: torch.Tensor) -> Quantizer | None:
+        """The quantizer the exported ``QLinearAdd`` writes with, when this forward should compute as it does.
+
+        That is an evaluation forward (no gradient, not exporting) of equal shapes on a CPU whose
+        ONNX Runtime kernel ``qlinear_add`` reproduces, with every quantizer calibrated and the sum
+        ending in one quantizer (``output_quantizer``, or the one ``link_requantizers`` found),
+        reached directly or through a ReLU that the runtime drops (zero point at the grid's minimum).
+        """
+        if torch.is_grad_enabled() or not QLINEAR_ADD_EXACT or a.shape != b.shape:
+            return None
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return None
+        requantizer = self._modules.get("output_quantizer") or self.__dict__.get("requantizer")
+        quantizers = (self.input0_quantizer, self.input1_quantizer, requantizer)
+        if requantizer is None or any(q._observing or not q.is_initialized() for q in quantizers):
+            return None
+        if self.__dict__.get("requantizer_after_relu") and "output_quantizer" not in self._modules:
+            if requantizer.qrange.qmin != 0 or not requantizer.zero_is_zero():  # the runtime keeps the ReLU: a float Add
+                return None
+        return requantizer
 
 
 class QuantCat(nn.Module):

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qdistill.quant.attention import DecomposedMultiheadAttention
-from qdistill.quant.modules import QUANTIZED_OPS, QuantLayerMixin, QuantMatMul, input_slots
+from qdistill.quant.modules import QUANTIZED_OPS, QuantAdd, QuantLayerMixin, QuantMatMul, input_slots
 from qdistill.quant.quantizer import Quantizer
 
 Slot = tuple[nn.Module, str]  # (module holding the quantizer, attribute name)
@@ -227,18 +227,27 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
     agree code for code; ops in between (ReLU, max pool, flatten) commute with the rounding. The
     link is a plain attribute, not a submodule: the quantizer stays owned (and saved) where it is.
 
+    A residual add whose sum feeds one quantizer, directly or through a ReLU, becomes QLinearAdd
+    in the export; its link lets ``QuantAdd`` compute as that kernel does (``qlinear_add``).
+
     Example:
         >>> from qdistill import models
         >>> from qdistill.quant import prepare
-        >>> block = prepare(models.create("tiny_resnet")).layer1[0]       # prepare links them
+        >>> student = prepare(models.create("tiny_resnet"))                 # prepare links them
+        >>> block = student.layer1[0]
         >>> block.conv1.requantizer is block.conv2.input_quantizer        # conv1 -> ReLU -> conv2
         True
+        >>> block.add.requantizer is student.layer2[0].conv1.input_quantizer, block.add.requantizer_after_relu
+        (True, True)
     """
     linked = 0
     for node in graph.nodes:
         if node.op != "call_module":
             continue
         module = namespace.get_submodule(node.target)
+        if isinstance(module, QuantAdd):
+            linked += _link_add(node, module, namespace)
+            continue
         if not isinstance(module, QuantLayerMixin) or module.input_quantizer is None:
             continue
         quantizers = {id(getattr(owner, attribute)): getattr(owner, attribute) for owner, attribute in _uses(node, namespace)}
@@ -247,3 +256,41 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
             linked += 1
     return linked
 
+
+
+def _is_relu(user: fx.Node, node: fx.Node, namespace: nn.Module) -> bool:
+    if not user.args or user.args[0] is not node:
+        return False
+    if user.op == "call_module":
+        return isinstance(namespace.get_submodule(user.target), nn.ReLU)
+    return (user.op == "call_function" and user.target in (torch.relu, F.relu)) or (
+        user.op == "call_method" and user.target == "relu")
+
+
+def _direct_quantizer(node: fx.Node, namespace: nn.Module) -> Quantizer | None:
+    """The one quantizer that every use of ``node`` is an input slot of, or None."""
+    quantizers: dict[int, Quantizer] = {}
+    for user in node.users:
+        if user.op != "call_module":
+            return None
+        module = namespace.get_submodule(user.target)
+        positions = [index for index, arg in enumerate(user.args) if arg is node]
+        positions += [key for key, arg in user.kwargs.items() if arg is node]
+        for position in positions:
+            slots = module_input_slots(module, position)
+            if not slots:
+                return None
+            quantizers |= {id(getattr(owner, attribute)): getattr(owner, attribute) for owner, attribute in slots}
+    return next(iter(quantizers.values())) if len(quantizers) == 1 else None
+
+
+def _link_add(node: fx.Node, add: QuantAdd, namespace: nn.Module) -> int:
+    """Link ``add`` to the quantizer its sum feeds when the export fuses them into ``QLinearAdd``:
+    directly, or through one ReLU that ONNX Runtime drops before a uint8 grid starting at 0."""
+    users = list(node.users)
+    after_relu = len(users) == 1 and _is_relu(users[0], node, namespace)
+    quantizer = _direct_quantizer(users[0] if after_relu else node, namespace)
+    if quantizer is None:
+        return 0
+    add.__dict__["requantizer"], add.__dict__["requantizer_after_relu"] = quantizer, after_relu
+    return 1

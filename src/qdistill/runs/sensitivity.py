@@ -146,6 +146,8 @@ def _narrow_inputs(student: nn.Module, name: str, bits: int, calibration_inputs:
             for child_name, child in list(parent.named_children()):
                 if child is old:
                     setattr(parent, child_name, new)
+            if parent.__dict__.get("requantizer") is old:  # quant.sharing.link_requantizers' link follows it
+                parent.__dict__["requantizer"] = new
         new.observe()
         news.append(new)
     with torch.no_grad():

@@ -1,0 +1,82 @@
+"""The arithmetic of ONNX Runtime's integer kernels that do not requantize in one exact rounding.
+
+A quantized op whose float formula rounds differently from the kernel the int8 file runs on
+flips a code wherever the exact value lies within a few float32 ulps of a rounding tie. The
+inputs are codes, so one near-tie pair of codes recurs at every position that holds it, and a
+deep network amplifies each flip (ResNet-34, the first residual add: 20 flipped codes in 262144,
+the logits at 38 dB). The student evaluates such ops with the kernel's own float32 steps, so the
+two agree code for code; training keeps the float formula and its gradients.
+
+``qlinear_add`` follows MLAS's AVX2 ``QLinearAdd`` (``onnxruntime/core/mlas/lib/intrinsics/avx2/
+qladd_avx2.cpp``), which ONNX Runtime runs on every x86 CPU with AVX2:
+``round_half_even(fma(a, r_ac, fma(b, r_bc, fixed)))`` with ``r_ac = s_a / s_c``, ``r_bc = s_b / s_c``
+and ``fixed = z_c - fma(r_ac, z_a, r_bc * z_b)`` (the compiler contracts that product sum), each
+step rounded to float32 once. ``tests/quant/test_runtime_kernels.py`` checks it against ONNX
+Runtime over every pair of codes. Other CPUs (ONNX Runtime's SSE2 and NEON kernels) keep the float
+formula: ``QLINEAR_ADD_EXACT`` says which applies here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qdistill.quant.fake_quant import MIN_SCALE
+from qdistill.quant.quantizer import Quantizer
+
+# the CPU ONNX Runtime runs on here takes MLAS's AVX2 kernels (torch reports AVX512 for a superset)
+QLINEAR_ADD_EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def fma32(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """``x * y + z`` of float32 tensors rounded to float32 once, as a fused multiply-add instruction.
+
+    The product of two float32 values is exact in float64; the float64 sum may round, and a
+    second rounding to float32 can then land on the wrong side of a float32 tie. The sum's
+    exact error (Knuth's two-sum) nudges it one float64 step towards the true value first, which
+    keeps every float32 rounding correct.
+
+    Example:
+        >>> x = torch.tensor([1 + 2**-12], dtype=torch.float32)
+        >>> fma32(x, x, torch.tensor([-1.0])) - (x * x - 1)   # the fused form keeps the 2**-24 the product loses
+        tensor([5.9605e-08])
+    """
+    product = x.double() * y.double()
+    addend = z.double()
+    total = product + addend
+    virtual = total - addend
+    error = (product - virtual) + (addend - (total - virtual))
+    towards = torch.where(error > 0, torch.inf, -torch.inf).to(total)  # total + error would round back to total
+    total = torch.where(error != 0, torch.nextafter(total, towards), total)
+    return total.float()
+
+
+def _scalar(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().reshape(()).float()
+
+
+def qlinear_add(a: torch.Tensor, b: torch.Tensor, a_quantizer: Quantizer, b_quantizer: Quantizer,
+                output_quantizer: Quantizer) -> torch.Tensor:
+    """``a + b`` of equal shapes quantized by ``output_quantizer`` as ONNX Runtime's ``QLinearAdd``
+    computes it on an AVX2 CPU, dequantized.
+
+    ``a`` and ``b`` are on their quantizers' grids (fake-quantized values); the result is on the
+    output grid, so the output quantizer leaves it unchanged.
+
+    Example:
+        >>> from qdistill.quant.modules import ActivationQuantizer
+        >>> qa, qb, qc = (ActivationQuantizer(8) for _ in range(3))
+        >>> for quantizer, step in ((qa, 0.5), (qb, 0.25), (qc, 1.0)):
+        ...     _ = quantizer.scale.data.fill_(step); _ = quantizer.initialized.fill_(True)
+        >>> qlinear_add(torch.tensor([1.0, 1.5]), torch.tensor([0.25, 1.0]), qa, qb, qc)   # 1.25 -> 1, 2.5 -> 2 (half to even)
+        tensor([1., 2.])
+    """
+    scale_a, scale_b, scale_c = (_scalar(q.scale).clamp_min(MIN_SCALE) for q in (a_quantizer, b_quantizer, output_quantizer))
+    zero_a, zero_b, zero_c = (_scalar(q.zero_point) for q in (a_quantizer, b_quantizer, output_quantizer))
+    codes_a = torch.round(a.float() / scale_a) + zero_a  # the stored codes, exactly (integers below 2^24)
+    codes_b = torch.round(b.float() / scale_b) + zero_b
+    ratio_a, ratio_b = scale_a / scale_c, scale_b / scale_c  # float32 divisions, as the kernel's setup
+    fixed = zero_c - fma32(ratio_a, zero_a, ratio_b * zero_b)
+    value = fma32(codes_a, ratio_a, fma32(codes_b, ratio_b, fixed))
+    qrange = output_quantizer.qrange
+    codes = torch.round(value).clamp_(qrange.qmin, qrange.qmax)  # cvtps: round half to even; pack: saturate
+    return ((codes - zero_c) * scale_c).to(a.dtype)

@@ -1,0 +1,118 @@
+"""``qlinear_add`` and ``fma32`` against independent references: ONNX Runtime's own QLinearAdd over
+every pair of uint8 codes, and exact rational arithmetic."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper
+
+from qdistill.quant.modules import ActivationQuantizer, QuantAdd
+from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, fma32, qlinear_add
+
+needs_avx2 = pytest.mark.skipif(not QLINEAR_ADD_EXACT, reason="qlinear_add reproduces ONNX Runtime's AVX2 kernel")
+
+
+def _ort_qlinear_add(codes_a, codes_b, grids):
+    """ONNX Runtime's com.microsoft.QLinearAdd on uint8 codes; ``grids`` = ((s_a, z_a), (s_b, z_b), (s_c, z_c))."""
+    names = ("a", "b", "c")
+    initializers = []
+    for name, (scale, zero) in zip(names, grids, strict=True):
+        initializers += [helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], [scale]),
+                         helper.make_tensor(f"{name}_zero", TensorProto.UINT8, [], [zero])]
+    node = helper.make_node("QLinearAdd", ["a", "a_scale", "a_zero", "b", "b_scale", "b_zero", "c_scale", "c_zero"],
+                            ["c"], domain="com.microsoft")
+    graph = helper.make_graph([node], "add", [helper.make_tensor_value_info(n, TensorProto.UINT8, None) for n in "ab"],
+                              [helper.make_tensor_value_info("c", TensorProto.UINT8, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"a": codes_a.astype(np.uint8), "b": codes_b.astype(np.uint8)})[0].astype(np.int64)
+
+
+def _quantizer(scale: float, zero: int) -> ActivationQuantizer:
+    quantizer = ActivationQuantizer(8)
+    with torch.no_grad():
+        quantizer.scale.fill_(scale)
+        quantizer.zero_point.fill_(zero)
+        quantizer.initialized.fill_(True)
+    return quantizer
+
+
+def _all_code_pairs():
+    codes_a, codes_b = np.meshgrid(np.arange(256), np.arange(256))
+    return codes_a.ravel(), codes_b.ravel()
+
+
+@needs_avx2
+@pytest.mark.parametrize("seed", range(12))
+def test_qlinear_add_equals_onnx_runtime_for_every_pair_of_codes(seed):
+    rng = np.random.default_rng(seed)
+    scales = [float(np.float32(rng.uniform(0.002, 0.06))) for _ in range(3)]
+    zeros = [int(z) for z in rng.integers(0, 256, 3)] if seed % 2 else [0, 0, 0]
+    grids = list(zip(scales, zeros, strict=True))
+    quantizers = [_quantizer(scale, zero) for scale, zero in grids]
+    codes_a, codes_b = _all_code_pairs()
+    a = torch.from_numpy(codes_a - zeros[0]).float() * quantizers[0].scale.detach()
+    b = torch.from_numpy(codes_b - zeros[1]).float() * quantizers[1].scale.detach()
+    result = qlinear_add(a, b, *quantizers)
+    ours = torch.round(result / quantizers[2].scale.detach()).long().numpy() + zeros[2]
+    theirs = _ort_qlinear_add(codes_a, codes_b, grids)
+    assert np.array_equal(ours, theirs), f"{int((ours != theirs).sum())} of 65536 codes differ"
+
+
+@needs_avx2
+def test_the_float_formula_misses_codes_the_kernel_rounds_the_other_way():
+    """The case this module exists for (ResNet-34's first residual add): the exact sum is 24.5000038
+    steps, the kernel's float32 steps give 24.49999; ONNX Runtime writes 24, a float add rounds to 25."""
+    grids = [(0.019825927913188934, 120), (0.014284253120422363, 0), (0.016777239739894867, 0)]
+    quantizers = [_quantizer(scale, zero) for scale, zero in grids]
+    a = (torch.tensor([122.0]) - 120) * quantizers[0].scale.detach()
+    b = torch.tensor([26.0]) * quantizers[1].scale.detach()
+    theirs = _ort_qlinear_add(np.array([122]), np.array([26]), grids)
+    assert theirs.tolist() == [24]
+    assert torch.round((a + b) / quantizers[2].scale.detach()).item() == 25
+    assert torch.round(qlinear_add(a, b, *quantizers) / quantizers[2].scale.detach()).item() == 24
+
+
+@needs_avx2
+def test_quant_add_evaluates_as_the_kernel_and_trains_on_the_float_sum():
+    quantizers = [_quantizer(0.019825927913188934, 120), _quantizer(0.014284253120422363, 0),
+                  _quantizer(0.016777239739894867, 0)]
+    add = QuantAdd(quantizers[:2])
+    add.__dict__["requantizer"], add.__dict__["requantizer_after_relu"] = quantizers[2], True
+    a = (torch.tensor([122.0, 130.0]) - 120) * quantizers[0].scale.detach()
+    b = torch.tensor([26.0, 3.0]) * quantizers[1].scale.detach()
+    with torch.no_grad():
+        evaluated = add(a, b)
+    assert torch.equal(evaluated, qlinear_add(a, b, *quantizers))
+    trained = add(a.requires_grad_(), b)
+    assert torch.equal(trained, a + b) and trained.requires_grad
+
+
+def _exact_fma32(x: float, y: float, z: float) -> float:
+    """Round ``x * y + z`` (exact rationals) to the nearest float32, ties to even."""
+    exact = Fraction(x) * Fraction(y) + Fraction(z)
+    low = float(np.float32(float(exact)))  # within one float32 step of the exact value
+    candidates = [float(np.nextafter(np.float32(low), np.float32(-np.inf))), low,
+                  float(np.nextafter(np.float32(low), np.float32(np.inf)))]
+    best = min(candidates, key=lambda c: (abs(Fraction(c) - exact), int(np.float32(c).view(np.int32)) & 1))
+    return best
+
+
+def test_fma32_rounds_once_like_a_fused_multiply_add():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(4000).astype(np.float32)
+    y = rng.standard_normal(4000).astype(np.float32)
+    z = (rng.standard_normal(4000) * 2.0 ** rng.integers(-30, 30, 4000)).astype(np.float32)
+    # x * y = 1 + 2**-11 + 2**-24, a float32 tie; + 2**-80 rounds (in float64) onto the tie, and a second
+    # rounding would then go to even (down) where the exact sum is above the tie (up)
+    x[:3] = np.float32(1 + 2**-12)
+    y[:3] = np.float32(1 + 2**-12)
+    z[:3] = np.float32([2.0**-80, -(2.0**-80), 0.0])
+    ours = fma32(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(z)).numpy()
+    expected = np.array([_exact_fma32(float(a), float(b), float(c)) for a, b, c in zip(x, y, z, strict=True)], np.float32)
+    assert np.array_equal(ours, expected)
