@@ -302,3 +302,22 @@ def test_diagnosis_reads_a_linear_on_3d_inputs_fused_with_its_bias(tmp_path):
     layers = diagnose_layers(info["path"], student, [batches[1]])
     assert [layer["name"] for layer in layers] == ["0", "2"]
     assert all(layer["sqnr_db"] > DIVERGENCE_SQNR_DB for layer in layers), layers
+
+
+@pytest.mark.parametrize("form", ["tokens", "flat", "conv"])
+def test_float_output_layers_equal_the_student_bit_for_bit(form, tmp_path):
+    """The last layer has no quantizer after it: MatMulIntegerToFloat with its bias (3-D input), QGemm then a
+    bias Add (2-D), ConvInteger then Mul and Add (conv). ONNX Runtime scales the int32 sum, then adds the bias
+    in float; the student's evaluation forward does the same steps, so every output value is equal."""
+    torch.manual_seed(0)
+    model, shape = {"tokens": (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), (64, 5, 8)),
+                    "flat": (nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), (64, 8)),
+                    "conv": (nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)), (64, 3, 8, 8))}[form]
+    batches = [torch.randn(shape) for _ in range(2)]
+    student = prepare(model, {"weight_bits": 8, "act_bits": 8}, calibration_data=batches)
+    info = export_onnx(student, tmp_path / "model.onnx", batches[0][:1])
+    assert info["integer_ops"]["2"] == {"tokens": "MatMulIntegerToFloat", "flat": "QGemm", "conv": "ConvInteger"}[form]
+    session = make_session((tmp_path / "model.onnx").read_bytes())
+    runtime = session.run(None, {session.get_inputs()[0].name: batches[1].numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_array_equal(runtime, student(batches[1]).numpy())

@@ -80,10 +80,12 @@ def test_a_sum_beyond_float32s_exact_integers_is_accumulated_exactly():
         x_codes = _codes(linear.input_quantizer, linear.input_quantizer(x))
     w_codes = _codes(linear.weight_quantizer, linear.quantized_weight().detach())
     step = (linear.input_quantizer.scale * linear.weight_quantizer.scale).detach()
-    bias = torch.round(linear.bias.detach() / step).to(torch.int64).numpy()
-    exact = x_codes @ w_codes.T + bias  # int64: exact
+    bias = torch.round(linear.bias.detach() / step).numpy().astype(np.float32)
+    exact = x_codes @ w_codes.T  # int64: exact
     assert np.abs(exact).max() > 2**24
-    expected = exact.astype(np.float32) * step.numpy().astype(np.float32)  # int32 -> float32, then scaled
+    # a float-output kernel (QGemm, MatMulIntegerToFloat): int32 -> float32, scaled, then the bias on its grid
+    grid = step.numpy().astype(np.float32)
+    expected = exact.astype(np.float32) * grid + bias * grid
     assert np.array_equal(out.numpy(), expected)
 
 

@@ -1011,9 +1011,9 @@ def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerIn
 
 def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo, index: _Index) -> None:
     # QLinearConv needs a quantized output; without one ORT would run DQ -> Conv in float, so the
-    # layer becomes ConvInteger (int32 accumulator), the bias's int32 codes added to it, and a float
-    # rescale by s_x * s_w per channel: the student's integer forward, step for step (a float bias
-    # added after the rescale rounds differently, and a quantizer after it then flips codes).
+    # layer becomes ConvInteger (int32 accumulator), a float rescale by s_x * s_w per channel and the
+    # bias (on its int32 grid, as the export copy holds it) added in float: the order of ORT's other
+    # float-output kernels (QGemm, MatMulIntegerToFloat), which the student's integer forward follows.
     info.form = "ConvInteger + float rescale"
     dequantize = index.producer[node.input[0]]
     input_scale, input_zero = dequantize.input[1], dequantize.input[2]
@@ -1022,23 +1022,21 @@ def _conv_integer(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo,
     spatial = _array(graph, info.weight).ndim - 2
     if multiplier.ndim:
         multiplier = multiplier.reshape([1, -1] + [1] * spatial)
-    names = {key: f"{info.name}.{key}" for key in ("accumulator", "accumulator_float", "multiplier")}
+    names = {key: f"{info.name}.{key}" for key in ("accumulator", "accumulator_float", "rescaled", "multiplier")}
     _set_initializer(graph, names["multiplier"], multiplier)
     output = node.output[0]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     integer_conv = helper.make_node("ConvInteger", [dequantize.input[0], info.weight, input_zero],
                                     [names["accumulator"]], name=f"{info.name}.conv_integer")
     integer_conv.attribute.extend(node.attribute)
-    new_nodes = [integer_conv]
-    accumulator = names["accumulator"]
+    new_nodes = [integer_conv,
+                 helper.make_node("Cast", [names["accumulator"]], [names["accumulator_float"]], to=onnx.TensorProto.FLOAT),
+                 helper.make_node("Mul", [names["accumulator_float"], names["multiplier"]],
+                                  [names["rescaled"] if bias else output], name=f"{info.name}.rescale")]
     if bias:
-        codes, _ = _bias_codes(graph, node, info, index)
-        bias_name = _set_initializer(graph, f"{info.name}.bias_codes_int32", codes.reshape([1, -1] + [1] * spatial))
-        new_nodes.append(helper.make_node("Add", [accumulator, bias_name], [f"{info.name}.biased"], name=f"{info.name}.bias_add"))
-        accumulator = f"{info.name}.biased"
-    new_nodes += [helper.make_node("Cast", [accumulator], [names["accumulator_float"]], to=onnx.TensorProto.FLOAT),
-                  helper.make_node("Mul", [names["accumulator_float"], names["multiplier"]], [output],
-                                   name=f"{info.name}.rescale")]
+        bias_name = f"{info.name}.bias_channels"
+        _set_initializer(graph, bias_name, _array(graph, bias).reshape([1, -1] + [1] * spatial))
+        new_nodes.append(helper.make_node("Add", [names["rescaled"], bias_name], [output], name=f"{info.name}.bias_add"))
     graph.node.remove(node)
     graph.node.extend(new_nodes)
 

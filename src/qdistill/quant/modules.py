@@ -68,9 +68,10 @@ class QuantLayerMixin:
     def integer_forward(self, x: torch.Tensor, layer_op) -> torch.Tensor:
         """``layer_op`` (a conv or linear without bias) on integer codes, plus the int32 bias, scaled once.
 
-        ONNX Runtime accumulates ``(x_q - z_x) * w_q`` in int32, adds the bias in units of
-        ``s_x * s_w``, converts the sum to float32 and scales it. A float forward on dequantized
-        values rounds every partial sum instead; one code in about 10^4 then lands on the other
+        ONNX Runtime accumulates ``(x_q - z_x) * w_q`` in int32; a requantizing kernel (QLinearConv,
+        QGemm with a quantized output) adds the bias in units of ``s_x * s_w`` and requantizes once;
+        a float-output kernel converts the sum to float32, scales it and adds the bias (on its grid)
+        in float. A float forward on dequantized values rounds every partial sum instead; one code in about 10^4 then lands on the other
         side of a rounding tie, and deep networks amplify it (ResNet-50: 30 dB at the logits).
         Here the codes are integer-valued floats, summed exactly: in float32 while every partial
         sum stays below 2^24 (checked on the actual codes), else in float64.
@@ -85,14 +86,17 @@ class QuantLayerMixin:
         accumulated = layer_op(x_codes.to(exact_dtype), w_codes.to(exact_dtype))
         step = input_scale * weight_scale  # (C_out,): the bias grid, as in quantized_bias
         out_shape = (1, -1) + (1,) * (accumulated.dim() - 2) if self.weight.dim() > 2 else (-1,)
-        if self.bias is not None:
-            bias_codes = torch.round(self.bias / step.expand_as(self.bias))
-            accumulated = accumulated + bias_codes.to(exact_dtype).reshape(out_shape)
-        accumulated = accumulated.to(x.dtype)  # int32 -> float32, as the runtime converts its sum
+        bias_codes = None if self.bias is None else torch.round(self.bias / step.expand_as(self.bias)).reshape(out_shape)
         step = step.expand(self.weight.shape[0]).reshape(out_shape)
         requantizer = self.__dict__.get("requantizer")  # set by quant.sharing.link_requantizers
         if requantizer is None or requantizer._observing or not requantizer.is_initialized():
-            return accumulated * step
+            # a float-output kernel (QGemm, MatMulIntegerToFloat, ConvInteger + Mul): float32(sum) * step,
+            # then the bias on its grid, float32(codes * step), added in float (measured on ONNX Runtime)
+            scaled = accumulated.to(x.dtype) * step
+            return scaled if bias_codes is None else scaled + bias_codes * step
+        if bias_codes is not None:
+            accumulated = accumulated + bias_codes.to(exact_dtype)  # QLinearConv/QGemm take an int32 bias
+        accumulated = accumulated.to(x.dtype)  # int32 -> float32, as the runtime converts its sum
         # the runtime's requantization: round(sum * (s_x * s_w / s_y)) + z_y, clamped; one rounding
         output_scale = requantizer.scale.clamp_min(MIN_SCALE)
         zero = requantizer.zero_point.to(x.dtype)
