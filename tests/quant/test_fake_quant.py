@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from qdistill.errors import RecipeError
 from qdistill.quant import IntRange, Quantizer, fake_quantize
+from support import calibrated
 
 BITS = range(2, 9)
 
@@ -248,12 +249,7 @@ def test_weight_step_gradient_scale_counts_the_elements_of_its_step(per_channel)
 
 
 def _activation_quantizer(scale: float, zero: int, bits: int = 4) -> Quantizer:
-    quantizer = Quantizer(bits, signed=False)
-    with torch.no_grad():
-        quantizer.scale.fill_(scale)
-        quantizer.zero_point.fill_(zero)
-        quantizer.initialized.fill_(True)
-    return quantizer
+    return calibrated(Quantizer(bits, signed=False), scale, zero)
 
 
 def test_activation_step_gradient_scale_counts_one_sample():

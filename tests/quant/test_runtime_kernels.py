@@ -13,6 +13,7 @@ from onnx import TensorProto, helper
 
 from qdistill.quant.modules import ActivationQuantizer, QuantAdd
 from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, fma32, qlinear_add
+from support import calibrated
 
 needs_avx2 = pytest.mark.skipif(not QLINEAR_ADD_EXACT, reason="qlinear_add reproduces ONNX Runtime's AVX2 kernel")
 
@@ -34,12 +35,7 @@ def _ort_qlinear_add(codes_a, codes_b, grids):
 
 
 def _quantizer(scale: float, zero: int) -> ActivationQuantizer:
-    quantizer = ActivationQuantizer(8)
-    with torch.no_grad():
-        quantizer.scale.fill_(scale)
-        quantizer.zero_point.fill_(zero)
-        quantizer.initialized.fill_(True)
-    return quantizer
+    return calibrated(ActivationQuantizer(8), scale, zero)
 
 
 def _all_code_pairs():
