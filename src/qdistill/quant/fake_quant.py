@@ -94,8 +94,9 @@ def _lsq_forward(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
     The output is ONNX's QuantizeLinear/DequantizeLinear formula written out:
     ``((clamp(round(x / s) + z) - z) * s``, the codes integer-valued floats (exact), so it is ONNX
     Runtime's float32 result bit for bit for any finite ``x``. The slope is ``round(x/s) - x/s``
-    inside and ``qmin - z`` / ``qmax - z`` outside, i.e. ``(clamped code - z) - (x/s) * inside`` everywhere. Computing it here, while the forward has
-    ``x/s`` and the codes at hand, leaves the backward two products and a sum.
+    inside and ``qmin - z`` / ``qmax - z`` outside, i.e. ``(clamped code - z) - (x/s) * inside``
+    everywhere. Computing it here, while the forward has ``x/s`` and the codes at hand, leaves the
+    backward two products and a sum.
 
     Four tensors of ``x``'s size are allocated (the scaled input, the codes, the clamped codes, the
     output); everything else is written in place, since on a CPU a fresh large tensor costs more

@@ -71,8 +71,9 @@ class QuantLayerMixin:
         ONNX Runtime accumulates ``(x_q - z_x) * w_q`` in int32; a requantizing kernel (QLinearConv,
         QGemm with a quantized output) adds the bias in units of ``s_x * s_w`` and requantizes once;
         a float-output kernel converts the sum to float32, scales it and adds the bias (on its grid)
-        in float. A float forward on dequantized values rounds every partial sum instead; one code in about 10^4 then lands on the other
-        side of a rounding tie, and deep networks amplify it (ResNet-50: 30 dB at the logits).
+        in float. A float forward on dequantized values rounds every partial sum instead; one code
+        in about 10^4 then lands on the other side of a rounding tie, and deep networks amplify it
+        (ResNet-50: 30 dB at the logits).
         Here the codes are integer-valued floats, summed exactly: in float32 while every partial
         sum stays below 2^24 (checked on the actual codes), else in float64.
         """

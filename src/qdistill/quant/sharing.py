@@ -80,6 +80,12 @@ def _passes_on(user: fx.Node, node: fx.Node, namespace: nn.Module) -> bool:
         user.op == "call_method" and user.target in PASS_METHODS)
 
 
+def _positions(user: fx.Node, node: fx.Node) -> list[int | str]:
+    """Where ``user`` takes ``node``: argument indices and keyword names."""
+    return ([index for index, arg in enumerate(user.args) if arg is node]
+            + [key for key, arg in user.kwargs.items() if arg is node])
+
+
 def _uses(node: fx.Node, namespace: nn.Module) -> list[Slot]:
     """The quantizer slots reading ``node``, directly or through ops that pass it on (one Q in the export)."""
     slots: list[Slot] = []
@@ -90,8 +96,7 @@ def _uses(node: fx.Node, namespace: nn.Module) -> list[Slot]:
         if user.op != "call_module":
             continue
         module = namespace.get_submodule(user.target)
-        positions = [index for index, arg in enumerate(user.args) if arg is node]
-        positions += [key for key, arg in user.kwargs.items() if arg is node]
+        positions = _positions(user, node)
         for position in positions:
             slots += module_input_slots(module, position)
     return slots
@@ -171,8 +176,7 @@ def _reaches_only_quantizers(node: fx.Node, namespace: nn.Module) -> bool:
                 if not _reaches_only_quantizers(user, namespace):
                     return False
                 continue
-            positions = [index for index, arg in enumerate(user.args) if arg is node]
-            positions += [key for key, arg in user.kwargs.items() if arg is node]
+            positions = _positions(user, node)
             if not positions or not all(module_input_slots(module, position) for position in positions):
                 return False
         elif (user.op == "call_function" and user.target in PASS_FUNCTIONS) or (
@@ -257,7 +261,6 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
     return linked
 
 
-
 def _is_relu(user: fx.Node, node: fx.Node, namespace: nn.Module) -> bool:
     if not user.args or user.args[0] is not node:
         return False
@@ -274,8 +277,7 @@ def _direct_quantizer(node: fx.Node, namespace: nn.Module) -> Quantizer | None:
         if user.op != "call_module":
             return None
         module = namespace.get_submodule(user.target)
-        positions = [index for index, arg in enumerate(user.args) if arg is node]
-        positions += [key for key, arg in user.kwargs.items() if arg is node]
+        positions = _positions(user, node)
         for position in positions:
             slots = module_input_slots(module, position)
             if not slots:
