@@ -224,57 +224,6 @@ def _optimized_ops(path, level: str, folder) -> list[str]:
     return [node.op_type for node in onnx.load(str(folder / f"optimized_{level}.onnx")).graph.node]
 
 
-def test_the_narrow_conv_requantizes_in_one_per_channel_quantizelinear(digits, tmp_path, monkeypatch):
-    # reference: the same student with the check's budget at 0, i.e. the Mul -> QuantizeLinear(scale 1) form.
-    # An untrained W4A4 demo CNN (as bench/speed_bench.py times): its sums' window fits the check's budget
-    # and float32(1 / M) rounds every reachable sum as the Mul does (a trained one's window is often too wide)
-    bundle, train, _ = digits
-    torch.manual_seed(0)
-    student = _student(models.create("mnist_cnn", **bundle.model_kwargs()), train, 4)
-    export_onnx(student, tmp_path / "folded.onnx", bundle.train_x[:1])
-    nodes = {node.name: node for node in onnx.load(str(tmp_path / "folded.onnx")).graph.node}
-    assert "features.0.requantize" not in nodes
-    quantize = next(node for node in nodes.values() if node.op_type == "QuantizeLinear" and node.input[0] == "features.0.pooled")
-    assert quantize.input[1] == "features.0.requantize_scale" and helper.get_attribute_value(quantize.attribute[0]) == 1
-    monkeypatch.setattr(qdq_graph, "REQUANTIZE_CHECK_VALUES", 0)
-    export_onnx(student, tmp_path / "mul.onnx", bundle.train_x[:1])
-    assert "features.0.requantize" in {node.name for node in onnx.load(str(tmp_path / "mul.onnx")).graph.node}
-    assert len(_optimized_ops(tmp_path / "folded.onnx", "all", tmp_path)) < len(_optimized_ops(tmp_path / "mul.onnx", "all", tmp_path))
-    inputs = bundle.val_x.numpy()
-    for level in ("extended", "all"):
-        np.testing.assert_array_equal(_session_outputs(tmp_path / "folded.onnx", inputs, level),
-                                      _session_outputs(tmp_path / "mul.onnx", inputs, level))
-
-
-@pytest.mark.parametrize("bounds", [(0, 15), (3, 250)])
-def test_requantize_scales_give_the_float_multiply_codes_on_every_sum(bounds):
-    # reference: numpy's float32 product and round-half-even, as QLinearConv requantizes (independent of ORT)
-    rng = np.random.default_rng(0)
-    multiplier = (10.0 ** rng.uniform(-3, -1, 12)).astype(np.float32)
-    zero_point, largest = np.array(5, np.uint8), 4000
-    scales = qdq_graph._requantize_scales(multiplier, zero_point, bounds, largest)
-    assert scales is not None and scales.dtype == np.float32
-    sums = np.arange(-largest, largest + 1, dtype=np.float32)
-    expected = np.clip(np.rint(sums[None, :] * multiplier[:, None]) + 5, *bounds)
-    graph = helper.make_graph([helper.make_node("QuantizeLinear", ["a", "s", "z"], ["q"], axis=0)], "q",
-                              [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [12, len(sums)])],
-                              [helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, None)],
-                              [numpy_helper.from_array(scales, "s"), numpy_helper.from_array(np.full(12, 5, np.uint8), "z")])
-    session = make_session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]).SerializeToString(), threads=1)
-    codes = np.clip(session.run(None, {"a": np.ascontiguousarray(np.broadcast_to(sums, (12, len(sums))))})[0], *bounds)
-    np.testing.assert_array_equal(codes, expected)
-
-
-def test_a_requantize_scale_that_rounds_differently_is_refused():
-    multiplier = np.array([1.1e-3, 2.3e-3], np.float32)
-    sums = np.arange(-20000, 20001, dtype=np.float32)[None, :].repeat(2, 0)
-    ends = (np.zeros(2, bool), np.zeros(2, bool))
-    good = qdq_graph._requantize_exact(sums, multiplier, np.float32(1) / multiplier, np.array(0, np.uint8), (0, 255), ends)
-    bad = qdq_graph._requantize_exact(sums, multiplier, (np.float32(1.0005) / multiplier).astype(np.float32),
-                                      np.array(0, np.uint8), (0, 255), ends)
-    assert good.all() and not bad.any()
-
-
 def test_a_gemm_after_flatten_reads_nhwc_order_exactly(digits, digits_teacher, tmp_path, monkeypatch):
     # reference: the same student without the permutation (the Flatten reads NCHW as exported)
     bundle, train, _ = digits

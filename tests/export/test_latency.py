@@ -21,7 +21,8 @@ BATCHES = (4, 16)
 
 
 class _Log:
-    """What ran, in order: ``("tick", None)`` for each clock read, ``(model, inputs)`` for each run."""
+    """What ran, in order: ``("tick", None)`` for each clock read, ``("settle", None)`` for each settling
+    pause, ``(model, inputs)`` for each run."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, np.ndarray | None]] = []
@@ -33,7 +34,7 @@ class _Log:
         return float(next(self.now)) * 1000.0  # every read is far past any budget: each round runs MIN_REPEATS times
 
     def runs(self) -> list[tuple[str, np.ndarray]]:
-        return [event for event in self.events if event[0] != "tick"]
+        return [event for event in self.events if event[0] not in ("tick", "settle")]
 
     def timed_runs(self) -> list[tuple[str, np.ndarray]]:
         """The runs with a clock read right before and after them (warm-up runs come in untimed rows)."""
@@ -73,6 +74,7 @@ def recorded(monkeypatch):
         return _Session(str(path), log)
 
     monkeypatch.setattr(latency, "make_session", make_session)
+    monkeypatch.setattr(latency, "_settle", lambda: log.events.append(("settle", None)))
     monkeypatch.setattr(latency.os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
     return log
 
@@ -96,8 +98,13 @@ def test_models_are_timed_in_interleaved_rounds_alternating_their_order(recorded
     forward, backward = ["int8", "fp32", "torch_fp32"], ["torch_fp32", "fp32", "int8"]
     one_block = [name for index in range(ROUNDS) for name in (forward if index % 2 == 0 else backward)]
     assert order == one_block * (2 * len(BATCHES))  # 1 thread and all threads, each batch size
-    # and before the rounds of each block, every model ran WARMUP_RUNS times untimed
-    assert len(recorded.runs()) - len(names) == 3 * WARMUP_RUNS * 2 * len(BATCHES)
+    # before the rounds of each block every model ran WARMUP_RUNS times untimed, and once more
+    # (untimed, after the settling pause) right before each of its measurements
+    assert len(recorded.runs()) - len(names) == 3 * (WARMUP_RUNS + ROUNDS) * 2 * len(BATCHES)
+    events = [event[0] for event in recorded.events]
+    settled = [events[index + 1] for index, event in enumerate(events) if event == "settle"]
+    first_timed = [events[index + 4] for index, event in enumerate(events) if event == "settle"]  # run, started, begin
+    assert settled == first_timed == order
 
 
 def test_each_batch_holds_distinct_samples_from_the_data_given(recorded):
@@ -128,6 +135,7 @@ def test_threads_come_from_the_cpu_affinity_and_the_method_is_recorded(recorded)
     assert result["method"] == {
         "rounds": ROUNDS, "statistic": latency.STATISTIC, "order": latency.ORDER, "threads": {"1": 1, "all": 3},
         "batch_sizes": list(BATCHES), "samples": "distinct", "warmup_runs": WARMUP_RUNS, "budget_s_per_number": 0.01,
+        "settle_s": latency.SETTLE_SECONDS,
     }
     for label in ("1", "all"):
         assert set(result[label]) == {"int8", "fp32", "torch_fp32"}

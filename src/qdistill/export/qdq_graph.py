@@ -820,6 +820,10 @@ def _float_code_conv(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onn
     first input so that ONNX Runtime does not fold it into the conv weights (which would round).
     Why: with K = 9 (a 3x3 conv on one channel) MLAS's int8 GEMM gains nothing and QLinearConv
     took 2136 us against the float Conv's 342 us on the demo CNN at batch 64 (ORT 1.32, one thread).
+    Why a ``Mul`` and a per-tensor QuantizeLinear, not one per-channel QuantizeLinear with scales
+    ``1 / M`` (tried, exact where checked): ONNX Runtime runs a per-channel QuantizeLinear one H*W
+    block at a time on one thread, and the demo CNN's file at batch 64 with 2 threads ran at
+    1.09-1.58x fp32 with it against 1.51-1.71x without (1 thread: 1.91x against 1.84x).
     """
     dequantize = index.producer[node.input[0]]
     name = info.name
@@ -850,112 +854,13 @@ def _float_code_conv(graph: onnx.GraphProto, node: onnx.NodeProto, quantize: onn
         for value in [value for value in graph.value_info if value.name == old_codes]:
             graph.value_info.remove(value)
         scaled = pool.output[0]
-    zero_point = _array(graph, quantize.input[2]).reshape(())
-    scales = _requantize_scales(multiplier, zero_point, _code_bounds(graph, quantize, index),
-                                _sum_bound(graph, dequantize, info, len(inputs) > 2)) if REQUANTIZE_FOLD else None
-    if scales is not None:  # one per-channel QuantizeLinear does the Mul's and the rounding's work
-        quantize.input[:] = [scaled, _set_initializer(graph, f"{name}.requantize_scale", scales),
-                             _set_initializer(graph, f"{name}.requantize_zero_point", np.full(len(scales), zero_point))]
-        del quantize.attribute[:]
-        quantize.attribute.append(helper.make_attribute("axis", 1))
-    else:
-        multiplier_name = _set_initializer(graph, f"{name}.requantize_multiplier", multiplier.reshape([1, -1, *spatial]))
-        new_nodes.append(helper.make_node("Mul", [multiplier_name, scaled], [f"{name}.requantized"], name=f"{name}.requantize"))
-        quantize.input[0] = f"{name}.requantized"
-        quantize.input[1] = _set_initializer(graph, f"{name}.unit_scale", np.array(1.0, np.float32))
+    multiplier_name = _set_initializer(graph, f"{name}.requantize_multiplier", multiplier.reshape([1, -1, *spatial]))
+    new_nodes.append(helper.make_node("Mul", [multiplier_name, scaled], [f"{name}.requantized"], name=f"{name}.requantize"))
+    quantize.input[0] = f"{name}.requantized"
+    quantize.input[1] = _set_initializer(graph, f"{name}.unit_scale", np.array(1.0, np.float32))
     graph.node.remove(node)
     graph.node.extend(new_nodes)
     info.output, info.weight, info.form = accumulator, f"{name}.weight_codes", FLOAT_CODE_FORM
-
-
-def _code_bounds(graph: onnx.GraphProto, quantize: onnx.NodeProto, index: _Index) -> tuple[int, int]:
-    """The codes ``quantize``'s readers can see: its integer type, narrowed by a constant Clip that alone reads it."""
-    limits = np.iinfo(_array(graph, quantize.input[2]).dtype)
-    low, high = int(limits.min), int(limits.max)
-    users = index.consumers.get(quantize.output[0], [])
-    constants = _initializers(graph)
-    if len(users) == 1 and users[0].op_type == "Clip" and all(name in constants for name in users[0].input[1:3]):
-        low, high = max(low, int(_array(graph, users[0].input[1]))), min(high, int(_array(graph, users[0].input[2])))
-    return low, high
-
-
-# The fold saves a node and the NCHWc Mul's pass (demo CNN, one thread: batch 1 kernel sum 192 -> 192 us with 16 -> 15
-# nodes, batch 64 3977 -> 3687 us); ONNX Runtime runs a per-channel QuantizeLinear one H*W block at a time (single-
-# threaded at small blocks), so with 2 threads at batch 64 it is estimated a wash (docs/deploy.md). False turns it off.
-REQUANTIZE_FOLD = True
-REQUANTIZE_CHECK_VALUES = 1 << 23  # at most this many (channel, sum) pairs are checked; beyond, the Mul stays
-REQUANTIZE_ULPS = (0, -1, 1, -2, 2)  # candidate scales: float32(1 / M) and its neighbours, in this order
-# QuantizeLinear runs the same kernel at every level; "basic" (no fusions) and "all" (the deploy level) are checked
-REQUANTIZE_LEVELS = ("basic", "all")
-
-
-def _requantize_scales(multiplier: np.ndarray, zero_point: np.ndarray, bounds: tuple[int, int], largest: int
-                       ) -> np.ndarray | None:
-    """Per-channel float32 scales ``s`` for which ``clip(QuantizeLinear(a, s, z))`` equals
-    ``clip(QuantizeLinear(float32(a * M), 1, z))`` for *every* integer sum ``a`` (``|a| <= largest``)
-    in ONNX Runtime, or None.
-
-    Both sides are monotone in ``a``, so equality on the integers between the last sum that
-    gives the lowest code and the first that gives the highest (both checked to be saturated)
-    covers all sums. Checked in ONNX Runtime itself on those integers, in long rows (its vector
-    code) and in pieces of ``FLOAT_LOOKUP_CHUNK`` (its scalar tail), at the levels of
-    ``REQUANTIZE_LEVELS``. Why: the narrow conv's requantize ``Mul`` is one node and one pass over
-    the pooled sums less (each node costs thread-pool overhead at batch 1, docs/deploy.md).
-    """
-    multiplier = multiplier.reshape(-1).astype(np.float32)
-    low, high = bounds
-    zero = int(zero_point)
-    first = np.maximum(np.floor((low - zero - 2) / multiplier.astype(np.float64)), -largest).astype(np.int64)
-    last = np.minimum(np.ceil((high - zero + 2) / multiplier.astype(np.float64)), largest).astype(np.int64)
-    width = int((last - first).max()) + 1
-    if width * len(multiplier) > REQUANTIZE_CHECK_VALUES:
-        return None
-    sums = (first[:, None] + np.minimum(np.arange(width)[None, :], (last - first)[:, None])).astype(np.float32)
-    chosen = np.zeros(len(multiplier), np.float32)
-    pending = np.arange(len(multiplier))
-    base = np.float32(1.0) / multiplier
-    for ulps in REQUANTIZE_ULPS:
-        candidate = base[pending]
-        for _ in range(abs(ulps)):
-            candidate = np.nextafter(candidate, np.float32(np.inf if ulps > 0 else 0)).astype(np.float32)
-        exact = _requantize_exact(sums[pending], multiplier[pending], candidate, zero_point, bounds,
-                                  ends=(first[pending] > -largest, last[pending] < largest))
-        chosen[pending[exact]] = candidate[exact]
-        pending = pending[~exact]
-        if not len(pending):
-            return chosen
-    return None
-
-
-def _requantize_exact(sums: np.ndarray, multiplier: np.ndarray, scales: np.ndarray, zero_point: np.ndarray,
-                      bounds: tuple[int, int], ends: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Per channel (row of ``sums``): whether the two requantize forms of ``_requantize_scales`` agree
-    on every sum in ONNX Runtime, and the reference is saturated at each end of the row that ``ends`` marks."""
-    channels = len(multiplier)
-    zero_type = helper.np_dtype_to_tensor_dtype(zero_point.dtype)
-    constants = {"m": multiplier.reshape(1, -1, 1), "one": np.array(1.0, np.float32), "z": zero_point.reshape(()),
-                 "s": scales, "zc": np.full(channels, zero_point.reshape(())), "lo": np.array(bounds[0], zero_point.dtype),
-                 "hi": np.array(bounds[1], zero_point.dtype)}
-    nodes = [helper.make_node("Mul", ["m", "a"], ["y"]), helper.make_node("QuantizeLinear", ["y", "one", "z"], ["q"]),
-             helper.make_node("Clip", ["q", "lo", "hi"], ["reference"]),
-             helper.make_node("QuantizeLinear", ["a", "s", "zc"], ["p"], axis=1),
-             helper.make_node("Clip", ["p", "lo", "hi"], ["folded"])]
-    graph = helper.make_graph(nodes, "requantize_check", [helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, ["n", channels, "w"])],
-                              [helper.make_tensor_value_info(name, zero_type, None) for name in ("reference", "folded")],
-                              [numpy_helper.from_array(np.asarray(array), name) for name, array in constants.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    sums = np.pad(sums, ((0, 0), (0, -sums.shape[1] % FLOAT_LOOKUP_CHUNK)), mode="edge")  # whole pieces
-    pieces = sums.reshape(channels, -1, FLOAT_LOOKUP_CHUNK).transpose(1, 0, 2)
-    exact = np.ones(channels, bool)
-    for level in REQUANTIZE_LEVELS:
-        session = make_session(model.SerializeToString(), threads=1, level=level)
-        for long_rows, feed in ((True, sums[None]), (False, np.ascontiguousarray(pieces))):
-            reference, folded = session.run(None, {"a": feed})
-            exact &= (np.moveaxis(reference, 1, 0).reshape(channels, -1) == np.moveaxis(folded, 1, 0).reshape(channels, -1)).all(axis=1)
-            if long_rows:  # the first and the last sum of each channel: the reference saturates there
-                exact &= ~ends[0] | (reference[0, :, 0] == bounds[0])
-                exact &= ~ends[1] | (reference[0, :, -1] == bounds[1])
-    return exact
 
 
 def float_code_codes(graph: onnx.GraphProto, accumulator: str) -> tuple[str, tuple[np.ndarray, np.ndarray]] | None:
@@ -967,30 +872,24 @@ def float_code_codes(graph: onnx.GraphProto, accumulator: str) -> tuple[str, tup
     index = _Index(graph)
     pool = index.consumers.get(accumulator, [None])[0]
     mul = index.consumers.get(pool.output[0], [None])[0] if pool is not None and pool.op_type == "MaxPool" else pool
-    folded = mul is not None and mul.op_type == "QuantizeLinear" and mul.input[1].endswith(".requantize_scale")
-    if mul is None or not folded and (mul.op_type != "Mul" or not mul.name.endswith(".requantize")):
+    if mul is None or mul.op_type != "Mul" or not mul.name.endswith(".requantize"):
         return None
-    quantize = mul if folded else index.consumers[mul.output[0]][0]
+    quantize = index.consumers[mul.output[0]][0]
     after = index.consumers.get(quantize.output[0], [])
     clip = after[0] if len(after) == 1 and after[0].op_type == "Clip" else None
     readers = index.consumers.get(clip.output[0] if clip else quantize.output[0], [])
     scales = [reader.input[1] for reader in readers if reader.op_type == "DequantizeLinear"]
     if not scales:
         return None
-    prefix = (mul.input[1][: -len(".requantize_scale")] if folded else mul.name[: -len(".requantize")]) + ".diagnosis"
-    if folded:  # the per-channel QuantizeLinear of _requantize_scales, on the sums before the pool
-        graph.node.append(helper.make_node("QuantizeLinear", [accumulator, *quantize.input[1:]], [f"{prefix}_codes"],
-                                           name=f"{prefix}_quantize", axis=1))
-    else:
-        graph.node.append(helper.make_node("Mul", [mul.input[0], accumulator], [f"{prefix}_scaled"], name=f"{prefix}_mul"))
-        graph.node.append(helper.make_node("QuantizeLinear", [f"{prefix}_scaled", *quantize.input[1:]], [f"{prefix}_codes"],
-                                           name=f"{prefix}_quantize"))
+    prefix = mul.name[: -len(".requantize")] + ".diagnosis"
+    graph.node.append(helper.make_node("Mul", [mul.input[0], accumulator], [f"{prefix}_scaled"], name=f"{prefix}_mul"))
+    graph.node.append(helper.make_node("QuantizeLinear", [f"{prefix}_scaled", *quantize.input[1:]], [f"{prefix}_codes"],
+                                       name=f"{prefix}_quantize"))
     codes = f"{prefix}_codes"
     if clip is not None:
         graph.node.append(helper.make_node("Clip", [codes, *clip.input[1:]], [f"{prefix}_clipped"], name=f"{prefix}_clip"))
         codes = f"{prefix}_clipped"
-    zero_point = _array(graph, quantize.input[2])  # per channel when folded, all equal
-    return codes, (_array(graph, scales[0]), zero_point.reshape(-1)[:1].reshape(()) if folded else zero_point)
+    return codes, (_array(graph, scales[0]), _array(graph, quantize.input[2]))
 
 
 def _split_gemm_bias(graph: onnx.GraphProto, node: onnx.NodeProto, info: LayerInfo) -> None:
