@@ -122,6 +122,20 @@ def evaluate(model: nn.Module, loader: Iterable[Any], num_classes: int | None = 
         (0.6666666666666666, 6, 24)
     """
     logits, labels = predict(model, loader)
+    teacher_logits = predict(teacher, loader)[0] if teacher is not None else None
+    return logit_metrics(model, logits, labels, num_classes, teacher_logits)
+
+
+def logit_metrics(model: nn.Module, logits: np.ndarray, labels: np.ndarray | None, num_classes: int | None = None,
+                  teacher_logits: np.ndarray | None = None) -> dict[str, Any]:
+    """``evaluate``'s metrics from logits already computed (``predict``); ``model`` gives the size.
+
+    Example:
+        >>> metrics = logit_metrics(nn.Linear(2, 2), np.array([[2.0, 1.0], [0.0, 1.0]]), np.array([0, 0]),
+        ...                         teacher_logits=np.array([[1.0, 0.0], [1.0, 0.0]]))
+        >>> metrics["accuracy"], metrics["agreement_with_teacher"]
+        (0.5, 0.5)
+    """
     predictions = logits.argmax(axis=1)
     metrics: dict[str, Any] = {}
     if labels is not None:
@@ -129,8 +143,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], num_classes: int | None = 
         metrics.update(classification_metrics(predictions, labels, classes))
     metrics["params"] = count_params(model)
     metrics["size_bytes"] = theoretical_size_bytes(model)
-    if teacher is not None:
-        teacher_logits, _ = predict(teacher, loader)
+    if teacher_logits is not None:
         metrics["agreement_with_teacher"] = float(np.mean(teacher_logits.argmax(axis=1) == predictions))
     return metrics
 

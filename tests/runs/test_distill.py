@@ -76,3 +76,34 @@ def test_schedules_and_optimizers_train(digits, digits_teacher):
         recipe = _recipe(epochs=2, optimizer=optimizer, schedule=schedule, warmup_epochs=1, lr=5e-3 if optimizer == "sgd" else 1e-3)
         history = qd.distill(digits_teacher, train, val, recipe, show_progress=False).report["history"]
         assert history[0]["lr"] > 0 and history[-1]["val_accuracy"] > 0.5, (optimizer, schedule)
+
+
+def test_report_predictions_are_reused_for_the_grids_and_equal_fresh_ones(digits, digits_teacher, monkeypatch):
+    # reference: the same samples predicted afresh (predictions=None), independent of the report's pass
+    import numpy as np
+
+    from qdistill.evaluate import predict
+    from qdistill.runs import recipe_run
+    from qdistill.runs.recipe_run import prediction_samples
+    from qdistill.runs.stages import RunData
+
+    bundle, train, val = digits
+    result = qd.distill(digits_teacher, train, val, _recipe(epochs=1), show_progress=False)
+    assert result.predictions["loader"] is val and len(result.predictions["student"]) == len(bundle.val_x)
+    data = RunData(bundle=bundle, train=train, val=val, test=None, model_kwargs={})
+    calls = []
+    monkeypatch.setattr(recipe_run, "predict", lambda model, loader: calls.append(loader) or predict(model, loader))
+    reused = prediction_samples(result.student, data, digits_teacher, predictions=result.predictions)
+    assert calls == []  # nothing predicted again
+    fresh = prediction_samples(result.student, data, digits_teacher)
+    assert calls == [val, val]
+    assert reused.keys() == fresh.keys() == {"first", "student_wrong_teacher_right"}
+    for name in fresh:
+        for key in ("indices", "labels", "student", "teacher"):
+            assert reused[name][key] == fresh[name][key], (name, key)
+        np.testing.assert_array_equal(reused[name]["images"], fresh[name]["images"])
+    batches = list(val)  # the same samples through another loader: predicted afresh
+    other = RunData(bundle=bundle, train=train, val=batches, test=None, model_kwargs={})
+    assert prediction_samples(result.student, other, digits_teacher, predictions=result.predictions)["first"]["student"] \
+        == fresh["first"]["student"]
+    assert calls[2:] == [batches, batches]

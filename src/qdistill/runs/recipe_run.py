@@ -70,17 +70,21 @@ def run_recipe(recipe: Recipe, out: str | Path, resume: bool = False, show_progr
 
 
 def prediction_samples(student: nn.Module, data: RunData, teacher: nn.Module | None = None,
-                       count: int = SAMPLE_IMAGES) -> dict[str, Any]:
+                       count: int = SAMPLE_IMAGES, predictions: dict[str, Any] | None = None) -> dict[str, Any]:
     """Test samples for report.html's prediction grids, each group with its indices in the test split,
     images, true labels and the student's (and teacher's) predicted classes.
 
     ``first``: the first ``count`` samples; ``student_wrong_teacher_right`` (with a teacher and
     labels): the first ``count`` samples the student gets wrong and the teacher gets right.
+    ``predictions`` (``Result.predictions``) are reused when they came from the same loader.
     """
     loader, inputs = (data.test, data.bundle.test_x) if data.test is not None else (data.val, data.bundle.val_x)
-    student_logits, labels = predict(student, loader)
-    student_pred = student_logits.argmax(axis=1)
-    teacher_pred = predict(teacher, loader)[0].argmax(axis=1) if teacher is not None else None
+    if predictions is not None and predictions.get("loader") is loader and (teacher is None) == (predictions["teacher"] is None):
+        student_pred, teacher_pred, labels = predictions["student"], predictions["teacher"], predictions["labels"]
+    else:
+        student_logits, labels = predict(student, loader)
+        student_pred = student_logits.argmax(axis=1)
+        teacher_pred = predict(teacher, loader)[0].argmax(axis=1) if teacher is not None else None
     groups = {"first": np.arange(min(count, len(student_pred)))}
     if teacher_pred is not None and labels is not None:
         groups["student_wrong_teacher_right"] = np.flatnonzero((student_pred != labels) & (teacher_pred == labels))[:count]
@@ -99,5 +103,6 @@ def write_html_report(result: Result, data: RunData, run: RunDir, teacher: nn.Mo
     """``report.html``: the human report, with prediction grids of test samples (student and teacher)."""
     inputs = data.bundle.test_x if data.test is not None else data.bundle.val_x
     # the grids draw images: tokens (dict inputs) and other multi-tensor inputs have none to draw
-    samples = prediction_samples(result.student, data, teacher) if not isinstance(inputs, dict | tuple) else None
+    samples = (prediction_samples(result.student, data, teacher, predictions=result.predictions)
+               if not isinstance(inputs, dict | tuple) else None)
     return atomic_write_text(run.html, render(result.report, samples))

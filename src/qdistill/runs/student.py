@@ -14,7 +14,7 @@ from torch import nn
 
 from qdistill.batch import batch_inputs, check_inputs, input_rows, input_tensors, move_inputs, split_batch
 from qdistill.errors import DataError, ModelError, QdistillError, RecipeError
-from qdistill.evaluate import evaluate, evaluate_embeddings
+from qdistill.evaluate import evaluate, evaluate_embeddings, logit_metrics, predict
 from qdistill.kd import CachedTeacherLoader, Distiller, KDLoss, MixedLoader, freeze
 from qdistill.kd.hidden import AttentionRelationKD, HiddenStateKD
 from qdistill.kd.losses import EmbeddingKDLoss
@@ -43,6 +43,9 @@ class Result:
     report: dict[str, Any]
     recipe: Recipe
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    # the evaluation split's predicted classes (student, teacher) and labels, as the report measured them,
+    # with the loader they came from: report.html's prediction grids reuse them instead of predicting again
+    predictions: dict[str, Any] | None = None
 
     def save(self, directory: str | Path) -> Path:
         """Write ``student.safetensors``, ``report.json`` and ``recipe.yaml`` (each atomically)."""
@@ -165,9 +168,11 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     distiller.remove_hooks()
     extra = {"data": sizes, "teacher_logits": teacher_logits, "evaluated_on": "test" if test is not None else "validation",
              "output_kind": kind}
+    predictions: dict[str, Any] = {}
     report = make_report(recipe, frozen_teacher, quantized, test if test is not None else val, num_classes, history,
-                         label_free=not labelled, extra=extra, kind=kind)
-    return Result(student=quantized, report=report, recipe=recipe, model_kwargs=model_kwargs or {})
+                         label_free=not labelled, extra=extra, kind=kind, predictions=predictions)
+    return Result(student=quantized, report=report, recipe=recipe, model_kwargs=model_kwargs or {},
+                  predictions=predictions or None)
 
 
 def _check_kind(recipe: Recipe, kind: str) -> None:
@@ -254,15 +259,22 @@ def _mixed(loader: Iterable[Any], unlabeled: Iterable[Any], teacher: nn.Module, 
 
 def make_report(recipe: Recipe, teacher: nn.Module, student: nn.Module, loader: Iterable[Any], num_classes: int,
                 history: list[dict[str, Any]], label_free: bool = False, extra: dict[str, Any] | None = None,
-                kind: str = "logits") -> dict[str, Any]:
+                kind: str = "logits", predictions: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate teacher and student on ``loader`` (the test split) and build report.json.
 
-    ``kind`` "embedding": the student's embeddings against the teacher's (``evaluate.evaluate_embeddings``)."""
+    ``kind`` "embedding": the student's embeddings against the teacher's (``evaluate.evaluate_embeddings``).
+    For class logits each model predicts once; a ``predictions`` dict receives the predicted classes
+    (``student``, ``teacher``), the ``labels`` and the ``loader`` (see ``Result.predictions``)."""
     if kind == "embedding":
         teacher_metrics, student_metrics = evaluate_embeddings(student, teacher, loader)
     else:
-        teacher_metrics = evaluate(teacher, loader, num_classes)
-        student_metrics = evaluate(student, loader, num_classes, teacher=teacher)
+        teacher_logits, labels = predict(teacher, loader)
+        student_logits, _ = predict(student, loader)
+        teacher_metrics = logit_metrics(teacher, teacher_logits, labels, num_classes)
+        student_metrics = logit_metrics(student, student_logits, labels, num_classes, teacher_logits)
+        if predictions is not None:
+            predictions.update(loader=loader, labels=labels, student=student_logits.argmax(axis=1),
+                               teacher=teacher_logits.argmax(axis=1))
     steps = step_sizes(student)
     per_layer = {name: {**row, **steps.get(name, {})} for name, row in layer_table(student).items()}
     student_info = {
