@@ -22,14 +22,16 @@ GOLDEN = {
     "data": {"train_samples": 576, "val_samples": 144, "test_samples": 180, "labelled_samples": 576, "unlabeled_samples": 0},
     "teacher_accuracy": 158 / 180,
     "student_accuracy": 158 / 180,
-    "agreement_with_teacher": 172 / 180,
-    "val_accuracy": [122 / 144, 122 / 144],
-    "teacher_loss": [2.254395988252428, 1.7195660207006667, 1.098920202917523, 0.8671327961815728],
+    "agreement_with_teacher": 171 / 180,
+    "val_accuracy": [120 / 144, 121 / 144],
+    # moved (by 1e-8) when the optimisers became PyTorch's fused kernels (train.optim._fusable)
+    "teacher_loss": [2.2543959750069513, 1.7195659942097135, 1.0989201896720462, 0.867132779624727],
     # moved when the input data's step size stopped being learned (quant.learn_input_scale, default false),
     # then when step-size gradients became dot products (another float summation order), then when the
-    # quantizers began to divide by the step as ONNX QuantizeLinear does (x / s, not x * (1/s))
-    "loss": [0.2479238063097, 0.20022343181901509],
-    "kd_loss": [0.1781805215610398, 0.12872613800896537],
+    # quantizers began to divide by the step as ONNX QuantizeLinear does (x / s, not x * (1/s)), then when
+    # the optimisers became PyTorch's fused kernels (another float order in the Adam update)
+    "loss": [0.24775703251361847, 0.1992321734627088],
+    "kd_loss": [0.17781318310234281, 0.12790481828980976],
 }
 
 

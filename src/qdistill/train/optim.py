@@ -42,11 +42,22 @@ def make_optimizer(module: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if adaptive:
         groups += _step_size_groups(module, spec)
+    fused = {"fused": True} if _fusable(module) else {}
     if spec.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum)
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=spec.momentum, **fused)
     if spec.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=spec.lr)
-    return torch.optim.AdamW(groups, lr=spec.lr)
+        return torch.optim.Adam(groups, lr=spec.lr, **fused)
+    return torch.optim.AdamW(groups, lr=spec.lr, **fused)
+
+
+def _fusable(module: nn.Module) -> bool:
+    """Whether PyTorch's fused optimizer kernels take every trained parameter (float, on the CPU or CUDA).
+
+    Why: on a CPU the default (one tensor at a time) Adam step took 1.03 ms for the W4A4 demo
+    student's 16 parameters, the fused one 0.40 ms (2 threads), about 3% of a training step.
+    """
+    return all(p.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16) and p.device.type in ("cpu", "cuda")
+               for p in module.parameters() if p.requires_grad)
 
 
 def lr_factor(step: int, steps_per_epoch: int, spec: TrainSpec) -> float:
