@@ -7,6 +7,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 
 from qdistill.quant.attention import ExplicitSelfAttention, explicit_hf_attention  # noqa: E402
+from qdistill.quant.modules import RuntimeGelu  # noqa: E402
 from qdistill.quant.prepare import layer_table, prepare  # noqa: E402
 
 
@@ -63,8 +64,10 @@ def test_prepare_quantizes_linears_and_attention_matmuls():
             assert "residual stream" in student.qdistill_unquantized[prefix + name], prefix + name
         assert prefix + "attention.output.add" not in table and prefix + "output.LayerNorm" not in table
         assert type(student.get_submodule(prefix + "output.LayerNorm")) is nn.LayerNorm
-        # GELU stays float (a table lookup is slower than ORT's float Gelu), with its reason
+        # GELU stays float (a table lookup is slower than ORT's float Gelu), with its reason; it evaluates as
+        # ONNX Runtime's Gelu where the next quantizer's codes depend on it (quant.float_kernels)
         assert "GELU" in student.qdistill_unquantized[prefix + "intermediate.intermediate_act_fn"]
+        assert type(student.get_submodule(prefix + "intermediate.intermediate_act_fn")) is RuntimeGelu
     with torch.no_grad():
         cosine = nn.functional.cosine_similarity(student(**_batch()), model(**_batch()))
     assert cosine.min() > 0.99

@@ -11,8 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper
 
+from qdistill.quant.float_kernels import fma32
 from qdistill.quant.modules import ActivationQuantizer, QuantAdd
-from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, fma32, qlinear_add
+from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, qlinear_add
 from support import calibrated
 
 needs_avx2 = pytest.mark.skipif(not QLINEAR_ADD_EXACT, reason="qlinear_add reproduces ONNX Runtime's AVX2 kernel")

@@ -41,12 +41,20 @@ from torch import fx, nn
 
 from qdistill.batch import input_tensors
 from qdistill.quant.attention import DecomposedMultiheadAttention
-from qdistill.quant.modules import InputQuantizedMixin, QuantAdd, QuantCat, QuantLayerMixin, QuantMatMul, QuantMul
+from qdistill.quant.modules import (
+    InputQuantizedMixin,
+    QuantAdd,
+    QuantCat,
+    QuantLayerMixin,
+    QuantMatMul,
+    QuantMul,
+    RuntimeGelu,
+)
 from qdistill.quant.quantizer import Quantizer
 
 # modules whose forward is never traced into: they are the units prepare reasons about
 LEAF_TYPES = (QuantLayerMixin, InputQuantizedMixin, QuantAdd, QuantMul, QuantMatMul, QuantCat, Quantizer,
-              DecomposedMultiheadAttention)
+              DecomposedMultiheadAttention, RuntimeGelu)
 FIXED_TYPES = (type(None), bool, int, float, str)  # argument values a module graph may be specialised to
 UNSPECIALISED = "it is called with arguments torch.fx cannot specialise on (or differently at different places)"
 NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "stride", "element_size",

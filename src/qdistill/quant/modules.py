@@ -13,6 +13,7 @@ from torch import nn
 
 from qdistill.errors import ModelError
 from qdistill.quant.fake_quant import MIN_SCALE
+from qdistill.quant.float_kernels import GELU_BOUND, attach_runtime_values, ort_gelu
 from qdistill.quant.quantizer import Quantizer
 from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, qlinear_add
 
@@ -378,6 +379,32 @@ class QuantInputOf(InputQuantizedMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(self.input_quantizer(x))
+
+
+class RuntimeGelu(nn.Module):
+    """Float GELU (erf form) whose result, while the student evaluates, carries ONNX Runtime's exact values.
+
+    A transformer's feed-forward GELU stays float (``attention.GELU_NOTE``); the quantizer of the
+    Linear after it reads its result. PyTorch's erf and MLAS's differ by a few ulps in a third of
+    the values, enough to flip a code next to a rounding tie, and a 4-bit student amplifies each
+    flip. Training (and export, which writes PyTorch's erf formula) use ``F.gelu``; without a
+    gradient the result is marked (``float_kernels.attach_runtime_values``) so that a quantizer
+    reading it takes ``float_kernels.ort_gelu`` where its codes could differ.
+
+    Example:
+        >>> x = torch.randn(4, 8)
+        >>> with torch.no_grad():
+        ...     y = RuntimeGelu()(x)
+        >>> torch.equal(y, F.gelu(x)), hasattr(y, "_qdistill_runtime")
+        (True, True)
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.gelu(x)
+        if (torch.is_grad_enabled() or x.dtype != torch.float32 or torch.onnx.is_in_onnx_export()
+                or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            return y
+        return attach_runtime_values(y, lambda mask: ort_gelu(x[mask]), (x.abs() + 1.0) * GELU_BOUND)
 
 
 class QuantElementwise(QuantInputOf):

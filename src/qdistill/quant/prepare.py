@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qdistill.batch import batch_inputs, call_model, move_inputs
@@ -55,6 +56,7 @@ from qdistill.quant.modules import (
     QuantElementwise,
     QuantInputOf,
     QuantLayerNorm,
+    RuntimeGelu,
     clear_memos,
     input_slots,
     is_elementwise_activation,
@@ -174,6 +176,8 @@ def _quantize_float_ops(student: nn.Module, spec: QuantSpec, float_modules: froz
         if quantized is not None:
             student.set_submodule(name, quantized.from_float(module, quantizer))
         elif float_modules and is_transformers_activation(module):
+            if getattr(module, "act", None) is F.gelu:  # transformers' GELUActivation, erf form
+                student.set_submodule(name, RuntimeGelu())  # float still; evaluates as ONNX Runtime's Gelu
             continue  # prepare lists GELU_NOTE
         elif is_elementwise_activation(module):
             inner = copy.copy(module)
@@ -210,7 +214,8 @@ def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str])
     added, notes = rewrite_functional_ops(student, trace, lambda: make(spec.act_bits), skip=residual)
     notes |= {name: RESIDUAL_NOTE for name in sorted(residual)}
     notes |= {name: GELU_NOTE for name, module in student.named_modules()
-              if residual and is_transformers_activation(module) and is_elementwise_activation(module)}
+              if residual and (isinstance(module, RuntimeGelu)
+                               or is_transformers_activation(module) and is_elementwise_activation(module))}
     notes |= {f"{name}.{child}": RESIDUAL_NOTE for name in sorted(residual)
               for child, module in student.get_submodule(name).named_children() if isinstance(module, nn.LayerNorm)}
     _override_ops(student, op_names + added, layer_names, spec)

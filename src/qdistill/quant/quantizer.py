@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from qdistill.errors import RecipeError
-from qdistill.quant.fake_quant import IntRange, fake_quantize, lsq_grad_factor
+from qdistill.quant.fake_quant import MIN_SCALE, IntRange, fake_quantize, lsq_grad_factor
+from qdistill.quant.float_kernels import refine_near_ties
 from qdistill.quant.ranges import activation_params, weight_scale
 
 SAMPLE_SIZE = 1 << 16  # activation values kept for MSE/percentile calibration
@@ -187,6 +188,8 @@ class Quantizer(nn.Module):
             return x
         if not self.is_initialized():
             return x
+        if self.axis is None and hasattr(x, "_qdistill_runtime"):  # a float op's runtime values near ties (float_kernels)
+            x = refine_near_ties(x, self.scale.clamp_min(MIN_SCALE))
         grad_factor = lsq_grad_factor(self.elements_per_step(x), self.qrange)
         return fake_quantize(x, self._trained_scale(x), self.zero_point, self.qrange, self.axis, grad_factor,
                              zero_is_zero=self.zero_is_zero())

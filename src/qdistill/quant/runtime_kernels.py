@@ -21,33 +21,11 @@ from __future__ import annotations
 import torch
 
 from qdistill.quant.fake_quant import MIN_SCALE
+from qdistill.quant.float_kernels import fma32
 from qdistill.quant.quantizer import Quantizer
 
 # the CPU ONNX Runtime runs on here takes MLAS's AVX2 kernels (torch reports AVX512 for a superset)
 QLINEAR_ADD_EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-
-
-def fma32(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """``x * y + z`` of float32 tensors rounded to float32 once, as a fused multiply-add instruction.
-
-    The product of two float32 values is exact in float64; the float64 sum may round, and a
-    second rounding to float32 can then land on the wrong side of a float32 tie. The sum's
-    exact error (Knuth's two-sum) nudges it one float64 step towards the true value first, which
-    keeps every float32 rounding correct.
-
-    Example:
-        >>> x = torch.tensor([1 + 2**-12], dtype=torch.float32)
-        >>> fma32(x, x, torch.tensor([-1.0])) - (x * x - 1)   # the fused form keeps the 2**-24 the product loses
-        tensor([5.9605e-08])
-    """
-    product = x.double() * y.double()
-    addend = z.double()
-    total = product + addend
-    virtual = total - addend
-    error = (product - virtual) + (addend - (total - virtual))
-    towards = torch.where(error > 0, torch.inf, -torch.inf).to(total)  # total + error would round back to total
-    total = torch.where(error != 0, torch.nextafter(total, towards), total)
-    return total.float()
 
 
 def _scalar(tensor: torch.Tensor) -> torch.Tensor:
