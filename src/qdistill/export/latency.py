@@ -10,7 +10,7 @@ How the numbers are taken, so that they can be compared (report.json ``latency_m
   the model once untimed. ONNX Runtime's (and OpenMP's) worker threads keep spinning for a while
   after a run; without the pause, the previous model's spinning workers take CPU time from the
   next model's threads. On a 2-core machine that made the demo CNN's int8 file at 2 threads
-  look 1.1-1.4x faster than fp32 where it is 1.5-1.7x when run alone: a cost of the measurement,
+  time at 0.99-1.07x fp32 where it is 1.5-1.7x when run alone: a cost of the measurement,
   not of the file, that a user running one model never pays.
 - **Statistic.** Each round times a model for ``budget_s / rounds`` seconds (at least
   ``MIN_REPEATS`` runs, after ``WARMUP_RUNS`` untimed runs before the first round) and keeps the
