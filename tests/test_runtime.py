@@ -28,7 +28,10 @@ from qdistill.runs.deploy import export_directory
 
 
 def _reference(path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """A plain session of ``path`` with the one setting docs/deploy.md asks of every int8 session."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")  # exact u8s8 sums on x86 without VNNI
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def _assert_same_outputs(session, reference, inputs: torch.Tensor) -> None:

@@ -36,7 +36,9 @@ def _qlinearconv_codes(x_codes_u8, x_scale, x_zero, w_codes_i8, w_scale, bias_i3
                               [helper.make_tensor_value_info("y", TensorProto.UINT8, None)],
                               [numpy_helper.from_array(np.asarray(a), n) for n, a in zip(names, arrays, strict=True)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.x64quantprecision", "1")  # exact sums on x86 without VNNI (docs/deploy.md)
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {"x": x_codes_u8})[0]
 
 

@@ -3,8 +3,9 @@
 Any change to data splitting, initialisation, calibration, the quantizers, the KD loss, the
 optimiser or the schedule moves at least one of them. If a change is meant to move them, rerun
 the recipe below, check the new numbers are better or explained, and update them in the same
-commit with the reason. Losses are compared to 1e-6 relative (float summation order may differ
-between CPUs); accuracies and split sizes exactly.
+commit with the reason. Losses are compared to 1e-6 relative; accuracies and split sizes exactly. The
+numbers are recorded per CPU kernel family (AVX-512, AVX2): the W4A4 student's run parts between
+them.
 """
 
 from __future__ import annotations
@@ -18,21 +19,46 @@ from qdistill.runs.recipe_run import run_recipe
 RECIPE = {"model": {"name": "mnist_cnn"}, "data": {"name": "digits", "batch_size": 32, "limit": 900},
           "quant": {"weight_bits": 4, "act_bits": 4}, "train": {"epochs": 2, "lr": 2e-3},
           "teacher_train": {"epochs": 4, "lr": 3e-3}, "export": {"onnx": False, "packed": False}}
+GOLDEN_DATA = {"train_samples": 576, "val_samples": 144, "test_samples": 180, "labelled_samples": 576, "unlabeled_samples": 0}
+# The numbers per CPU kernel family (torch.backends.cpu.get_cpu_capability()). The float teacher's
+# losses agree across families to 1e-7, but the W4A4 student's do not: its first steps start from
+# a teacher that differs in last bits, a code on a rounding tie flips, and the runs part (0.2-0.5%
+# in loss, one validation image). Each family's numbers are exact on it.
 GOLDEN = {
-    "data": {"train_samples": 576, "val_samples": 144, "test_samples": 180, "labelled_samples": 576, "unlabeled_samples": 0},
-    "teacher_accuracy": 158 / 180,
-    "student_accuracy": 158 / 180,
-    "agreement_with_teacher": 171 / 180,
-    "val_accuracy": [120 / 144, 121 / 144],
-    # moved (by 1e-8) when the optimisers became PyTorch's fused kernels (train.optim._fusable)
-    "teacher_loss": [2.2543959750069513, 1.7195659942097135, 1.0989201896720462, 0.867132779624727],
-    # moved when the input data's step size stopped being learned (quant.learn_input_scale, default false),
-    # then when step-size gradients became dot products (another float summation order), then when the
-    # quantizers began to divide by the step as ONNX QuantizeLinear does (x / s, not x * (1/s)), then when
-    # the optimisers became PyTorch's fused kernels (another float order in the Adam update)
-    "loss": [0.24775703251361847, 0.1992321734627088],
-    "kd_loss": [0.17781318310234281, 0.12790481828980976],
+    # the numbers recorded before 2026-12 (sessions and CI on CPUs whose int8 sums in ONNX Runtime did
+    # not saturate, i.e. with VNNI: AVX-512 servers)
+    "AVX512": {
+        "teacher_accuracy": 158 / 180,
+        "student_accuracy": 158 / 180,
+        "agreement_with_teacher": 171 / 180,
+        "val_accuracy": [120 / 144, 121 / 144],
+        # moved (by 1e-8) when the optimisers became PyTorch's fused kernels (train.optim._fusable)
+        "teacher_loss": [2.2543959750069513, 1.7195659942097135, 1.0989201896720462, 0.867132779624727],
+        # moved when the input data's step size stopped being learned (quant.learn_input_scale, default false),
+        # then when step-size gradients became dot products (another float summation order), then when the
+        # quantizers began to divide by the step as ONNX QuantizeLinear does (x / s, not x * (1/s)), then when
+        # the optimisers became PyTorch's fused kernels (another float order in the Adam update)
+        "loss": [0.24775703251361847, 0.1992321734627088],
+        "kd_loss": [0.17781318310234281, 0.12790481828980976],
+    },
+    # measured on an AMD EPYC with AVX2 and no AVX-512 (2026-12-06)
+    "AVX2": {
+        "teacher_accuracy": 158 / 180,
+        "student_accuracy": 158 / 180,
+        "agreement_with_teacher": 171 / 180,
+        "val_accuracy": [121 / 144, 122 / 144],
+        "teacher_loss": [2.2543959750069513, 1.719566027323405, 1.0989203221268125, 0.867132842540741],
+        "loss": [0.24813285138871935, 0.20021787534157434],
+        "kd_loss": [0.17827328625652525, 0.12884939337770143],
+    },
 }
+
+
+def _golden() -> dict:
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in GOLDEN:
+        pytest.skip(f"no golden numbers for CPU capability {capability!r} (recorded: {', '.join(GOLDEN)})")
+    return GOLDEN[capability]
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +67,20 @@ def report(tmp_path_factory):
     return run_recipe(qd.Recipe(**RECIPE), tmp_path_factory.mktemp("golden"), show_progress=False).report
 
 
-def test_golden_split_and_accuracies(report):
-    assert report["data"] == GOLDEN["data"]
-    assert report["teacher"]["accuracy"] == pytest.approx(GOLDEN["teacher_accuracy"], abs=1e-12)
-    assert report["student"]["accuracy"] == pytest.approx(GOLDEN["student_accuracy"], abs=1e-12)
-    assert report["student"]["agreement_with_teacher"] == pytest.approx(GOLDEN["agreement_with_teacher"], abs=1e-12)
-    assert [row["val_accuracy"] for row in report["history"]] == pytest.approx(GOLDEN["val_accuracy"], abs=1e-12)
+def test_golden_split(report):
+    assert report["data"] == GOLDEN_DATA
+
+
+def test_golden_accuracies(report):
+    golden = _golden()
+    assert report["teacher"]["accuracy"] == pytest.approx(golden["teacher_accuracy"], abs=1e-12)
+    assert report["student"]["accuracy"] == pytest.approx(golden["student_accuracy"], abs=1e-12)
+    assert report["student"]["agreement_with_teacher"] == pytest.approx(golden["agreement_with_teacher"], abs=1e-12)
+    assert [row["val_accuracy"] for row in report["history"]] == pytest.approx(golden["val_accuracy"], abs=1e-12)
 
 
 def test_golden_losses(report):
-    assert [row["loss"] for row in report["teacher"]["history"]] == pytest.approx(GOLDEN["teacher_loss"], rel=1e-6)
-    assert [row["loss"] for row in report["history"]] == pytest.approx(GOLDEN["loss"], rel=1e-6)
-    assert [row["kd_loss"] for row in report["history"]] == pytest.approx(GOLDEN["kd_loss"], rel=1e-6)
+    golden = _golden()
+    assert [row["loss"] for row in report["teacher"]["history"]] == pytest.approx(golden["teacher_loss"], rel=1e-6)
+    assert [row["loss"] for row in report["history"]] == pytest.approx(golden["loss"], rel=1e-6)
+    assert [row["kd_loss"] for row in report["history"]] == pytest.approx(golden["kd_loss"], rel=1e-6)

@@ -77,8 +77,12 @@ def all_threads() -> int:
         return os.cpu_count() or 1
 
 
+EXACT_INT8_OPTION = "session.x64quantprecision"  # ONNX Runtime's u8s8 -> u8u8 conversion on x86 without VNNI
+
+
 def make_session(model: str | Path | bytes, threads: int | None = None, level: str = "all",
-                 optimized_path: str | Path | None = None, spinning: bool | None = None) -> ort.InferenceSession:
+                 optimized_path: str | Path | None = None, spinning: bool | None = None,
+                 exact_int8: bool = True) -> ort.InferenceSession:
     """A CPU ``InferenceSession`` with the settings the int8 file is meant to run with (docs/deploy.md).
 
     - ``level="all"`` (``ORT_ENABLE_ALL``): ONNX Runtime's layout transformers run; they turn the
@@ -87,6 +91,13 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
       (what the kernel check reads); ``"basic"`` fuses nothing int8.
     - ``threads``: intra-op threads (None: ONNX Runtime's default, one per physical core); the
       inter-op pool is then 1 (the graphs are sequential).
+    - ``exact_int8``: ``session.x64quantprecision`` (on unless asked otherwise): on x86 CPUs without VNNI (AVX2, AVX-512 without
+      VNNI) ONNX Runtime's fast u8s8 kernels add two products in a saturating 16-bit step
+      (``vpmaddubsw``), so an 8-bit weight beyond [-64, 63] times a large activation code comes out
+      wrong (a single Linear 4->8 W8A8: 23 dB against the student). With the option it runs those
+      weights through its exact u8u8 kernels; CPUs with VNNI are unaffected (docs/deploy.md). Off
+      only to read which kernels a graph gets (``integer_kernels``): the conversion retypes the
+      weights of the same kernels on some CPUs.
     - ``spinning``: ``session.intra_op.allow_spinning`` (None: ONNX Runtime's default, on). Worker
       threads that spin between ops answer sooner; on a machine shared with other busy processes
       ``False`` keeps them from taking CPU time the others need.
@@ -103,6 +114,8 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[level]
     options.log_severity_level = 3  # ORT's notes about unused initializers are not the user's concern
+    if exact_int8:
+        options.add_session_config_entry(EXACT_INT8_OPTION, "1")  # no saturating u8s8 sums without VNNI (see above)
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -467,7 +467,8 @@ def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     layer_table, op_table = _layer_table(model), _metadata(model, OPS_KEY) or []
     with tempfile.TemporaryDirectory() as folder:
         optimized_path = Path(folder) / "optimized.onnx"
-        make_session(path, level="extended", optimized_path=optimized_path)
+        # the kernels as the graph is written, whatever this CPU is (make_session: exact_int8)
+        make_session(path, level="extended", optimized_path=optimized_path, exact_int8=False)
         optimized = onnx.load(str(optimized_path))
     return _layer_kernels(layer_table, optimized), _op_kernels(op_table, optimized)
 
