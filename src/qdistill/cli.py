@@ -30,6 +30,9 @@ from qdistill.runs.search import run_search
 from qdistill.runs.stages import prepare_data
 from qdistill.runtime import serve_bench
 from qdistill.train import distributed
+from qdistill.train.allocator import keep_freed_memory
+
+TRAINING_COMMANDS = ("run", "search", "demo")  # the commands whose steps reuse freed memory (train/allocator.py)
 
 console = Console(width=None if sys.stdout.isatty() else 160)  # tables stay whole when piped to a file
 errors = Console(stderr=True)
@@ -230,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if args.command in ("run", "search"):
         args.overrides = args.overrides + overrides  # overrides may also come after --out
+    if args.command in TRAINING_COMMANDS:
+        keep_freed_memory()  # this process is ours: keep freed memory for the next step (train/allocator.py)
     try:
         return args.handler(args)
     except QdistillError as error:
