@@ -15,6 +15,7 @@ from qdistill.errors import ExportError
 from qdistill.export import export_all, export_onnx, format_export_summary, verify_onnx
 from qdistill.export.latency import make_session
 from qdistill.export.onnx import CODE_CONV_KERNEL, LOGIT_SQNR_GATE_DB, check_integer_kernels
+from qdistill.export.packed import weight_integers
 from qdistill.export.qdq_graph import INTEGER_OPS, toposort
 from qdistill.quant import is_quantized, prepare
 
@@ -86,6 +87,25 @@ def test_low_bit_grid_is_kept_inside_the_int8_file(w4_export):
     assert np.all(ints % multiplier == 0) and np.abs(ints // multiplier).max() <= 7 and np.abs(ints).max() <= 63
     assert int(_initializer(model, "features.3.input_qmax")) == 15
     assert table["features.0"]["weight_int_multiplier"] == 1  # 8-bit first layer: the plain integers
+
+
+def test_wide_weight_layers_are_the_integer_layers_with_codes_beyond_the_u8s8_safe_range(w4_export, digits,
+                                                                                        digits_teacher, tmp_path):
+    student, path, info = w4_export
+    expected = {}  # from the student's own integer weights: 8-bit layers whose codes leave [-64, 63]
+    for name, module in student.named_modules():
+        if is_quantized(module) and info["integer_ops"][name] != CODE_CONV_KERNEL:  # features.0 sums in float
+            ints = weight_integers(module, name).ints
+            if module.weight_quantizer.bits == 8 and (ints.min() < -64 or ints.max() > 63):
+                expected[name] = int(ints.abs().max())
+    assert expected and info["wide_weight_layers"] == expected  # the 8-bit last layer; stretched 4-bit ones stay in range
+    bundle, train, val = digits
+    seven = _student(digits_teacher, train, 7, first_last_bits=7)
+    seven_info = export_onnx(seven, tmp_path / "w7.onnx", bundle.train_x[:1], verify_on=val)
+    model = onnx.load(str(tmp_path / "w7.onnx"))
+    codes = [numpy_helper.to_array(t) for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert codes and all(c.min() >= -64 and c.max() <= 63 for c in codes)
+    assert seven_info["wide_weight_layers"] == {} and seven_info["agreement_with_student"] >= 0.999
 
 
 def test_dynamic_batch(w4_export, digits):
@@ -200,6 +220,8 @@ def test_export_all_section_and_summary(digits, digits_teacher, tmp_path):
     assert "agreement 100" in summary or "agreement 99" in summary
     assert "smaller than fp32" in summary and "µs/sample" in summary and "QLinearConv" in summary
     assert f"(bound {LOGIT_SQNR_GATE_DB:g} dB)" in summary
+    wide = onnx_section["wide_weight_layers"]  # the 8-bit last layer: named in the section, counted in the summary
+    assert "classifier.5" in wide and f"{len(wide)} layers have 8-bit weights beyond [-64, 63]" in summary
     json.dumps(section)  # report.json must be able to hold it
     assert export_all(student, bundle.train_x[:1], val) == {}
 

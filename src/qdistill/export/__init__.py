@@ -34,6 +34,7 @@ from qdistill.export.onnx import (
     export_onnx,
     integer_kernels,
     verify_onnx,
+    wide_weight_layers,
 )
 from qdistill.export.packed import (
     fp32_safetensors_bytes,
@@ -101,7 +102,8 @@ def _onnx_section(student: nn.Module, path: Path, example: Any, val_loader: Iter
     section["latency_method"] = latency["method"]
     section["fp32_file_bytes"] = fp32["file_bytes"]
     section["output_kind"] = output_kind
-    for key in ("student_accuracy", "samples", "integer_ops", "integer_ops_other", "dropped_layers", "opset"):
+    for key in ("student_accuracy", "samples", "integer_ops", "integer_ops_other", "dropped_layers", "wide_weight_layers",
+                "opset"):
         if key in info:
             section[key] = info[key]
     return section
@@ -177,6 +179,10 @@ def _onnx_lines(onnx_section: dict[str, Any]) -> list[str]:
         if kernels:
             counts = {op: list(kernels.values()).count(op) for op in dict.fromkeys(kernels.values())}
             lines.append(f"  kernels   {len(kernels)} {label}: " + ", ".join(f"{n} {op}" for op, n in counts.items()))
+    wide = onnx_section.get("wide_weight_layers")
+    if wide:  # export.onnx.wide_weight_layers: fast on CPUs with VNNI, on exact slower kernels without it
+        lines.append(f"  note      {len(wide)} layers have 8-bit weights beyond [-64, 63]: on x86 without")
+        lines.append("            VNNI they run on slower exact kernels (weight_bits 7 keeps them fast)")
     threads = onnx_section.get("latency_threads", {})
     if threads:
         lines.append("  µs/sample at batch 1/64 (ONNX Runtime int8, fp32; PyTorch eager fp32):")
@@ -215,5 +221,5 @@ __all__ = [
     "check_integer_kernels", "diagnose_layers", "export_all",
     "export_float_onnx", "export_onnx", "float_copy", "format_export_summary", "integer_kernels", "load_packed",
     "pack_bits", "read_packed", "rebuild_info",
-    "save_packed", "unpack_bits", "unpack_student", "verify_onnx",
+    "save_packed", "unpack_bits", "unpack_student", "verify_onnx", "wide_weight_layers",
 ]

@@ -84,7 +84,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
-from onnx import helper
+from onnx import helper, numpy_helper
 from torch import nn
 
 from qdistill.batch import (
@@ -483,6 +483,38 @@ def integer_kernels(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     return _layer_kernels(layer_table, optimized), _op_kernels(op_table, optimized)
 
 
+def wide_weight_layers(model: onnx.ModelProto) -> dict[str, int]:
+    """``{layer: its largest |weight code|}`` for the integer layers whose int8 weights leave [-64, 63].
+
+    On x86 CPUs without VNNI (AVX2 only), ONNX Runtime's fast u8s8 kernels add two products in a
+    saturating 16-bit step, so such a layer runs exactly only on its slower u8u8 kernels
+    (``make_session``'s ``exact_int8``). ``quant.weight_bits: 7`` keeps every code within
+    [-64, 63] (``STRETCH_LIMIT``), as ``quantize_static``'s ``reduce_range`` does. Low-bit weights
+    are stretched only up to 63 (``weight_multiplier``), so only layers at 8 bits can be listed.
+
+    Example (8-bit weights reach +-127 on their widest channel; 7-bit ones stay within the range):
+        >>> from qdistill import models, quant
+        >>> net = models.create("mlp", in_channels=1, num_classes=3, image_size=4)
+        >>> def wide(bits):
+        ...     student = quant.prepare(net, {"weight_bits": bits, "act_bits": 8, "first_last_bits": bits},
+        ...                             calibration_data=[torch.rand(8, 1, 4, 4)])
+        ...     return wide_weight_layers(build_int8_model(student, torch.rand(1, 1, 4, 4)))
+        >>> sorted(wide(8)), wide(7)
+        (['net.1', 'net.4', 'net.7'], {})
+    """
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    wide: dict[str, int] = {}
+    for entry in _layer_table(model):
+        tensor = initializers.get(entry["weight"])
+        if (entry["op"] == "Gather" or entry["form"] == FLOAT_CODE_FORM or tensor is None
+                or tensor.data_type != onnx.TensorProto.INT8):
+            continue  # lookups do no arithmetic; float-code convs and uint8 weights never meet a u8s8 kernel
+        codes = numpy_helper.to_array(tensor).astype(np.int16)
+        if codes.min() < -(STRETCH_LIMIT + 1) or codes.max() > STRETCH_LIMIT:
+            wide[entry["name"]] = int(np.abs(codes).max())
+    return wide
+
+
 def check_integer_kernels(path: str | Path) -> dict[str, str]:
     """``{layer: integer op}`` after ONNX Runtime's optimisation; ``ExportError`` if a layer or op runs in float.
 
@@ -798,10 +830,13 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
                 opset: int = OPSET, sqnr_gate_db: float = LOGIT_SQNR_GATE_DB, output_kind: str = "logits") -> dict[str, Any]:
     """Export ``student`` to an int8 ONNX file whose integer kernels and parity are checked.
 
-    Returns ``{path, file_bytes, integer_ops, integer_ops_other, dropped_layers, opset, file_opset, parity_checked}``
+    Returns ``{path, file_bytes, integer_ops, integer_ops_other, dropped_layers, wide_weight_layers, opset, file_opset,
+    parity_checked}``
     (``integer_ops``: each quantized layer's kernel; ``integer_ops_other``: each quantized
     add/concat/pool/matmul's; ``dropped_layers``: ``{layer: why}`` for quantized layers that the
-    forward pass computes but whose output the model's output never uses, which the exporter removes). With ``verify_on`` the parity gate runs (``parity_checked: True``) and
+    forward pass computes but whose output the model's output never uses, which the exporter removes;
+    ``wide_weight_layers``: ``{layer: largest |code|}`` for 8-bit weights that need VNNI to run fast on x86,
+    see ``wide_weight_layers``). With ``verify_on`` the parity gate runs (``parity_checked: True``) and
     its metrics are added: ``samples``, ``agreement_with_student``, ``flips``, ``near_tie_flips``,
     ``near_tie_margin``, ``max_abs_logit_diff``, ``logit_sqnr_db`` (the gated figure),
     ``logit_sqnr_db_all``, ``logit_sqnr_left_out_samples``, ``logit_sqnr_gate_db`` and, with
@@ -835,6 +870,7 @@ def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify
         onnx.save(model, str(temporary))
         info["integer_ops"], info["integer_ops_other"] = integer_kernels(temporary)
         info["dropped_layers"] = _metadata(model, DROPPED_KEY) or {}
+        info["wide_weight_layers"] = wide_weight_layers(model)
         if verify_on is not None:
             info.update(verify_onnx(temporary, student, verify_on, sqnr_gate_db, output_kind))
 
@@ -861,5 +897,5 @@ def export_float_onnx(model: nn.Module, path: str | Path, example_input: Any, op
 
 __all__ = [
     "LayerInfo", "OpInfo", "build_int8_model", "check_integer_kernels", "diagnose_layers", "export_float_onnx",
-    "export_onnx", "integer_kernels", "onnx_predict", "parity_gate", "parity_metrics", "verify_onnx",
+    "export_onnx", "integer_kernels", "onnx_predict", "parity_gate", "parity_metrics", "verify_onnx", "wide_weight_layers",
 ]
