@@ -138,8 +138,15 @@ def write_mnist_folder(root: Path) -> Path:
     return root
 
 
+def _quant(bits: int) -> dict:
+    """The students' quant section: W8A8 and W4A4 (first and last layers at 8 bits), or W<bits>A8 throughout."""
+    if bits in (8, 4):
+        return {"weight_bits": bits, "act_bits": bits, "first_last_bits": 8}
+    return {"weight_bits": bits, "act_bits": 8, "first_last_bits": bits}
+
+
 def _label(bits: int) -> str:
-    return f"W{bits}A{bits}" if bits in (8, 4) else f"W{bits}A8"
+    return f"W{bits}A{_quant(bits)['act_bits']}"
 
 
 def _folder_recipe(name: str, folder: Path, bits: int, teacher: Path | None, epochs: int, teacher_epochs: int) -> Recipe:
@@ -150,8 +157,7 @@ def _folder_recipe(name: str, folder: Path, bits: int, teacher: Path | None, epo
     return Recipe(model=model,
                   data={"image_folder": str(folder), "image_size": IMAGE_SIZE, "normalize": "standard",
                         "augment": "none", "batch_size": 64, "seed": 0},
-                  quant={"weight_bits": bits, "act_bits": bits if bits in (8, 4) else 8,
-                         "first_last_bits": 8 if bits in (8, 4) else bits},
+                  quant=_quant(bits),
                   train={"epochs": student_epochs, "lr": lr, "schedule": "cosine"},  # fine-tuning from the teacher
                   # MobileNetV3's BatchNorm momentum 0.01 lags a short schedule: statistics re-estimated at the end
                   teacher_train={"epochs": teacher_epochs, "lr": 1e-3, "schedule": "cosine", "bn_recalibration_batches": 20},
