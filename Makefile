@@ -65,9 +65,11 @@ test-vision: $(VISION_STAMP)
 	$(VISION_PY) -m pytest -q tests/models tests/data
 	$(VISION_PY) -m pytest -q -p no:cacheprovider --doctest-modules --pyargs qdistill.models qdistill.data -o addopts=""
 
-# every torchvision architecture up to 30M parameters and the timm families through the int8 parity gate (minutes)
+# every torchvision architecture up to 30M parameters and the timm families through the int8 parity gate: two
+# pytest-xdist workers of one torch thread each (tests/conftest.py), about 16 minutes on 2 cores against 27 in one
+# process of two threads (small convolutions leave a second thread idle much of the time)
 test-vision-slow: $(VISION_STAMP)
-	$(VISION_PY) -m pytest -q -m slow tests/models
+	$(VISION_PY) -m pytest -q -m slow -n 2 tests/models
 
 # The nlp extra (transformers, tokenizers, safetensors) gets its own venv, .venv-nlp, so .venv and `make test`
 # never need it. torch goes in first, then a constraints file pins the installed version, so installing

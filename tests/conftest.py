@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -10,11 +12,15 @@ from qdistill.data import load_data, make_loaders
 from qdistill.recipe import DataSpec, TrainSpec
 from qdistill.train import Supervised, fit
 
+# Two threads per test process; one per worker when pytest-xdist runs several (`make test-vision-slow`
+# runs two workers on CI's two cores: two threads each would oversubscribe them).
+TEST_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+
 
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")

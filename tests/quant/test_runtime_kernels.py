@@ -12,21 +12,22 @@ import torch
 from onnx import TensorProto, helper
 
 from qdistill.quant.float_kernels import fma32
-from qdistill.quant.modules import ActivationQuantizer, QuantAdd
-from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, qlinear_add
+from qdistill.quant.modules import ActivationQuantizer, QuantAdd, QuantMul
+from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, QLINEAR_MUL_EXACT, qlinear_add, qlinear_mul
 from support import calibrated
 
 needs_avx2 = pytest.mark.skipif(not QLINEAR_ADD_EXACT, reason="qlinear_add reproduces ONNX Runtime's AVX2 kernel")
+needs_x86 = pytest.mark.skipif(not QLINEAR_MUL_EXACT, reason="qlinear_mul reproduces ONNX Runtime's x86 kernel")
 
 
-def _ort_qlinear_add(codes_a, codes_b, grids):
-    """ONNX Runtime's com.microsoft.QLinearAdd on uint8 codes; ``grids`` = ((s_a, z_a), (s_b, z_b), (s_c, z_c))."""
+def _ort_binary_op(codes_a, codes_b, grids, op="QLinearAdd"):
+    """ONNX Runtime's com.microsoft.QLinearAdd (or ``op``) on uint8 codes; ``grids`` = ((s_a, z_a), (s_b, z_b), (s_c, z_c))."""
     names = ("a", "b", "c")
     initializers = []
     for name, (scale, zero) in zip(names, grids, strict=True):
         initializers += [helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], [scale]),
                          helper.make_tensor(f"{name}_zero", TensorProto.UINT8, [], [zero])]
-    node = helper.make_node("QLinearAdd", ["a", "a_scale", "a_zero", "b", "b_scale", "b_zero", "c_scale", "c_zero"],
+    node = helper.make_node(op, ["a", "a_scale", "a_zero", "b", "b_scale", "b_zero", "c_scale", "c_zero"],
                             ["c"], domain="com.microsoft")
     graph = helper.make_graph([node], "add", [helper.make_tensor_value_info(n, TensorProto.UINT8, None) for n in "ab"],
                               [helper.make_tensor_value_info("c", TensorProto.UINT8, None)], initializers)
@@ -44,21 +45,28 @@ def _all_code_pairs():
     return codes_a.ravel(), codes_b.ravel()
 
 
+def _random_grids(seed: int, widest_step: float) -> list[tuple[float, int]]:
+    """Three (step, zero point) grids; zero points at 0 for even seeds."""
+    rng = np.random.default_rng(seed)
+    scales = [float(np.float32(rng.uniform(0.002, widest_step))) for _ in range(3)]
+    zeros = [int(z) for z in rng.integers(0, 256, 3)] if seed % 2 else [0, 0, 0]
+    return list(zip(scales, zeros, strict=True))
+
+
+def _kernel_against_onnx_runtime(kernel, op: str, grids, codes_a: np.ndarray, codes_b: np.ndarray) -> None:
+    """``kernel`` (``qlinear_add``/``qlinear_mul``) on the dequantized codes, against ONNX Runtime's ``op``."""
+    quantizers = [_quantizer(scale, zero) for scale, zero in grids]
+    a = torch.from_numpy(codes_a - grids[0][1]).float() * quantizers[0].scale.detach()
+    b = torch.from_numpy(codes_b - grids[1][1]).float() * quantizers[1].scale.detach()
+    ours = torch.round(kernel(a, b, *quantizers) / quantizers[2].scale.detach()).long().numpy() + grids[2][1]
+    theirs = _ort_binary_op(codes_a, codes_b, grids, op=op)
+    assert np.array_equal(ours, theirs), f"{int((ours != theirs).sum())} of {ours.size} codes differ"
+
+
 @needs_avx2
 @pytest.mark.parametrize("seed", range(12))
 def test_qlinear_add_equals_onnx_runtime_for_every_pair_of_codes(seed):
-    rng = np.random.default_rng(seed)
-    scales = [float(np.float32(rng.uniform(0.002, 0.06))) for _ in range(3)]
-    zeros = [int(z) for z in rng.integers(0, 256, 3)] if seed % 2 else [0, 0, 0]
-    grids = list(zip(scales, zeros, strict=True))
-    quantizers = [_quantizer(scale, zero) for scale, zero in grids]
-    codes_a, codes_b = _all_code_pairs()
-    a = torch.from_numpy(codes_a - zeros[0]).float() * quantizers[0].scale.detach()
-    b = torch.from_numpy(codes_b - zeros[1]).float() * quantizers[1].scale.detach()
-    result = qlinear_add(a, b, *quantizers)
-    ours = torch.round(result / quantizers[2].scale.detach()).long().numpy() + zeros[2]
-    theirs = _ort_qlinear_add(codes_a, codes_b, grids)
-    assert np.array_equal(ours, theirs), f"{int((ours != theirs).sum())} of 65536 codes differ"
+    _kernel_against_onnx_runtime(qlinear_add, "QLinearAdd", _random_grids(seed, 0.06), *_all_code_pairs())
 
 
 @needs_avx2
@@ -69,7 +77,7 @@ def test_the_float_formula_misses_codes_the_kernel_rounds_the_other_way():
     quantizers = [_quantizer(scale, zero) for scale, zero in grids]
     a = (torch.tensor([122.0]) - 120) * quantizers[0].scale.detach()
     b = torch.tensor([26.0]) * quantizers[1].scale.detach()
-    theirs = _ort_qlinear_add(np.array([122]), np.array([26]), grids)
+    theirs = _ort_binary_op(np.array([122]), np.array([26]), grids)
     assert theirs.tolist() == [24]
     assert torch.round((a + b) / quantizers[2].scale.detach()).item() == 25
     assert torch.round(qlinear_add(a, b, *quantizers) / quantizers[2].scale.detach()).item() == 24
@@ -88,6 +96,36 @@ def test_quant_add_evaluates_as_the_kernel_and_trains_on_the_float_sum():
     assert torch.equal(evaluated, qlinear_add(a, b, *quantizers))
     trained = add(a.requires_grad_(), b)
     assert torch.equal(trained, a + b) and trained.requires_grad
+
+
+@needs_x86
+@pytest.mark.parametrize("seed", range(12))
+def test_qlinear_mul_equals_onnx_runtime_for_every_pair_of_codes(seed):
+    # products of small steps, as a squeeze-excite gate times activations; every third seed wider steps
+    _kernel_against_onnx_runtime(qlinear_mul, "QLinearMul", _random_grids(100 + seed, 0.06 if seed % 3 else 0.5),
+                                 *_all_code_pairs())
+
+
+@needs_x86
+def test_qlinear_mul_broadcasts_a_gate_as_the_kernel_does():
+    """(N, C, H, W) activations times a (N, C, 1, 1) gate: the kernel's scalar-B path, element for element."""
+    rng = np.random.default_rng(0)
+    codes_a, codes_b = rng.integers(0, 256, (2, 3, 4, 4)), rng.integers(0, 256, (2, 3, 1, 1))
+    _kernel_against_onnx_runtime(qlinear_mul, "QLinearMul", [(0.0123, 7), (1 / 255, 0), (0.0091, 3)], codes_a, codes_b)
+
+
+@needs_x86
+def test_quant_mul_evaluates_as_the_kernel_and_trains_on_the_float_product():
+    quantizers = [_quantizer(0.0123, 7), _quantizer(1 / 255, 0), _quantizer(0.0091, 3)]
+    mul = QuantMul(quantizers[:2])
+    mul.__dict__["requantizer"] = quantizers[2]
+    codes = torch.arange(256.0)
+    a, b = (codes - 7) * quantizers[0].scale.detach(), codes.flip(0) * quantizers[1].scale.detach()
+    with torch.no_grad():
+        evaluated = mul(a, b)
+    assert torch.equal(evaluated, qlinear_mul(a, b, *quantizers))
+    trained = mul(a.requires_grad_(), b)
+    assert torch.equal(trained, a * b) and trained.requires_grad
 
 
 def _exact_fma32(x: float, y: float, z: float) -> float:

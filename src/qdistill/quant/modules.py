@@ -15,7 +15,7 @@ from qdistill.errors import ModelError
 from qdistill.quant.fake_quant import MIN_SCALE
 from qdistill.quant.float_kernels import GELU_BOUND, attach_runtime_values, ort_gelu
 from qdistill.quant.quantizer import Quantizer
-from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, qlinear_add
+from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, QLINEAR_MUL_EXACT, qlinear_add, qlinear_mul
 
 
 class QuantLayerMixin:
@@ -456,6 +456,26 @@ class _TwoInputOp(nn.Module):
         """Attribute names of the quantizer of each positional input."""
         return ["input0_quantizer", "input1_quantizer"]
 
+    def integer_requantizer(self, a: torch.Tensor, b: torch.Tensor) -> Quantizer | None:
+        """The quantizer the exported integer kernel (``QLinearAdd``, ``QLinearMul``) writes with, when this
+        forward should compute as that kernel does.
+
+        That is an evaluation forward (no gradient, not exporting) with every quantizer calibrated and the
+        result ending in one quantizer (``output_quantizer``, or the one ``link_requantizers`` found),
+        reached directly or through a ReLU that the runtime drops (zero point at the grid's minimum). The
+        caller checks that this CPU's ONNX Runtime runs the kernel it reproduces.
+        """
+        if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return None
+        requantizer = self._modules.get("output_quantizer") or self.__dict__.get("requantizer")
+        quantizers = (self.input0_quantizer, self.input1_quantizer, requantizer)
+        if requantizer is None or any(q._observing or not q.is_initialized() for q in quantizers):
+            return None
+        if self.__dict__.get("requantizer_after_relu") and "output_quantizer" not in self._modules:
+            if requantizer.qrange.qmin != 0 or not requantizer.zero_is_zero():  # the runtime keeps the ReLU: a float op
+                return None
+        return requantizer
+
 
 class QuantAdd(_TwoInputOp):
     """``a + b`` of two fake-quantized tensors: a residual addition (ONNX Runtime: ``QLinearAdd``).
@@ -472,31 +492,10 @@ class QuantAdd(_TwoInputOp):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = self.input0_quantizer(a), self.input1_quantizer(b)
-        requantizer = self.integer_requantizer(a, b)
+        requantizer = self.integer_requantizer(a, b) if QLINEAR_ADD_EXACT and a.shape == b.shape else None
         if requantizer is not None:  # evaluation: the runtime's QLinearAdd, code for code
             return qlinear_add(a, b, self.input0_quantizer, self.input1_quantizer, requantizer)
         return quantize_output(self, a + b)
-
-    def integer_requantizer(self, a: torch.Tensor, b: torch.Tensor) -> Quantizer | None:
-        """The quantizer the exported ``QLinearAdd`` writes with, when this forward should compute as it does.
-
-        That is an evaluation forward (no gradient, not exporting) of equal shapes on a CPU whose
-        ONNX Runtime kernel ``qlinear_add`` reproduces, with every quantizer calibrated and the sum
-        ending in one quantizer (``output_quantizer``, or the one ``link_requantizers`` found),
-        reached directly or through a ReLU that the runtime drops (zero point at the grid's minimum).
-        """
-        if torch.is_grad_enabled() or not QLINEAR_ADD_EXACT or a.shape != b.shape:
-            return None
-        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-            return None
-        requantizer = self._modules.get("output_quantizer") or self.__dict__.get("requantizer")
-        quantizers = (self.input0_quantizer, self.input1_quantizer, requantizer)
-        if requantizer is None or any(q._observing or not q.is_initialized() for q in quantizers):
-            return None
-        if self.__dict__.get("requantizer_after_relu") and "output_quantizer" not in self._modules:
-            if requantizer.qrange.qmin != 0 or not requantizer.zero_is_zero():  # the runtime keeps the ReLU: a float Add
-                return None
-        return requantizer
 
 
 class QuantCat(nn.Module):
@@ -543,7 +542,15 @@ class QuantMul(_TwoInputOp):
     combines = "multiplies"
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return quantize_output(self, self.input0_quantizer(a) * self.input1_quantizer(b))
+        a, b = self.input0_quantizer(a), self.input1_quantizer(b)
+        requantizer = self.integer_requantizer(a, b) if QLINEAR_MUL_EXACT and _bits_at_most_8(self) else None
+        if requantizer is not None:  # evaluation: the runtime's QLinearMul, code for code
+            return qlinear_mul(a, b, self.input0_quantizer, self.input1_quantizer, requantizer)
+        return quantize_output(self, a * b)
+
+
+def _bits_at_most_8(op: _TwoInputOp) -> bool:
+    return op.act_bits <= 8  # wider codes have no QLinearMul (and their product leaves float32's exact integers)
 
 
 class QuantMatMul(_TwoInputOp):

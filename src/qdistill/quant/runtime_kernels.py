@@ -14,9 +14,18 @@ and ``fixed = z_c - fma(r_ac, z_a, r_bc * z_b)`` (the compiler contracts that pr
 step rounded to float32 once. ``tests/quant/test_runtime_kernels.py`` checks it against ONNX
 Runtime over every pair of codes. Other CPUs (ONNX Runtime's SSE2 and NEON kernels) keep the float
 formula: ``QLINEAR_ADD_EXACT`` says which applies here.
+
+``qlinear_mul`` follows MLAS's x86 ``QLinearMul`` (``onnxruntime/core/mlas/lib/qlmul.cpp``, the SSE2
+kernel of every x86 build): the integer product ``(a - z_a) * (b - z_b)`` converted to float32, times
+``s_a * s_b / s_c`` (float32, left to right), plus ``z_c``, as two separately rounded float32 steps
+(intrinsics, not contracted), then rounded half to even and saturated. A squeeze-excite gate
+(RegNetY, EfficientNet, MobileNetV3) multiplies in it. ``QLINEAR_MUL_EXACT`` says whether this CPU
+runs that kernel (ONNX Runtime's NEON kernel on Arm rounds its own way).
 """
 
 from __future__ import annotations
+
+import platform
 
 import torch
 
@@ -26,10 +35,16 @@ from qdistill.quant.quantizer import Quantizer
 
 # the CPU ONNX Runtime runs on here takes MLAS's AVX2 kernels (torch reports AVX512 for a superset)
 QLINEAR_ADD_EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+QLINEAR_MUL_EXACT = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 
 
 def _scalar(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().reshape(()).float()
+
+
+def _grids(*quantizers: Quantizer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The quantizers' steps (clamped as the fake quantization clamps them) and zero points, as float32 scalars."""
+    return ([_scalar(q.scale).clamp_min(MIN_SCALE) for q in quantizers], [_scalar(q.zero_point) for q in quantizers])
 
 
 def qlinear_add(a: torch.Tensor, b: torch.Tensor, a_quantizer: Quantizer, b_quantizer: Quantizer,
@@ -48,8 +63,7 @@ def qlinear_add(a: torch.Tensor, b: torch.Tensor, a_quantizer: Quantizer, b_quan
         >>> qlinear_add(torch.tensor([1.0, 1.5]), torch.tensor([0.25, 1.0]), qa, qb, qc)   # 1.25 -> 1, 2.5 -> 2 (half to even)
         tensor([1., 2.])
     """
-    scale_a, scale_b, scale_c = (_scalar(q.scale).clamp_min(MIN_SCALE) for q in (a_quantizer, b_quantizer, output_quantizer))
-    zero_a, zero_b, zero_c = (_scalar(q.zero_point) for q in (a_quantizer, b_quantizer, output_quantizer))
+    (scale_a, scale_b, scale_c), (zero_a, zero_b, zero_c) = _grids(a_quantizer, b_quantizer, output_quantizer)
     codes_a = torch.round(a.float() / scale_a) + zero_a  # the stored codes, exactly (integers below 2^24)
     codes_b = torch.round(b.float() / scale_b) + zero_b
     ratio_a, ratio_b = scale_a / scale_c, scale_b / scale_c  # float32 divisions, as the kernel's setup
@@ -57,4 +71,31 @@ def qlinear_add(a: torch.Tensor, b: torch.Tensor, a_quantizer: Quantizer, b_quan
     value = fma32(codes_a, ratio_a, fma32(codes_b, ratio_b, fixed))
     qrange = output_quantizer.qrange
     codes = torch.round(value).clamp_(qrange.qmin, qrange.qmax)  # cvtps: round half to even; pack: saturate
+    return ((codes - zero_c) * scale_c).to(a.dtype)
+
+
+def qlinear_mul(a: torch.Tensor, b: torch.Tensor, a_quantizer: Quantizer, b_quantizer: Quantizer,
+                output_quantizer: Quantizer) -> torch.Tensor:
+    """``a * b`` (broadcasting) quantized by ``output_quantizer`` as ONNX Runtime's ``QLinearMul``
+    computes it on an x86 CPU, dequantized.
+
+    ``a`` and ``b`` are on their quantizers' grids (fake-quantized values); the result is on the
+    output grid, so the output quantizer leaves it unchanged.
+
+    Example:
+        >>> from qdistill.quant.modules import ActivationQuantizer
+        >>> qa, qb, qc = (ActivationQuantizer(8) for _ in range(3))
+        >>> for quantizer, step in ((qa, 0.5), (qb, 0.25), (qc, 0.25)):
+        ...     _ = quantizer.scale.data.fill_(step); _ = quantizer.initialized.fill_(True)
+        >>> qlinear_mul(torch.tensor([1.5, 2.5]), torch.tensor([0.25]), qa, qb, qc)   # 1.5 -> 1.5 codes -> 2 (half to even)
+        tensor([0.5000, 0.5000])
+    """
+    (scale_a, scale_b, scale_c), (_, _, zero_c) = _grids(a_quantizer, b_quantizer, output_quantizer)
+    centred_a = torch.round(a.float() / scale_a)  # codes - zero point, exactly
+    centred_b = torch.round(b.float() / scale_b)
+    product = centred_a * centred_b  # the kernel's int32 product, exact in float32 for codes of at most 8 bits
+    ratio = scale_a * scale_b / scale_c  # float32, left to right, as the kernel's setup
+    value = product * ratio + zero_c  # two float32 roundings (mul_ps, add_ps)
+    qrange = output_quantizer.qrange
+    codes = torch.round(value).clamp_(qrange.qmin, qrange.qmax)  # cvtps: round half to even; packs: saturate
     return ((codes - zero_c) * scale_c).to(a.dtype)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qdistill.quant.attention import DecomposedMultiheadAttention
-from qdistill.quant.modules import QUANTIZED_OPS, QuantAdd, QuantLayerMixin, QuantMatMul, input_slots
+from qdistill.quant.modules import QUANTIZED_OPS, QuantAdd, QuantLayerMixin, QuantMatMul, QuantMul, input_slots
 from qdistill.quant.quantizer import Quantizer
 
 Slot = tuple[nn.Module, str]  # (module holding the quantizer, attribute name)
@@ -232,7 +232,8 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
     link is a plain attribute, not a submodule: the quantizer stays owned (and saved) where it is.
 
     A residual add whose sum feeds one quantizer, directly or through a ReLU, becomes QLinearAdd
-    in the export; its link lets ``QuantAdd`` compute as that kernel does (``qlinear_add``).
+    in the export; its link lets ``QuantAdd`` compute as that kernel does (``qlinear_add``). A
+    product (a squeeze-excite gate) likewise becomes QLinearMul (``QuantMul``, ``qlinear_mul``).
 
     Example:
         >>> from qdistill import models
@@ -249,7 +250,7 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
         if node.op != "call_module":
             continue
         module = namespace.get_submodule(node.target)
-        if isinstance(module, QuantAdd):
+        if isinstance(module, (QuantAdd, QuantMul)):
             linked += _link_add(node, module, namespace)
             continue
         if not isinstance(module, QuantLayerMixin) or module.input_quantizer is None:
@@ -286,9 +287,10 @@ def _direct_quantizer(node: fx.Node, namespace: nn.Module) -> Quantizer | None:
     return next(iter(quantizers.values())) if len(quantizers) == 1 else None
 
 
-def _link_add(node: fx.Node, add: QuantAdd, namespace: nn.Module) -> int:
-    """Link ``add`` to the quantizer its sum feeds when the export fuses them into ``QLinearAdd``:
-    directly, or through one ReLU that ONNX Runtime drops before a uint8 grid starting at 0."""
+def _link_add(node: fx.Node, add: QuantAdd | QuantMul, namespace: nn.Module) -> int:
+    """Link ``add`` (or a product) to the quantizer its result feeds when the export fuses them into
+    ``QLinearAdd`` (``QLinearMul``): directly, or through one ReLU that ONNX Runtime drops before a uint8
+    grid starting at 0."""
     users = list(node.users)
     after_relu = len(users) == 1 and _is_relu(users[0], node, namespace)
     quantizer = _direct_quantizer(users[0] if after_relu else node, namespace)
