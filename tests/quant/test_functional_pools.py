@@ -86,3 +86,61 @@ def test_a_layer_computing_on_constants_only_stays_float_with_the_reason(tmp_pat
     assert type(student.bias_mlp) is nn.Linear and "constants only" in student.qdistill_unquantized["bias_mlp"]
     info = export_onnx(student, tmp_path / "model.onnx", x[:1], verify_on=[(x, torch.zeros(16, dtype=torch.long))])
     assert set(info["integer_ops"]) == {"fc"}
+
+
+@torch.fx.wrap
+def stochastic_depth(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """The shape of torchvision.ops.stochastic_depth (kept as one call by fx): the identity in evaluation."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty(x.shape[0], 1, 1, 1).bernoulli_(1 - p) / (1 - p)
+    return x * keep
+
+
+class StochasticDepth(nn.Module):
+    """torchvision.ops.StochasticDepth's shape."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return stochastic_depth(x, self.p, self.training)
+
+
+class SqueezeExciteBlock(nn.Module):
+    """An MBConv-style residual block: expand, squeeze-excite gate, project, stochastic depth, add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.expand = nn.Conv2d(8, 16, 1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.project = nn.Conv2d(16, 8, 1)
+        self.drop = StochasticDepth(0.2)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = F.relu(self.expand(x))
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(F.adaptive_avg_pool2d(hidden, 1)))))
+        out = self.drop(self.project(hidden * gate)) + x
+        return self.head(out.mean((2, 3)))
+
+
+def test_squeeze_excite_pool_and_stochastic_depth_round_as_the_runtime(tmp_path):
+    """The gate's pool computes as QLinearGlobalAveragePool and the conv before stochastic depth as the
+    QLinearConv it fuses into: every layer's ONNX Runtime output equals the student's, bit for bit."""
+    from qdistill.export.onnx import diagnose_layers
+
+    torch.manual_seed(0)
+    model = SqueezeExciteBlock().eval()
+    x = torch.randn(32, 8, 8, 8)
+    student = prepare(model, {"weight_bits": 8, "act_bits": 8, "first_last_bits": None}, calibration_data=[x])
+    pool = next(module for module in student.modules() if isinstance(module, QuantAdaptiveAvgPool2d))
+    add = student.get_submodule(next(name for name, _ in student.named_modules() if name.startswith("add")))
+    assert pool.requantizer is student.fc1.input_quantizer  # the quantizer its mean ends in
+    assert student.project.requantizer is add.input0_quantizer  # through stochastic depth
+    path = tmp_path / "model.onnx"
+    info = export_onnx(student, path, x[:1], verify_on=[(x, torch.zeros(32, dtype=torch.long))])
+    assert info["integer_ops"]["project"] == "QLinearConv"
+    layers = diagnose_layers(path, student, [(x, torch.zeros(32, dtype=torch.long))])
+    assert all(layer["max_abs_diff"] == 0.0 for layer in layers), layers

@@ -1,5 +1,6 @@
-"""``qlinear_add`` and ``fma32`` against independent references: ONNX Runtime's own QLinearAdd over
-every pair of uint8 codes, and exact rational arithmetic."""
+"""``qlinear_add``, ``qlinear_mul``, ``qlinear_global_average_pool`` and ``fma32`` against independent
+references: ONNX Runtime's own QLinearAdd/QLinearMul over every pair of uint8 codes, its
+QLinearGlobalAveragePool on random and tie-heavy maps, and exact rational arithmetic."""
 
 from __future__ import annotations
 
@@ -12,12 +13,21 @@ import torch
 from onnx import TensorProto, helper
 
 from qdistill.quant.float_kernels import fma32
-from qdistill.quant.modules import ActivationQuantizer, QuantAdd, QuantMul
-from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, QLINEAR_MUL_EXACT, qlinear_add, qlinear_mul
+from qdistill.quant.modules import ActivationQuantizer, QuantAdaptiveAvgPool2d, QuantAdd, QuantMul
+from qdistill.quant.runtime_kernels import (
+    QLINEAR_ADD_EXACT,
+    QLINEAR_GLOBAL_AVERAGE_POOL_EXACT,
+    QLINEAR_MUL_EXACT,
+    qlinear_add,
+    qlinear_global_average_pool,
+    qlinear_mul,
+)
 from support import calibrated
 
 needs_avx2 = pytest.mark.skipif(not QLINEAR_ADD_EXACT, reason="qlinear_add reproduces ONNX Runtime's AVX2 kernel")
 needs_x86 = pytest.mark.skipif(not QLINEAR_MUL_EXACT, reason="qlinear_mul reproduces ONNX Runtime's x86 kernel")
+needs_x86_pool = pytest.mark.skipif(not QLINEAR_GLOBAL_AVERAGE_POOL_EXACT,
+                                    reason="qlinear_global_average_pool reproduces ONNX Runtime's x86 kernel")
 
 
 def _ort_binary_op(codes_a, codes_b, grids, op="QLinearAdd"):
@@ -151,3 +161,69 @@ def test_fma32_rounds_once_like_a_fused_multiply_add():
     ours = fma32(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(z)).numpy()
     expected = np.array([_exact_fma32(float(a), float(b), float(c)) for a, b, c in zip(x, y, z, strict=True)], np.float32)
     assert np.array_equal(ours, expected)
+
+
+def _ort_global_average_pool(codes: np.ndarray, grids) -> np.ndarray:
+    """ONNX Runtime's com.microsoft.QLinearGlobalAveragePool (NCHW) on uint8 codes; ``grids`` = ((s_x, z_x), (s_y, z_y))."""
+    initializers = []
+    for name, (scale, zero) in zip("xy", grids, strict=True):
+        initializers += [helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], [scale]),
+                         helper.make_tensor(f"{name}_zero", TensorProto.UINT8, [], [zero])]
+    node = helper.make_node("QLinearGlobalAveragePool", ["x", "x_scale", "x_zero", "y_scale", "y_zero"], ["y"],
+                            domain="com.microsoft", channels_last=0)
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": codes.astype(np.uint8)})[0].astype(np.int64)
+
+
+def _pool_against_onnx_runtime(codes: np.ndarray, grids) -> int:
+    """``qlinear_global_average_pool`` on the dequantized codes against ONNX Runtime; returns how many
+    outputs the plain float mean (rounded by the output quantizer) gets wrong, for the caller to judge."""
+    quantizers = [_quantizer(scale, zero) for scale, zero in grids]
+    x = torch.from_numpy(codes - grids[0][1]).float() * quantizers[0].scale.detach()
+    output_step = quantizers[1].scale.detach()
+    ours = torch.round(qlinear_global_average_pool(x, *quantizers) / output_step).long().numpy() + grids[1][1]
+    theirs = _ort_global_average_pool(codes, grids)
+    assert np.array_equal(ours, theirs), f"{int((ours != theirs).sum())} of {ours.size} codes differ"
+    float_mean = quantizers[1](x.mean(dim=(2, 3), keepdim=True))
+    return int((torch.round(float_mean / output_step).long().numpy() + grids[1][1] != theirs).sum())
+
+
+@needs_x86_pool
+@pytest.mark.parametrize("size", [1, 2, 7, 8, 14])
+def test_qlinear_global_average_pool_equals_onnx_runtime(size):
+    """Random maps over random grids, and maps on one shared grid (an SE block's pool feeding its fc1 on the
+    grid of the block's activations), where a mean lands exactly on a tie once in ``size * size`` channels."""
+    rng = np.random.default_rng(size)
+    for seed in range(6):
+        (step_x, zero_x), (step_y, zero_y), _ = _random_grids(200 + seed, 0.06)
+        codes = rng.integers(0, 256, (4, 512, size, size))
+        _pool_against_onnx_runtime(codes, [(step_x, zero_x), (step_y, zero_y)])
+        _pool_against_onnx_runtime(codes, [(step_x, zero_x), (step_x, zero_x)])
+
+
+@needs_x86_pool
+def test_the_float_mean_misses_ties_the_kernel_rounds_half_to_even():
+    """On one shared grid, an 8x8 map whose codes sum to 32 mod 64 has an exact .5 mean: the kernel rounds
+    it half to even, a float mean lands a float32 ulp either side."""
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 256, (64, 256, 8, 8))
+    codes[..., 0, 0] += 32 - codes.sum(axis=(2, 3)) % 64  # every channel's sum on a tie
+    codes = np.clip(codes, 0, 255)
+    wrong = _pool_against_onnx_runtime(codes, [(0.0173, 3), (0.0173, 3)])
+    assert wrong > 0
+
+
+@needs_x86_pool
+def test_quant_pool_evaluates_as_the_kernel_and_trains_on_the_float_mean():
+    quantizers = [_quantizer(0.0173, 3), _quantizer(0.0173, 3)]
+    pool = QuantAdaptiveAvgPool2d.from_float(torch.nn.AdaptiveAvgPool2d(1), quantizers[0])
+    pool.__dict__["requantizer"] = quantizers[1]
+    x = (torch.randint(0, 256, (2, 8, 8, 8)).float() - 3) * quantizers[0].scale.detach()
+    with torch.no_grad():
+        evaluated = pool(x)
+    assert torch.equal(evaluated, qlinear_global_average_pool(x, *quantizers))
+    trained = pool(x.requires_grad_())
+    assert torch.equal(trained, x.mean(dim=(2, 3), keepdim=True)) and trained.requires_grad

@@ -15,7 +15,14 @@ from qdistill.errors import ModelError
 from qdistill.quant.fake_quant import MIN_SCALE
 from qdistill.quant.float_kernels import GELU_BOUND, attach_runtime_values, ort_gelu
 from qdistill.quant.quantizer import Quantizer
-from qdistill.quant.runtime_kernels import QLINEAR_ADD_EXACT, QLINEAR_MUL_EXACT, qlinear_add, qlinear_mul
+from qdistill.quant.runtime_kernels import (
+    QLINEAR_ADD_EXACT,
+    QLINEAR_GLOBAL_AVERAGE_POOL_EXACT,
+    QLINEAR_MUL_EXACT,
+    qlinear_add,
+    qlinear_global_average_pool,
+    qlinear_mul,
+)
 
 
 class QuantLayerMixin:
@@ -335,13 +342,26 @@ class QuantAvgPool2d(InputQuantizedMixin, nn.AvgPool2d):
 class QuantAdaptiveAvgPool2d(InputQuantizedMixin, nn.AdaptiveAvgPool2d):
     """``nn.AdaptiveAvgPool2d`` on a fake-quantized input (``QLinearGlobalAveragePool`` at size 1).
 
+    At size 1, an evaluation forward whose result ends in one quantizer (``output_quantizer``, or the
+    one ``link_requantizers`` found) computes as ONNX Runtime's kernel does
+    (``qlinear_global_average_pool``); training keeps the float mean and its gradient.
+
     Example:
         >>> QuantAdaptiveAvgPool2d.from_float(nn.AdaptiveAvgPool2d(1), ActivationQuantizer(4)).act_bits
         4
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        return quantize_output(self, super().forward(self.input_quantizer(x)))
+        x = self.input_quantizer(x)
+        exact = QLINEAR_GLOBAL_AVERAGE_POOL_EXACT and _is_global(self.output_size)
+        requantizer = evaluation_requantizer(self, [self.input_quantizer]) if exact else None
+        if requantizer is not None and max(self.act_bits, requantizer.bits) <= 8:  # the runtime's kernel, code for code
+            return qlinear_global_average_pool(x, self.input_quantizer, requantizer)
+        return quantize_output(self, super().forward(x))
+
+
+def _is_global(output_size) -> bool:
+    return output_size in (1, (1, 1), [1, 1])  # exported as GlobalAveragePool (QLinearGlobalAveragePool)
 
 
 class QuantLayerNorm(InputQuantizedMixin, nn.LayerNorm):
@@ -436,6 +456,27 @@ class QuantElementwise(QuantInputOf):
         return table
 
 
+def evaluation_requantizer(op: nn.Module, input_quantizers: list[Quantizer]) -> Quantizer | None:
+    """The quantizer that ``op``'s exported integer kernel writes with, when ``op``'s forward should
+    compute as that kernel does; else None.
+
+    That is an evaluation forward (no gradient, not exporting or tracing) with the op's result ending in
+    one quantizer (its ``output_quantizer``, or the ``requantizer`` that ``link_requantizers`` found) and
+    every quantizer involved calibrated. Training keeps the float formula and its gradients.
+
+    Example:
+        >>> add = QuantAdd([ActivationQuantizer(8), ActivationQuantizer(8)])
+        >>> evaluation_requantizer(add, [add.input0_quantizer, add.input1_quantizer]) is None   # not linked
+        True
+    """
+    if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        return None
+    requantizer = op._modules.get("output_quantizer") or op.__dict__.get("requantizer")
+    if requantizer is None or any(q._observing or not q.is_initialized() for q in (*input_quantizers, requantizer)):
+        return None
+    return requantizer
+
+
 class _TwoInputOp(nn.Module):
     """An op on two fake-quantized tensors (``QuantAdd``, ``QuantMul``, ``QuantMatMul``): its quantizers and bits."""
 
@@ -460,16 +501,12 @@ class _TwoInputOp(nn.Module):
         """The quantizer the exported integer kernel (``QLinearAdd``, ``QLinearMul``) writes with, when this
         forward should compute as that kernel does.
 
-        That is an evaluation forward (no gradient, not exporting) with every quantizer calibrated and the
-        result ending in one quantizer (``output_quantizer``, or the one ``link_requantizers`` found),
-        reached directly or through a ReLU that the runtime drops (zero point at the grid's minimum). The
-        caller checks that this CPU's ONNX Runtime runs the kernel it reproduces.
+        That is an ``evaluation_requantizer``, reached directly or through a ReLU that the runtime drops
+        (zero point at the grid's minimum). The caller checks that this CPU's ONNX Runtime runs the
+        kernel it reproduces.
         """
-        if torch.is_grad_enabled() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-            return None
-        requantizer = self._modules.get("output_quantizer") or self.__dict__.get("requantizer")
-        quantizers = (self.input0_quantizer, self.input1_quantizer, requantizer)
-        if requantizer is None or any(q._observing or not q.is_initialized() for q in quantizers):
+        requantizer = evaluation_requantizer(self, [self.input0_quantizer, self.input1_quantizer])
+        if requantizer is None:
             return None
         if self.__dict__.get("requantizer_after_relu") and "output_quantizer" not in self._modules:
             if requantizer.qrange.qmin != 0 or not requantizer.zero_is_zero():  # the runtime keeps the ReLU: a float op

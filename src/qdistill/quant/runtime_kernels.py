@@ -21,6 +21,16 @@ kernel of every x86 build): the integer product ``(a - z_a) * (b - z_b)`` conver
 (intrinsics, not contracted), then rounded half to even and saturated. A squeeze-excite gate
 (RegNetY, EfficientNet, MobileNetV3) multiplies in it. ``QLINEAR_MUL_EXACT`` says whether this CPU
 runs that kernel (ONNX Runtime's NEON kernel on Arm rounds its own way).
+
+``qlinear_global_average_pool`` follows MLAS's x86 ``QLinearGlobalAveragePool``
+(``onnxruntime/core/mlas/lib/qlgavgpool.cpp``): the int32 sum of ``x - z_x`` over the image, converted
+to float32, times ``s_x / (s_y * N)`` (float32: the product, then the quotient), rounded half to even
+and saturated. A float mean rounds the same value its own way: with ``N`` even and equal steps the
+exact mean lies on a tie (sum = 32 mod 64 on an 8x8 map) once in ``N`` channels, and the summation
+order of the float mean (which changes with the thread count) decides which side it falls on.
+EfficientNet-B0 at one thread: every squeeze-excite ``fc1`` after the first block diverged
+(61 dB, falling to 21 dB at the logits). ``QLINEAR_GLOBAL_AVERAGE_POOL_EXACT`` says whether this CPU
+runs that kernel (the NEON kernel uses a fixed-point multiplier).
 """
 
 from __future__ import annotations
@@ -35,7 +45,9 @@ from qdistill.quant.quantizer import Quantizer
 
 # the CPU ONNX Runtime runs on here takes MLAS's AVX2 kernels (torch reports AVX512 for a superset)
 QLINEAR_ADD_EXACT = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-QLINEAR_MUL_EXACT = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+QLINEAR_MUL_EXACT = X86  # MLAS's SSE2 kernel, on every x86 build
+QLINEAR_GLOBAL_AVERAGE_POOL_EXACT = X86  # likewise
 
 
 def _scalar(tensor: torch.Tensor) -> torch.Tensor:
@@ -99,3 +111,29 @@ def qlinear_mul(a: torch.Tensor, b: torch.Tensor, a_quantizer: Quantizer, b_quan
     qrange = output_quantizer.qrange
     codes = torch.round(value).clamp_(qrange.qmin, qrange.qmax)  # cvtps: round half to even; packs: saturate
     return ((codes - zero_c) * scale_c).to(a.dtype)
+
+
+def qlinear_global_average_pool(x: torch.Tensor, input_quantizer: Quantizer, output_quantizer: Quantizer) -> torch.Tensor:
+    """The mean of ``x`` (B, C, H, W) over H and W quantized by ``output_quantizer`` as ONNX Runtime's
+    ``QLinearGlobalAveragePool`` computes it on an x86 CPU, dequantized: (B, C, 1, 1).
+
+    ``x`` is on ``input_quantizer``'s grid (fake-quantized values); the result is on the output grid,
+    so the output quantizer leaves it unchanged.
+
+    Example:
+        >>> from qdistill.quant.modules import ActivationQuantizer
+        >>> qx, qy = ActivationQuantizer(8), ActivationQuantizer(8)
+        >>> for quantizer in (qx, qy):
+        ...     _ = quantizer.scale.data.fill_(1.0); _ = quantizer.initialized.fill_(True)
+        >>> x = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 4.0, 5.0, 5.0]).reshape(2, 1, 2, 2)   # means 1.75 and 4.25
+        >>> qlinear_global_average_pool(x, qx, qy).flatten()
+        tensor([2., 4.])
+    """
+    (scale_x, scale_y), (_, zero_y) = _grids(input_quantizer, output_quantizer)
+    image_size = torch.tensor(float(x.shape[-2] * x.shape[-1]))  # float32, as the kernel casts it
+    centred = torch.round(x.double() / scale_x.double())  # codes - zero point, exactly
+    total = centred.sum(dim=(-2, -1), keepdim=True).float()  # the int32 sum, exact in float32 below 2^24
+    ratio = scale_x / (scale_y * image_size)  # float32: product, then quotient, as the kernel's setup
+    qrange = output_quantizer.qrange
+    codes = (torch.round(total * ratio) + zero_y).clamp_(qrange.qmin, qrange.qmax)  # cvtps (half to even), + z_y, pack
+    return ((codes - zero_y) * scale_y).to(x.dtype)

@@ -25,13 +25,26 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from qdistill.quant.attention import DecomposedMultiheadAttention
-from qdistill.quant.modules import QUANTIZED_OPS, QuantAdd, QuantLayerMixin, QuantMatMul, QuantMul, input_slots
+from qdistill.quant.modules import (
+    QUANTIZED_OPS,
+    QuantAdaptiveAvgPool2d,
+    QuantAdd,
+    QuantLayerMixin,
+    QuantMatMul,
+    QuantMul,
+    input_slots,
+)
 from qdistill.quant.quantizer import Quantizer
 
 Slot = tuple[nn.Module, str]  # (module holding the quantizer, attribute name)
 ATTENTION_INPUTS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 TRANSPARENT_LEADERS = (nn.Dropout, nn.Identity)  # a Sequential starting with these passes its input on
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+# identity in evaluation, found by name (no zoo import here): torchvision's and timm's stochastic depth
+# (torchvision's MBConv ends in ``stochastic_depth``, which its tracer keeps as one call). The export
+# drops them, so the conv before one fuses with the residual add's quantizer, and the student must too.
+EVAL_IDENTITY_CLASSES = {"StochasticDepth", "DropPath", "DropBlock2d"}
+EVAL_IDENTITY_FUNCTIONS = {"stochastic_depth", "drop_path", "drop_block_2d"}
 PASS_FUNCTIONS = {torch.flatten, torch.relu, F.relu, F.relu6, F.max_pool2d, torch.permute, torch.transpose, torch.reshape,
                   torch.squeeze, torch.unsqueeze}
 PASS_METHODS = {"flatten", "reshape", "view", "permute", "transpose", "contiguous", "relu", "squeeze", "unsqueeze"}
@@ -70,14 +83,31 @@ def module_input_slots(module: nn.Module, position: int | str) -> list[Slot]:
     return []
 
 
+def passes_on(module: nn.Module) -> bool:
+    """``module`` moves its input's values or commutes with quantizing them (in evaluation, which is where a
+    layer computes on the codes of the quantizer its result ends in).
+
+    Example:
+        >>> passes_on(nn.ReLU()), passes_on(nn.Dropout(0.2)), passes_on(nn.GELU())
+        (True, True, False)
+    """
+    return isinstance(module, PASS_MODULES) or type(module).__name__ in EVAL_IDENTITY_CLASSES
+
+
 def _passes_on(user: fx.Node, node: fx.Node, namespace: nn.Module) -> bool:
     """``user`` moves ``node``'s values or commutes with quantizing them (ReLU, max pool, flatten, permute)."""
     if not user.args or user.args[0] is not node:
         return False
     if user.op == "call_module":
-        return isinstance(namespace.get_submodule(user.target), PASS_MODULES)
-    return (user.op == "call_function" and user.target in PASS_FUNCTIONS) or (
-        user.op == "call_method" and user.target in PASS_METHODS)
+        return passes_on(namespace.get_submodule(user.target))
+    return _passing_call(user)
+
+
+def _passing_call(user: fx.Node) -> bool:
+    """A function or method call that passes its first argument's values on (see ``passes_on``)."""
+    if user.op == "call_function":
+        return user.target in PASS_FUNCTIONS or getattr(user.target, "__name__", "") in EVAL_IDENTITY_FUNCTIONS
+    return user.op == "call_method" and user.target in PASS_METHODS
 
 
 def _positions(user: fx.Node, node: fx.Node) -> list[int | str]:
@@ -172,15 +202,14 @@ def _reaches_only_quantizers(node: fx.Node, namespace: nn.Module) -> bool:
     for user in node.users:
         if user.op == "call_module":
             module = namespace.get_submodule(user.target)
-            if isinstance(module, PASS_MODULES) and user.args and user.args[0] is node:
+            if passes_on(module) and user.args and user.args[0] is node:
                 if not _reaches_only_quantizers(user, namespace):
                     return False
                 continue
             positions = _positions(user, node)
             if not positions or not all(module_input_slots(module, position) for position in positions):
                 return False
-        elif (user.op == "call_function" and user.target in PASS_FUNCTIONS) or (
-                user.op == "call_method" and user.target in PASS_METHODS):
+        elif _passing_call(user):
             if user.args[0] is not node or not _reaches_only_quantizers(user, namespace):
                 return False
         else:
@@ -223,7 +252,7 @@ def quantize_float_reads(graph: fx.Graph, namespace: nn.Module, make_quantizer: 
 
 
 def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
-    """Tell each quantized conv/linear the one quantizer its result ends in; returns how many were linked.
+    """Tell each quantized conv/linear/op the one quantizer its result ends in; returns how many were linked.
 
     The export fuses such a layer with that quantizer into one integer kernel (QLinearConv, QGemm)
     that requantizes its int32 sum with ``s_x * s_w / s_y`` in one rounding. With the link the
@@ -233,7 +262,9 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
 
     A residual add whose sum feeds one quantizer, directly or through a ReLU, becomes QLinearAdd
     in the export; its link lets ``QuantAdd`` compute as that kernel does (``qlinear_add``). A
-    product (a squeeze-excite gate) likewise becomes QLinearMul (``QuantMul``, ``qlinear_mul``).
+    product (a squeeze-excite gate) likewise becomes QLinearMul (``QuantMul``, ``qlinear_mul``), and a
+    global average pool QLinearGlobalAveragePool (``QuantAdaptiveAvgPool2d``, ``qlinear_global_average_pool``),
+    linked as a conv is.
 
     Example:
         >>> from qdistill import models
@@ -253,7 +284,7 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
         if isinstance(module, (QuantAdd, QuantMul)):
             linked += _link_add(node, module, namespace)
             continue
-        if not isinstance(module, QuantLayerMixin) or module.input_quantizer is None:
+        if not isinstance(module, (QuantLayerMixin, QuantAdaptiveAvgPool2d)) or module.input_quantizer is None:
             continue
         quantizers = {id(getattr(owner, attribute)): getattr(owner, attribute) for owner, attribute in _uses(node, namespace)}
         if len(quantizers) == 1 and _reaches_only_quantizers(node, namespace):
