@@ -200,19 +200,15 @@ def share_quantizers(graph: fx.Graph, namespace: nn.Module, make_quantizer: Call
 def _reaches_only_quantizers(node: fx.Node, namespace: nn.Module) -> bool:
     """Every use of ``node`` (through ops that move values or commute with quantization) is a quantizer slot."""
     for user in node.users:
-        if user.op == "call_module":
-            module = namespace.get_submodule(user.target)
-            if passes_on(module) and user.args and user.args[0] is node:
-                if not _reaches_only_quantizers(user, namespace):
-                    return False
-                continue
-            positions = _positions(user, node)
-            if not positions or not all(module_input_slots(module, position) for position in positions):
+        if _passes_on(user, node, namespace):
+            if not _reaches_only_quantizers(user, namespace):
                 return False
-        elif _passing_call(user):
-            if user.args[0] is not node or not _reaches_only_quantizers(user, namespace):
-                return False
-        else:
+            continue
+        if user.op != "call_module":
+            return False
+        module = namespace.get_submodule(user.target)
+        positions = _positions(user, node)
+        if not positions or not all(module_input_slots(module, position) for position in positions):
             return False
     return True
 
