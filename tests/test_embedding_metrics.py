@@ -37,6 +37,24 @@ def test_metrics_match_numpy():
     assert 0 < got["agreement_at_1"] < 1  # the noise is large enough to move some neighbours
 
 
+def test_relation_term_matches_numpy():
+    rng = np.random.default_rng(1)
+    teacher, student = rng.normal(size=(7, 5)), rng.normal(size=(7, 5))
+
+    def similarities(x: np.ndarray) -> np.ndarray:
+        return np.array([[np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for b in x] for a in x])
+
+    cosine = np.mean([np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) for a, b in zip(student, teacher, strict=True)])
+    expected = 0.5 * (1 - cosine) + 3.0 * np.mean((similarities(student) - similarities(teacher)) ** 2)
+    loss = EmbeddingKDLoss(cosine_weight=0.5, mse_weight=0.0, relation_weight=3.0)
+    got = loss(torch.from_numpy(student).float(), torch.from_numpy(teacher).float()).total
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    rotated = torch.from_numpy(teacher).float() @ torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0].float()
+    relation_only = EmbeddingKDLoss(cosine_weight=0.0, mse_weight=1e-9, relation_weight=1.0)
+    # a rotation keeps every similarity: the relation term is blind to it, the cosine term is not
+    assert float(relation_only(rotated, torch.from_numpy(teacher).float()).total) < 1e-6
+
+
 def test_embedding_kd_trains_a_student_towards_the_teacher():
     teacher = torch.nn.Linear(6, 4)
     student = torch.nn.Linear(6, 4)

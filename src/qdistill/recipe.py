@@ -261,7 +261,8 @@ class DistillSpec(_Section):
 
     ``output``: what the model returns, which picks the KD loss, the metrics and the export gate:
     ``logits`` (softmax KD, accuracy), ``embedding`` (``cosine_weight * (1 - cos) + mse_weight * MSE``
-    on the pooled vectors, cosine and retrieval agreement to the teacher) or ``auto`` (from
+    on the pooled vectors, plus ``relation_weight`` times the MSE between the student's and the teacher's
+    in-batch cosine-similarity matrices; cosine and retrieval agreement to the teacher) or ``auto`` (from
     ``model.task`` for Hugging Face models, else ``logits``).
 
     ``hidden_layers``: ``[teacher_layer, student_layer]`` pairs of transformer layer indices (Hugging Face
@@ -281,6 +282,7 @@ class DistillSpec(_Section):
     output: Literal["auto", "logits", "embedding"] = "auto"
     cosine_weight: float = Field(1.0, ge=0.0)
     mse_weight: float = Field(0.0, ge=0.0)
+    relation_weight: float = Field(0.0, ge=0.0)
     hidden_layers: list[list[int]] = Field(default_factory=list)
     hidden_weight: float = Field(1.0, ge=0.0)
     attention_relation_weight: float = Field(0.0, ge=0.0)
@@ -312,6 +314,9 @@ class TrainSpec(_Section):
     seed: int = Field(0, ge=0)
     tensorboard: bool = False  # write TensorBoard scalars under DIR/tb/ (needs qdistill[tensorboard])
     compile: bool = False  # train through torch.compile (inductor; on the CPU it needs a C++ compiler)
+    # the model's dropout while it trains (train/dropout.py): "auto" is off for a student that distils an embedding
+    # model (its only target is the teacher's output on the same input) and on otherwise
+    dropout: Literal["auto", "on", "off"] = "auto"
     # after training, re-estimate BatchNorm running statistics over this many training batches with the final
     # weights (train/batchnorm.py; for teacher_train: students' BatchNorms are folded into their layers)
     bn_recalibration_batches: int = Field(0, ge=0, le=100000)

@@ -68,3 +68,11 @@ def test_wrong_input_shape(digits, digits_teacher):
     wrong = _loader(torch.rand(64, 3, 8, 8), torch.zeros(64, dtype=torch.long))
     with pytest.raises(DataError, match=r"inputs of shape \(16, 3, 8, 8\) do not fit the teacher"):
         qd.distill(digits_teacher, wrong, val, RECIPE, show_progress=False)
+
+
+def test_relation_weight_needs_an_embedding_output(digits, digits_teacher):
+    _, train, val = digits
+    recipe = {**RECIPE, "distill": {"relation_weight": 10.0}}
+    with pytest.raises(RecipeError, match="distill.relation_weight: similarity-relation KD goes with embedding") as raised:
+        qd.distill(digits_teacher, train, val, recipe, show_progress=False)
+    assert "\n" not in str(raised.value)

@@ -108,24 +108,44 @@ class KDLoss(nn.Module):
         return LossParts(total=total / len(labels), kd=kd_each.mean(), task=task_sum / count)
 
 
+def cosine_similarities(embeddings: torch.Tensor) -> torch.Tensor:
+    """The (B, B) matrix of cosine similarities between a batch's embeddings (what retrieval ranks by).
+
+    Example:
+        >>> [[round(value, 4) for value in row] for row in cosine_similarities(torch.tensor([[1.0, 0.0], [1.0, 1.0]])).tolist()]
+        [[1.0, 0.7071], [0.7071, 1.0]]
+    """
+    unit = F.normalize(embeddings, dim=1)
+    return unit @ unit.T
+
+
 def embedding_distance(student: torch.Tensor, teacher: torch.Tensor, cosine_weight: float = 1.0,
-                       mse_weight: float = 0.0) -> torch.Tensor:
-    """``cosine_weight * mean(1 - cos(student, teacher)) + mse_weight * mean((student - teacher)^2)`` per batch.
+                       mse_weight: float = 0.0, relation_weight: float = 0.0) -> torch.Tensor:
+    """``cosine_weight * mean(1 - cos(student, teacher)) + mse_weight * mean((student - teacher)^2)
+    + relation_weight * mean((S_student - S_teacher)^2)`` per batch, where ``S`` is the batch's matrix of
+    cosine similarities (relational KD, Park et al. 2019: the student keeps how the teacher ranks the
+    batch's texts against each other, which nearest-neighbour retrieval depends on).
 
     Example:
         >>> float(embedding_distance(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]]), 1.0, 1.0))
         3.5
+        >>> student, teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+        >>> round(float(embedding_distance(student, teacher, 0.0, 0.0, 1.0)), 6)  # (2 * 0.7071^2) / 4
+        0.25
     """
     loss = student.new_zeros(())
     if cosine_weight:
         loss = loss + cosine_weight * (1.0 - F.cosine_similarity(student, teacher, dim=1)).mean()
     if mse_weight:
         loss = loss + mse_weight * F.mse_loss(student, teacher)
+    if relation_weight:
+        loss = loss + relation_weight * F.mse_loss(cosine_similarities(student), cosine_similarities(teacher))
     return loss
 
 
 class EmbeddingKDLoss(nn.Module):
-    """KD for embedding models: the student's pooled vector follows the teacher's (cosine and/or MSE); no labels.
+    """KD for embedding models: the student's pooled vector follows the teacher's (cosine and/or MSE, and optionally
+    the batch's similarity relations, ``embedding_distance``); no labels.
 
     Same interface as ``KDLoss`` (``alpha`` is 1: the loss is distillation only), so ``Distiller`` takes either.
 
@@ -138,15 +158,17 @@ class EmbeddingKDLoss(nn.Module):
 
     alpha = 1.0
 
-    def __init__(self, cosine_weight: float = 1.0, mse_weight: float = 0.0) -> None:
+    def __init__(self, cosine_weight: float = 1.0, mse_weight: float = 0.0, relation_weight: float = 0.0) -> None:
         super().__init__()
         if cosine_weight < 0 or mse_weight < 0 or cosine_weight + mse_weight == 0:
             raise RecipeError("distill.cosine_weight and distill.mse_weight must be >= 0 and not both 0")
-        self.cosine_weight, self.mse_weight = cosine_weight, mse_weight
+        if relation_weight < 0:
+            raise RecipeError(f"distill.relation_weight {relation_weight} must be >= 0")
+        self.cosine_weight, self.mse_weight, self.relation_weight = cosine_weight, mse_weight, relation_weight
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor | None,
                 labels: torch.Tensor | None = None) -> LossParts:
         if teacher is None:
             raise RecipeError("embedding distillation needs the teacher's embeddings (it uses no labels)")
-        kd = embedding_distance(student, teacher.detach(), self.cosine_weight, self.mse_weight)
+        kd = embedding_distance(student, teacher.detach(), self.cosine_weight, self.mse_weight, self.relation_weight)
         return LossParts(total=kd, kd=kd, task=student.new_zeros(()))

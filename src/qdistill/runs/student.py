@@ -21,7 +21,7 @@ from qdistill.kd.losses import EmbeddingKDLoss
 from qdistill.models.convnet import hint_layer
 from qdistill.models.outputs import class_logits
 from qdistill.quant import layer_table, prepare
-from qdistill.recipe import FeatureHint, Recipe
+from qdistill.recipe import FeatureHint, Recipe, TrainSpec
 from qdistill.report import bit_summary, build_report
 from qdistill.runs.rundir import RunDir, save_run
 from qdistill.runs.stages import run_kind
@@ -149,7 +149,7 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
     hints = feature_hints(recipe)
     extras = inner_losses(recipe, frozen_teacher, quantized)
     loss = (KDLoss(recipe.distill.temperature, alpha) if logits else
-            EmbeddingKDLoss(recipe.distill.cosine_weight, recipe.distill.mse_weight))
+            EmbeddingKDLoss(recipe.distill.cosine_weight, recipe.distill.mse_weight, recipe.distill.relation_weight))
     distiller = Distiller(frozen_teacher, quantized, loss, hints, example_input=example, extra_losses=extras)
 
     def validate() -> float | None:
@@ -163,7 +163,7 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
         loader, teacher_logits = _mixed(loader, unlabeled, frozen_teacher, teacher_logits)
     sizes.update(labelled_samples=train_samples if labelled else 0,
                  unlabeled_samples=(0 if labelled else train_samples) + unlabeled_samples)
-    history = fit(distiller, loader, recipe.train, phase="student", validate=validate,
+    history = fit(distiller, loader, training_spec(recipe.train, kind), phase="student", validate=validate,
                   plan=checkpoint, show_progress=show_progress, tensorboard=tensorboard_dir)
     distiller.remove_hooks()
     extra = {"data": sizes, "teacher_logits": teacher_logits, "evaluated_on": "test" if test is not None else "validation",
@@ -175,9 +175,27 @@ def distill(teacher: nn.Module, train: Iterable[Any], val: Iterable[Any], recipe
                   predictions=predictions or None)
 
 
+def training_spec(spec: TrainSpec, kind: str) -> TrainSpec:
+    """``spec`` with ``dropout: auto`` resolved for a student of output ``kind``: off for an embedding student,
+    whose only target is the teacher's embedding of the same input (dropout adds noise larger than the
+    quantization error it trains away; docs/transformers.md), on for class logits.
+
+    Example:
+        >>> training_spec(TrainSpec(), "embedding").dropout, training_spec(TrainSpec(), "logits").dropout
+        ('off', 'on')
+    """
+    if spec.dropout != "auto":
+        return spec
+    return spec.model_copy(update={"dropout": "off" if kind == "embedding" else "on"})
+
+
 def _check_kind(recipe: Recipe, kind: str) -> None:
-    """Settings that assume class logits are refused for embedding outputs (one line, before any training)."""
+    """Settings that assume class logits are refused for embedding outputs, and embedding settings for class logits
+    (one line, before any training)."""
     if kind != "embedding":
+        if recipe.distill.relation_weight > 0:
+            raise RecipeError("distill.relation_weight: similarity-relation KD goes with embedding outputs "
+                              "(distill.output: embedding); remove it for a model that returns class logits")
         return
     if recipe.train.target_accuracy is not None:
         raise RecipeError("train.target_accuracy: an embedding model has no accuracy (its metrics are the cosine and "

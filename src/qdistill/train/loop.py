@@ -15,6 +15,7 @@ import hashlib
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from qdistill.quant.quantizer import quantizer_parameters
 from qdistill.recipe import TrainSpec
 from qdistill.train import distributed
 from qdistill.train.checkpoint import Progress, find_checkpoint, load_checkpoint, save_checkpoint, set_rng_state
+from qdistill.train.dropout import dropout_off
 from qdistill.train.optim import make_optimizer, make_scheduler
 from qdistill.train.tensorboard import TensorBoardLog
 
@@ -198,6 +200,9 @@ def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
         tensorboard: str | Path | None = None) -> list[dict[str, Any]]:
     """Train ``module`` (forward ``(x, labels) -> LossParts``) and return the history per epoch.
 
+    ``spec.dropout`` "off" trains with every dropout probability at 0 (``train.dropout``); "auto" and "on"
+    leave dropout as the model has it (the recipe's "auto" is resolved by the caller, ``runs.student``).
+
     With ``tensorboard`` (a folder), each epoch's history record and the step sizes of
     ``module.student`` are also written there as TensorBoard scalars (the optional extra).
 
@@ -220,7 +225,7 @@ def fit(module: nn.Module, loader, spec: TrainSpec, *, phase: str = "student",
     sampler = getattr(loader, "sampler", None)
     log = TensorBoardLog(tensorboard) if tensorboard is not None else None
     try:
-        with distributed.global_batch_dropout(module), Bar(
+        with distributed.global_batch_dropout(module), dropout_off(module) if spec.dropout == "off" else nullcontext(), Bar(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("{task.fields[loss]}"), transient=True, disable=not show_progress) as bar:
             while not loop.progress.finished and loop.progress.epoch < spec.epochs:
