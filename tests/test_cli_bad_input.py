@@ -55,6 +55,9 @@ def _cases(folder: Path) -> dict[str, tuple[dict, str]]:
         "warmup >= epochs": ({"train": {"epochs": 2, "warmup_epochs": 2}}, "warmup_epochs (2) must be smaller than epochs (2)"),
         "two data sources": ({"data": {"name": "digits", "npz": "x.npz"}}, "give exactly one of 'name'"),
         "no override match": ({"quant": {"overrides": {"head.*": {"weight_bits": 8}}}}, "pattern 'head.*' matches no quantizable layer"),
+        "smoothing out of range": ({"quant": {"smoothing": 1.5}}, "recipe field quant.smoothing: 1.5 is not allowed"),
+        "smoothing a shared input": ({"quant": {"smoothing": 0.5, "smoothing_layers": ["classifier.2"]}},
+                                     "quant.smoothing_layers: layer 'classifier.2' cannot be smoothed"),
         "unknown model": ({"model": {"name": "resnet999"}}, "'resnet999' is not a built-in model"),
         "bad factory": ({"model": {"factory": "nowhere.module:make"}}, "cannot import module 'nowhere.module'"),
         "wrong shape": ({**data(x=rng.random((80, 3, 8, 8)), y=y), "model": {"name": "mnist_cnn", "kwargs": {"in_channels": 1}}},
@@ -97,7 +100,8 @@ def cases(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [
     "wrong type", "bool for int", "out of range", "unknown key", "unknown section", "first_last_bits 1",
-    "warmup >= epochs", "two data sources", "no override match", "unknown model", "bad factory", "wrong shape",
+    "warmup >= epochs", "two data sources", "no override match", "smoothing out of range",
+    "smoothing a shared input", "unknown model", "bad factory", "wrong shape",
     "wrong dtype", "complex dtype", "float labels", "nan", "inf", "empty", "negative label", "labels beyond classes",
     "fewer classes than teacher", "label count", "missing npz", "corrupt npz", "missing weights", "truncated weights",
     "corrupt weights", "weights of another model", "pickle as weights", "tuple output", "dict output",

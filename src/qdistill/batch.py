@@ -24,7 +24,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -100,6 +100,26 @@ def call_model(model: Callable[..., Any], inputs: Any) -> Any:
     if isinstance(inputs, (list, tuple)):
         return model(*inputs)
     return model(inputs)
+
+
+def forward_batches(model: torch.nn.Module, batches: Iterable[Any], limit: int) -> int:
+    """Run ``model`` without gradients on the inputs of up to ``limit`` batches (on the model's device); returns how many.
+
+    The passes whose side effects are the point (calibration, BatchNorm statistics, smoothing maxima) share it.
+
+    Example:
+        >>> forward_batches(torch.nn.Linear(3, 1), [(torch.rand(2, 3), torch.zeros(2))] * 5, limit=3)
+        3
+    """
+    device = next(model.parameters()).device
+    used = 0
+    with torch.no_grad():
+        for batch in batches:
+            if used >= limit:
+                break
+            call_model(model, move_inputs(batch_inputs(batch), device))
+            used += 1
+    return used
 
 
 def _map_tensors(inputs: Any, change: Callable[[torch.Tensor], Any]) -> Any:

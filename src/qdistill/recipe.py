@@ -225,7 +225,19 @@ class LayerOverride(_Section):
 
 
 class QuantSpec(_Section):
-    """Quantization settings: bit widths, granularity, range initialisation, per-layer overrides."""
+    """Quantization settings: bit widths, granularity, range initialisation, per-layer overrides.
+
+    ``smoothing`` (SmoothQuant's migration strength ``alpha``; 0, the default, is off): the Linear
+    layers that ``smoothing_layers`` names (``auto``: every Linear that reads a float tensor alone,
+    such as a transformer's feed-forward layers after LayerNorm and GELU) divide their input per channel
+    by ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)`` (maxima over the calibration batches) before
+    its quantizer, and multiply the weight's input column ``j`` by ``s_j``: the float function is
+    unchanged, and activation outliers move into the weights (``quant/smoothing.py``).
+
+    Example:
+        >>> QuantSpec(weight_bits=8, act_bits=8, smoothing=0.8).smoothing_layers
+        'auto'
+    """
 
     weight_bits: int = Field(4, ge=2, le=8)
     act_bits: int = Field(4, ge=2, le=8)
@@ -237,6 +249,8 @@ class QuantSpec(_Section):
     learn_scale: bool = True
     learn_input_scale: bool = False  # learn the step of the model's input data too (costs a first-layer input-gradient pass)
     overrides: dict[str, LayerOverride] = Field(default_factory=dict)
+    smoothing: float = Field(0.0, ge=0.0, le=1.0)
+    smoothing_layers: list[str] | Literal["auto"] = "auto"
 
 
 class FeatureHint(_Section):

@@ -66,6 +66,7 @@ from qdistill.quant.fake_quant import MIN_SCALE, IntRange
 from qdistill.quant.modules import is_quantized
 from qdistill.quant.prepare import prepare
 from qdistill.quant.quantizer import Quantizer
+from qdistill.quant.smoothing import add_smoothing_buffers
 from qdistill.recipe import ModelSpec, QuantSpec
 from qdistill.version import __version__
 
@@ -491,6 +492,7 @@ def unpack_student(header: dict[str, Any], tensors: dict[str, torch.Tensor], mod
     """
     path = Path(path)
     student, rebuilt = _skeleton(model, header, path)
+    add_smoothing_buffers(student, tensors)  # quant.smoothing's 1/s buffers, when the file has them
     _check_layers(student, header["layers"], path)
     _apply_quantizer_bits(student, header, rebuilt, path)  # and checks a given skeleton's bits
     state = {key: value for key, value in tensors.items() if not key.endswith(f".weight{PACKED_SUFFIX}")}

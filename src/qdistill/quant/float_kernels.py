@@ -141,3 +141,25 @@ def refine_near_ties(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     refined = x.clone()
     refined[near] = exact(near)
     return refined
+
+
+def scale_channels(x: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """``x * factors`` (per last-dimension channel), keeping the runtime values ``x`` carries (``attach_runtime_values``).
+
+    ONNX Runtime's float ``Mul`` rounds each product once, as PyTorch does, so the runtime's product is
+    the product of the runtime's ``x``; its bound scales with ``|factors|``, plus one rounding.
+
+    Example:
+        >>> x = attach_runtime_values(torch.tensor([0.5, 2.0]), lambda mask: torch.tensor([0.5, 2.0])[mask], torch.zeros(2))
+        >>> y = scale_channels(x, torch.tensor([2.0, 0.25]))
+        >>> y.tolist(), hasattr(y, "_qdistill_runtime")
+        ([1.0, 0.5], True)
+    """
+    product = x * factors
+    runtime = getattr(x, "_qdistill_runtime", None)
+    if runtime is None:
+        return product
+    exact, bound = runtime
+    expanded = factors.expand_as(x)
+    return attach_runtime_values(product, lambda mask: exact(mask) * expanded[mask],
+                                 bound * expanded.abs() + product.abs() * 2.0**-23)

@@ -30,11 +30,11 @@ from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
-import torch
+import torch  # noqa: F401 (the docstring examples use it)
 import torch.nn.functional as F
 from torch import nn
 
-from qdistill.batch import batch_inputs, call_model, move_inputs
+from qdistill.batch import batch_inputs, forward_batches
 from qdistill.errors import ModelError
 from qdistill.quant.attention import (
     GELU_NOTE,
@@ -65,6 +65,7 @@ from qdistill.quant.modules import (
 from qdistill.quant.quantizer import Quantizer
 from qdistill.quant.rewrite import rewrite_functional_ops
 from qdistill.quant.sharing import link_requantizers, quantize_float_reads, share_quantizers
+from qdistill.quant.smoothing import chosen_layers, input_channel_maxima, smooth_layers
 from qdistill.recipe import QuantSpec, Recipe
 
 FLOAT_BY_DESIGN = {
@@ -296,15 +297,14 @@ def prepare(
     """
     spec = _as_spec(spec)
     called: tuple[str, ...] = ()
+    batches: list[Any] = []
+    if calibration_data is not None:  # kept: smoothing reads them too, and a loader may be iterable once
+        batches = list(itertools.islice(iter(calibration_data), spec.calibration_batches))
+        if batches:  # how the batches call the model decides which optional arguments stay inputs
+            called = called_arguments(model, batch_inputs(batches[0]))
+    student = _quantized_copy(model, spec, init_weights=True, called=called, calibration=batches)
     if calibration_data is not None:
-        batches = iter(calibration_data)
-        first = next(batches, None)
-        if first is not None:  # how the batches call the model decides which optional arguments stay inputs
-            called = called_arguments(model, batch_inputs(first))
-            calibration_data = itertools.chain([first], batches)
-    student = _quantized_copy(model, spec, init_weights=True, called=called)
-    if calibration_data is not None:
-        calibrate(student, calibration_data, spec.calibration_batches)
+        calibrate(student, batches, spec.calibration_batches)
     return student
 
 
@@ -326,11 +326,13 @@ def check_overrides(model: nn.Module, spec: QuantSpec | dict | None) -> dict[str
     return layer_table(_quantized_copy(model, _as_spec(spec), init_weights=False))
 
 
-def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool, called: tuple[str, ...] = ()) -> nn.Module:
-    """Steps 1-5 of ``prepare`` on a copy of ``model``; weight step sizes set only with ``init_weights``.
+def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool, called: tuple[str, ...] = (),
+                    calibration: list[Any] | None = None) -> nn.Module:
+    """Steps 1-5 of ``prepare`` on a copy of ``model``, and ``quant.smoothing``; weight step sizes set only with ``init_weights``.
 
     ``called``: the forward parameters the batches give (``graph.called_arguments``); the other optional ones are
-    fixed at their defaults while tracing.
+    fixed at their defaults while tracing. ``calibration``: the batches whose float activations set the smoothing
+    factors (without them the factors stay 1, for a state dict to fill).
     """
     student = copy.deepcopy(model).eval()
     if called:
@@ -341,8 +343,13 @@ def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool, calle
     folded = fold_batchnorms(student)
     student.qdistill_layer_scales = fold_layer_scales(student)  # x * gamma folded into the layer before
     norm_convs = batchnorms_to_convs(student)
+    smooth = spec.smoothing > 0
+    maxima = input_channel_maxima(student, calibration, spec.calibration_batches) if smooth and calibration else None
     layer_names = _quantize_layers(student, spec, init_weights)
     notes = _quantize_graph(student, spec, layer_names)
+    if smooth:  # after the graph steps: which inputs are shared decides which layers can be smoothed
+        student.qdistill_smoothed = smooth_layers(student, chosen_layers(student, spec.smoothing_layers), maxima,
+                                                  spec.smoothing)
     _to_model_device(student)
     student.qdistill_unquantized = {**_unquantized(student), **kept_attention, **notes, **hf_attention}
     student.qdistill_folded = folded
@@ -384,18 +391,11 @@ def calibrate(student: nn.Module, batches: Iterable[Any], max_batches: int) -> i
         8
     """
     quantizers = activation_quantizers(student)
-    device = next(student.parameters()).device
     was_training = student.training
     student.eval()
     for quantizer in quantizers:
         quantizer.observe()
-    used = 0
-    with torch.no_grad():
-        for batch in batches:
-            if used >= max_batches:
-                break
-            call_model(student, move_inputs(batch_inputs(batch), device))
-            used += 1
+    used = forward_batches(student, batches, max_batches)
     for quantizer in quantizers:
         quantizer.finish_calibration()
     if used:

@@ -194,6 +194,9 @@ def _layers(report: dict[str, Any]) -> Section | None:
                     "input step"], rows)]
     if student.get("unquantized_layers"):
         parts.append(note("Left in float: " + "; ".join(fmt(x) for x in student["unquantized_layers"])))
+    if student.get("smoothed_layers"):
+        parts.append(note("Smoothed inputs (quant.smoothing; largest over smallest channel factor): "
+                          + ", ".join(f"{name} {spread:g}" for name, spread in student["smoothed_layers"].items())))
     if student.get("folded_batchnorms"):
         parts.append(note("BatchNorms folded into the layer before them: " + ", ".join(fmt(x) for x in student["folded_batchnorms"])))
     return "layers", "Layers: bits and step sizes", "".join(parts)

@@ -301,6 +301,8 @@ def make_report(recipe: Recipe, teacher: nn.Module, student: nn.Module, loader: 
         "unquantized_layers": [f"{name}: {reason}" for name, reason in getattr(student, "qdistill_unquantized", {}).items()],
         "folded_batchnorms": list(getattr(student, "qdistill_folded", [])),
     }
+    if getattr(student, "qdistill_smoothed", None):  # quant.smoothing: {layer: max s / min s}
+        student_info["smoothed_layers"] = {name: round(spread, 3) for name, spread in student.qdistill_smoothed.items()}
     extra = dict(extra or {})
     if label_free:
         extra["label_free"] = True

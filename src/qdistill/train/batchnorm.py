@@ -15,11 +15,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
+import torch  # noqa: F401 (the docstring examples use it)
 import torch.distributed as dist
 from torch import nn
 
-from qdistill.batch import batch_inputs, call_model, move_inputs
+from qdistill.batch import forward_batches
 
 
 def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], count: int) -> int:
@@ -44,17 +44,12 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], count: int) 
         return 0
     momenta = [norm.momentum for norm in norms]
     was_training = model.training
-    device = next(model.parameters()).device
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the batches of this pass
     model.train()
     try:
-        with torch.no_grad():
-            for index, batch in enumerate(batches):
-                if index >= count:
-                    break
-                call_model(model, move_inputs(batch_inputs(batch), device))
+        forward_batches(model, batches, count)
     finally:
         for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
