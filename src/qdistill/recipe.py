@@ -228,8 +228,8 @@ class QuantSpec(_Section):
     """Quantization settings: bit widths, granularity, range initialisation, per-layer overrides.
 
     ``smoothing`` (SmoothQuant's migration strength ``alpha``; 0, the default, is off): the Linear
-    layers that ``smoothing_layers`` names (``auto``: every Linear that reads a float tensor alone,
-    such as a transformer's feed-forward layers after LayerNorm and GELU) divide their input per channel
+    layers that ``smoothing_layers`` names (``auto``: every Linear whose input only Linears read, such as a
+    transformer's projections after LayerNorm and GELU; layers that share an input share its factors) divide their input per channel
     by ``s_j = max|x_j|^alpha / max|W_:,j|^(1-alpha)`` (maxima over the calibration batches) before
     its quantizer, and multiply the weight's input column ``j`` by ``s_j``: the float function is
     unchanged, and activation outliers move into the weights (``quant/smoothing.py``).

@@ -89,3 +89,21 @@ def test_linear_biases_and_attention_scale_fold_into_integer_matmuls(student, tm
         expected = student(**batch).numpy()
     cosine = (got * expected).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.min() > 0.9999
+
+
+def test_smoothed_student_exports_one_mul_per_tensor_and_passes_the_gate(tmp_path):
+    import onnx
+
+    from qdistill.export import export_all
+
+    spec = {"weight_bits": 8, "act_bits": 8, "smoothing": 0.8}
+    student = prepare(MeanEncoder().eval(), spec, calibration_data=[_batch(), _batch(2)])
+    # per block: Q/K/V (one shared input), attention output, feed-forward in (LayerNorm output) and out (GELU output)
+    assert len(student.qdistill_smoothed) == 2 * 6
+    section = export_all(student, _batch(1), [_batch(), _batch(2)], onnx_path=tmp_path / "bert.onnx",
+                         latency_budget_s=0.2, output_kind="embedding")["onnx"]
+    assert section["parity_checked"] and section["min_cosine"] >= 0.99
+    graph = onnx.load(tmp_path / "bert.onnx").graph
+    producers = {output: node.op_type for node in graph.node for output in node.output}
+    smoothed = [node for node in graph.node if node.op_type == "QuantizeLinear" and producers.get(node.input[0]) == "Mul"]
+    assert len(smoothed) == 2 * 4

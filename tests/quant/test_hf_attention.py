@@ -68,6 +68,9 @@ def test_prepare_quantizes_linears_and_attention_matmuls():
         # ONNX Runtime's Gelu where the next quantizer's codes depend on it (quant.float_kernels)
         assert "GELU" in student.qdistill_unquantized[prefix + "intermediate.intermediate_act_fn"]
         assert type(student.get_submodule(prefix + "intermediate.intermediate_act_fn")) is RuntimeGelu
+        # query, key and value read one tensor: one input quantizer (one QuantizeLinear in the export)
+        attention = student.get_submodule(prefix + "attention.self")
+        assert attention.query.input_quantizer is attention.key.input_quantizer is attention.value.input_quantizer
     with torch.no_grad():
         cosine = nn.functional.cosine_similarity(student(**_batch()), model(**_batch()))
     assert cosine.min() > 0.99

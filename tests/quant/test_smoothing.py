@@ -51,9 +51,9 @@ def test_factors_and_weights_match_numpy():
     weight = model.up.weight.detach().numpy().astype(np.float64)
     expected = np.abs(normed).max(axis=0) ** alpha / np.abs(weight).max(axis=0) ** (1 - alpha)
     expected[5] = 1.0
-    np.testing.assert_allclose(1.0 / student.up.input_smoothing.numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(1.0 / student.up.input_quantizer.input_smoothing.numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(student.up.weight.detach().numpy(), weight * expected, rtol=1e-5)
-    assert not hasattr(student.down, "input_smoothing") and list(student.qdistill_smoothed) == ["up"]
+    assert not hasattr(student.down.input_quantizer, "input_smoothing") and list(student.qdistill_smoothed) == ["up"]
 
 
 def test_the_float_function_is_unchanged():
@@ -63,7 +63,7 @@ def test_the_float_function_is_unchanged():
     for name in ("up", "down"):
         layer, original = student.get_submodule(name), model.get_submodule(name)
         inputs = torch.randn(5, layer.in_features)
-        smoothed = inputs * layer.input_smoothing @ layer.weight.detach().T + layer.bias.detach()
+        smoothed = inputs * layer.input_quantizer.input_smoothing @ layer.weight.detach().T + layer.bias.detach()
         reference = inputs.double().numpy() @ original.weight.detach().double().numpy().T + original.bias.detach().double().numpy()
         np.testing.assert_allclose(smoothed.numpy(), reference, rtol=1e-4, atol=1e-5)
         assert torch.allclose(layer.as_float()(inputs), original(inputs), atol=1e-5)  # prepare's undo takes s out again
@@ -100,20 +100,41 @@ def test_export_matches_the_student_and_the_packed_file_restores_it(tmp_path):
     producers = {output: node for node in graph.node for output in node.output}
     smoothed_reads = [node for node in graph.node if node.op_type == "QuantizeLinear"
                       and node.input[0] in producers and producers[node.input[0]].op_type == "Mul"]
-    assert len(smoothed_reads) >= len(student.qdistill_smoothed)  # the 1/s product runs in float before the codes
+    smoothed_inputs = {id(student.get_submodule(name).input_quantizer) for name in student.qdistill_smoothed}
+    assert len(smoothed_reads) == len(smoothed_inputs) == 6  # one float 1/s product per smoothed tensor (Q, K, V: one)
     path = save_packed(student, tmp_path / "s.qpack.safetensors")["path"]
     for skeleton in (model, student):  # the float architecture (rebuilt) or the prepared student
         restored = load_packed(path, model=skeleton)
         assert torch.equal(restored(images), student(images))
 
 
+def test_layers_that_share_an_input_are_smoothed_together():
+    model = models.create("tiny_transformer", attention=["manual"]).eval()
+    images = torch.rand(32, 1, 8, 8)
+    student = prepare(model, {"weight_bits": 8, "act_bits": 8, "smoothing": 0.5, "smoothing_layers": ["*.key"]},
+                      calibration_data=[images])
+    attention, original = student.encoder[0].attention, model.encoder[0].attention
+    assert set(student.qdistill_smoothed) == {f"encoder.0.attention.{name}" for name in ("query", "key", "value")}
+    seen = []
+    hook = original.query.register_forward_pre_hook(lambda _, inputs: seen.append(inputs[0].detach()))
+    with torch.no_grad():
+        model(images)
+    hook.remove()
+    normed = seen[0]
+    weights = torch.cat([getattr(original, name).weight for name in ("query", "key", "value")]).detach().double().numpy()
+    activation = normed.abs().reshape(-1, normed.shape[-1]).amax(0).double().numpy()
+    expected = activation**0.5 / np.abs(weights).max(axis=0) ** 0.5  # one factor from the widest of the three columns
+    np.testing.assert_allclose(1.0 / attention.query.input_quantizer.input_smoothing.numpy(), expected, rtol=1e-5)
+    for name in ("query", "key", "value"):
+        np.testing.assert_allclose(getattr(attention, name).weight.detach().numpy(),
+                                   getattr(original, name).weight.detach().numpy() * expected, rtol=1e-5)
+
+
 def test_layers_that_cannot_be_smoothed_are_named():
     model = models.create("tiny_transformer", attention=["manual"])
     spec = {"weight_bits": 8, "act_bits": 8, "smoothing": 0.5}
-    with pytest.raises(ModelError, match=r"layer 'encoder.0.attention.query' cannot be smoothed: its input quantizer is "
-                                         r"shared with or written by .*encoder.0.attention.key"):
-        check_overrides(model, {**spec, "smoothing_layers": ["*.query"]})
     with pytest.raises(ModelError, match="pattern 'nothing' matches no quantized Linear layer; layers: project, "):
-        prepare(model, {**spec, "smoothing_layers": ["nothing"]})
-    with pytest.raises(ModelError, match="'classifier.2' cannot be smoothed"):  # its input is a conv's requantized output
+        check_overrides(model, {**spec, "smoothing_layers": ["nothing"]})
+    with pytest.raises(ModelError, match=r"layer 'classifier.2' cannot be smoothed: its input quantizer is shared with "
+                                         r"or written by features"):  # the conv before writes its codes directly
         prepare(models.create("mnist_cnn"), {**spec, "smoothing_layers": ["classifier.2"]})

@@ -262,6 +262,37 @@ class ExplicitSelfAttention(nn.Module):
         return output, weights
 
 
+def share_projection_inputs(model: nn.Module, make_quantizer) -> int:
+    """Query, key and value of each ``ExplicitSelfAttention`` read one tensor: give them one input quantizer.
+
+    torch.fx cannot trace the module (its forward takes ``**kwargs``), so ``sharing.share_quantizers`` never
+    sees that the three read the same ``hidden_states``. Shared, the export quantizes that tensor once
+    (one ``QuantizeLinear`` per layer instead of three). ``make_quantizer(bits)`` makes the shared one, at the
+    widest of the three widths; returns how many attentions were changed.
+
+    Example:
+        >>> from qdistill.quant.modules import ActivationQuantizer, QuantLinear
+        >>> from qdistill.quant.quantizer import Quantizer
+        >>> layers = [QuantLinear.from_float(nn.Linear(8, 8), Quantizer(8, signed=True, channels=8), ActivationQuantizer(8)) for _ in range(3)]
+        >>> attention = ExplicitSelfAttention(*layers, head_size=4, scale=0.5)
+        >>> share_projection_inputs(attention, ActivationQuantizer), attention.query.input_quantizer is attention.value.input_quantizer
+        (1, True)
+    """
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, ExplicitSelfAttention):
+            continue
+        layers = (module.query, module.key, module.value)
+        quantizers = [getattr(layer, "input_quantizer", None) for layer in layers]
+        if any(quantizer is None for quantizer in quantizers) or len({id(q) for q in quantizers}) == 1:
+            continue
+        shared = make_quantizer(max(quantizer.bits for quantizer in quantizers))
+        for layer in layers:
+            layer.input_quantizer = shared
+        changed += 1
+    return changed
+
+
 def hf_attention_reason(module: nn.Module) -> str | None:
     """Why a transformers self-attention ``module`` cannot become ``ExplicitSelfAttention``; None when it can.
 

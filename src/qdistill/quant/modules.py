@@ -13,8 +13,8 @@ from torch import nn
 
 from qdistill.errors import ModelError
 from qdistill.quant.fake_quant import MIN_SCALE
-from qdistill.quant.float_kernels import GELU_BOUND, attach_runtime_values, ort_gelu, scale_channels
-from qdistill.quant.quantizer import Quantizer
+from qdistill.quant.float_kernels import GELU_BOUND, attach_runtime_values, ort_gelu
+from qdistill.quant.quantizer import SMOOTHING_BUFFER, Quantizer
 from qdistill.quant.runtime_kernels import (
     QLINEAR_ADD_EXACT,
     QLINEAR_GLOBAL_AVERAGE_POOL_EXACT,
@@ -23,8 +23,6 @@ from qdistill.quant.runtime_kernels import (
     qlinear_global_average_pool,
     qlinear_mul,
 )
-
-SMOOTHING_BUFFER = "input_smoothing"  # a smoothed layer's 1/s per input channel (quant/smoothing.py)
 
 
 class QuantLayerMixin:
@@ -42,14 +40,11 @@ class QuantLayerMixin:
         return self.weight_quantizer(self.weight)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        smoothing = self._buffers.get(SMOOTHING_BUFFER)  # quant.smoothing: 1/s per input channel (quant/smoothing.py)
-        if smoothing is not None:
-            x = scale_channels(x, smoothing)  # exported as a float Mul before the QuantizeLinear
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
     def unsmoothed_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` with a smoothing's input-column factors taken out again: the float layer's weight."""
-        smoothing = self._buffers.get(SMOOTHING_BUFFER)
+        """``weight`` with its input quantizer's smoothing factors (``quant.smoothing``) taken out: the float layer's."""
+        smoothing = None if self.input_quantizer is None else self.input_quantizer._buffers.get(SMOOTHING_BUFFER)
         return weight if smoothing is None else weight * smoothing
 
     def quantized_bias(self) -> torch.Tensor | None:
@@ -150,8 +145,7 @@ class QuantLayerMixin:
         layer.__dict__ = {key: value for key, value in self.__dict__.items()}
         layer._modules = {}
         layer._parameters = dict(self._parameters)
-        layer._buffers = {key: value for key, value in self._buffers.items() if key != SMOOTHING_BUFFER}
-        if SMOOTHING_BUFFER in self._buffers:
+        if self.input_quantizer is not None and SMOOTHING_BUFFER in self.input_quantizer._buffers:
             layer.weight = nn.Parameter(self.unsmoothed_weight(self.weight.detach()).clone())
         return layer
 
@@ -162,7 +156,6 @@ class QuantLayerMixin:
         layer.__dict__ = {key: value for key, value in self.__dict__.items()}
         layer._modules = {}
         layer._parameters = dict(self._parameters)
-        layer._buffers = {key: value for key, value in self._buffers.items() if key != SMOOTHING_BUFFER}
         with torch.no_grad():
             layer.weight = nn.Parameter(self.unsmoothed_weight(self.quantized_weight().detach()).clone())
         return layer

@@ -44,6 +44,7 @@ from qdistill.quant.attention import (
     explicit_hf_attention,
     is_transformers_activation,
     residual_stream_modules,
+    share_projection_inputs,
     unfuse_attention,
 )
 from qdistill.quant.fold import batchnorms_to_convs, fold_batchnorms, fold_layer_scales
@@ -65,7 +66,7 @@ from qdistill.quant.modules import (
 from qdistill.quant.quantizer import Quantizer
 from qdistill.quant.rewrite import rewrite_functional_ops
 from qdistill.quant.sharing import link_requantizers, quantize_float_reads, share_quantizers
-from qdistill.quant.smoothing import chosen_layers, input_channel_maxima, smooth_layers
+from qdistill.quant.smoothing import chosen_groups, input_channel_maxima, smooth_layers
 from qdistill.recipe import QuantSpec, Recipe
 
 FLOAT_BY_DESIGN = {
@@ -220,6 +221,7 @@ def _quantize_graph(student: nn.Module, spec: QuantSpec, layer_names: list[str])
     notes |= {f"{name}.{child}": RESIDUAL_NOTE for name in sorted(residual)
               for child, module in student.get_submodule(name).named_children() if isinstance(module, nn.LayerNorm)}
     _override_ops(student, op_names + added, layer_names, spec)
+    share_projection_inputs(student, make)  # transformers: Q, K and V read one tensor, which fx cannot see
     retrace = trace_model(student) if trace.graph is not None else trace  # it now shows the new ops
     if retrace.graph is not None:
         share_quantizers(retrace.graph, student, make)
@@ -348,7 +350,7 @@ def _quantized_copy(model: nn.Module, spec: QuantSpec, init_weights: bool, calle
     layer_names = _quantize_layers(student, spec, init_weights)
     notes = _quantize_graph(student, spec, layer_names)
     if smooth:  # after the graph steps: which inputs are shared decides which layers can be smoothed
-        student.qdistill_smoothed = smooth_layers(student, chosen_layers(student, spec.smoothing_layers), maxima,
+        student.qdistill_smoothed = smooth_layers(student, chosen_groups(student, spec.smoothing_layers), maxima,
                                                   spec.smoothing)
     _to_model_device(student)
     student.qdistill_unquantized = {**_unquantized(student), **kept_attention, **notes, **hf_attention}

@@ -12,9 +12,10 @@ from torch import nn
 
 from qdistill.errors import RecipeError
 from qdistill.quant.fake_quant import MIN_SCALE, IntRange, fake_quantize, lsq_grad_factor
-from qdistill.quant.float_kernels import refine_near_ties
+from qdistill.quant.float_kernels import refine_near_ties, scale_channels
 from qdistill.quant.ranges import activation_params, weight_scale
 
+SMOOTHING_BUFFER = "input_smoothing"  # an input quantizer's 1/s per channel, multiplied in first (quant/smoothing.py)
 SAMPLE_SIZE = 1 << 16  # activation values kept for MSE/percentile calibration
 ROLES = ("weight", "activation")
 
@@ -183,6 +184,9 @@ class Quantizer(nn.Module):
         return seen[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        smoothing = self._buffers.get(SMOOTHING_BUFFER)  # quant.smoothing: 1/s per input channel
+        if smoothing is not None:
+            x = scale_channels(x, smoothing)  # exported as a float Mul before the QuantizeLinear
         if self._observing:
             self._record(x)
             return x

@@ -8,13 +8,14 @@ Linear divides its input per channel by
 
 before the input quantizer, and multiplies the weight's input column ``j`` by ``s_j``. The float
 function is the same; the activation is flatter, and per-output-channel weight steps absorb the
-weight side. The division is a buffer of ``1/s`` on the layer (``modules.SMOOTHING_BUFFER``), which
-the ONNX export writes as a float ``Mul`` before the QuantizeLinear: ONNX Runtime computes the same
-products as PyTorch, so the int8 file still matches the student code for code.
+weight side. The division is a buffer of ``1/s`` on the input quantizer (``quantizer.SMOOTHING_BUFFER``),
+which the ONNX export writes as a float ``Mul`` before the QuantizeLinear: ONNX Runtime computes the
+same products as PyTorch, so the int8 file still matches the student code for code.
 
-A layer can be smoothed only where its input quantizer is its own: not shared with another
-consumer (query, key and value share the LayerNorm's), and not the requantizer of an integer
-kernel before it (the export would fuse that kernel's output straight into the layer's codes).
+A tensor can be smoothed only where Linear layers alone read it, as floats: every holder of its
+quantizer is a Linear (query, key and value share theirs and are smoothed together, with the largest
+weight column over the three), and no integer kernel before it writes its codes directly (a linked
+requantizer: the export would fuse that kernel's output straight into the layer's codes).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from torch import nn
 
 from qdistill.batch import forward_batches
 from qdistill.errors import ModelError
-from qdistill.quant.modules import SMOOTHING_BUFFER, QuantLinear
-from qdistill.quant.quantizer import Quantizer
+from qdistill.quant.modules import QuantLinear
+from qdistill.quant.quantizer import SMOOTHING_BUFFER, Quantizer
 
 MIN_FACTOR = 1e-5  # the smallest factor (a channel of tiny activations and large weights)
 
@@ -86,91 +87,105 @@ def _quantizer_owners(student: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _why_not_smoothable(name: str, layer: nn.Module, owners: dict[int, list[str]]) -> str | None:
+def _group(student: nn.Module, name: str, owners: dict[int, list[str]]) -> tuple[list[str] | None, str]:
+    """The Linears that share ``name``'s input quantizer (itself included), or None and why it cannot be smoothed."""
+    layer = student.get_submodule(name)
     if type(layer) is not QuantLinear or layer.input_quantizer is None:
-        return "it is not a quantized Linear with a quantized input"
-    others = [owner for owner in owners.get(id(layer.input_quantizer), []) if owner != name]
+        return None, "it is not a quantized Linear with a quantized input"
+    readers = owners.get(id(layer.input_quantizer), [])
+    others = [owner for owner in readers if type(student.get_submodule(owner)) is not QuantLinear
+              or student.get_submodule(owner).input_quantizer is not layer.input_quantizer]
     if others:
-        return (f"its input quantizer is shared with or written by {', '.join(others[:3])}; smoothing needs a Linear "
-                "that reads a float tensor alone (e.g. after a LayerNorm or GELU)")
-    return None
+        return None, (f"its input quantizer is shared with or written by {', '.join(others[:3])}; smoothing needs a "
+                      "tensor that only Linear layers read, as floats (e.g. after a LayerNorm or GELU)")
+    return readers, ""
 
 
 def smoothable_layers(student: nn.Module) -> list[str]:
-    """The quantized Linear layers of a prepared ``student`` whose input quantizer is their own.
+    """The quantized Linear layers of a prepared ``student`` whose input only Linear layers read.
+
+    Layers that share an input quantizer (query, key and value) are smoothed together, with one factor.
 
     Example:
         >>> from qdistill import models
         >>> from qdistill.quant import prepare
-        >>> smoothable_layers(prepare(models.create("tiny_transformer", attention=["manual"])))
-        ['project', 'encoder.0.attention.output', 'encoder.0.mlp.0', 'encoder.0.mlp.3', 'head']
+        >>> smoothable_layers(prepare(models.create("tiny_transformer", attention=["manual"])))[:4]
+        ['project', 'encoder.0.attention.query', 'encoder.0.attention.key', 'encoder.0.attention.value']
     """
     owners = _quantizer_owners(student)
     return [name for name, module in student.named_modules()
-            if type(module) is QuantLinear and _why_not_smoothable(name, module, owners) is None]
+            if type(module) is QuantLinear and _group(student, name, owners)[0] is not None]
 
 
-def chosen_layers(student: nn.Module, patterns: list[str] | str) -> list[str]:
-    """The layers ``quant.smoothing_layers`` names: ``auto`` (every smoothable layer) or globs, checked one by one."""
-    if patterns == "auto":
-        return smoothable_layers(student)
-    owners = _quantizer_owners(student)
+def chosen_groups(student: nn.Module, patterns: list[str] | str) -> list[list[str]]:
+    """The groups of layers (one per input quantizer) that ``quant.smoothing_layers`` names: ``auto`` (every
+    smoothable layer) or globs, checked one by one; a named layer brings the layers that share its input."""
     names = [name for name, module in student.named_modules() if type(module) is QuantLinear]
-    chosen: list[str] = []
-    for pattern in patterns:
-        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
-        if not matched:
-            raise ModelError(f"quant.smoothing_layers: pattern {pattern!r} matches no quantized Linear layer; "
-                             f"layers: {', '.join(names)}")
-        for name in matched:
-            reason = _why_not_smoothable(name, student.get_submodule(name), owners)
-            if reason is not None:
-                raise ModelError(f"quant.smoothing_layers: layer {name!r} cannot be smoothed: {reason}")
-            chosen += [] if name in chosen else [name]
-    return chosen
+    owners = _quantizer_owners(student)
+    if patterns == "auto":
+        matched = smoothable_layers(student)
+    else:
+        matched = []
+        for pattern in patterns:
+            hits = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+            if not hits:
+                raise ModelError(f"quant.smoothing_layers: pattern {pattern!r} matches no quantized Linear layer; "
+                                 f"layers: {', '.join(names)}")
+            matched += [name for name in hits if name not in matched]
+    groups: dict[int, list[str]] = {}
+    for name in matched:
+        group, reason = _group(student, name, owners)
+        if group is None:
+            raise ModelError(f"quant.smoothing_layers: layer {name!r} cannot be smoothed: {reason}")
+        groups.setdefault(id(student.get_submodule(name).input_quantizer), group)
+    return list(groups.values())
 
 
-def smooth_layers(student: nn.Module, names: list[str], maxima: dict[str, torch.Tensor] | None,
+def smooth_layers(student: nn.Module, groups: list[list[str]], maxima: dict[str, torch.Tensor] | None,
                   alpha: float) -> dict[str, float]:
-    """Give each named layer its ``1/s`` buffer and multiply its weight columns by ``s``; returns ``{name: max s / min s}``.
+    """Give each group's input quantizer its ``1/s`` buffer and multiply its layers' weight columns by ``s``.
 
-    ``maxima`` (``input_channel_maxima`` of the float model) gives ``s``; without it the factors are
-    1, to be filled by a state dict (a packed file, a checkpoint). A layer's weight quantizer is
-    initialised again on the smoothed weight when it was initialised before.
+    ``s`` takes the input maxima (``input_channel_maxima`` of the float model) and, for the weight side, the
+    largest weight column over the group's layers. Without ``maxima`` the factors are 1, to be filled by a
+    state dict (a packed file, a checkpoint). A weight quantizer is initialised again on the smoothed weight
+    when it was initialised before. Returns ``{layer: max s / min s}``.
     """
     spread: dict[str, float] = {}
-    for name in names:
-        layer = student.get_submodule(name)
-        factors = torch.ones(layer.in_features, device=layer.weight.device)
-        if maxima is not None and name in maxima:
-            factors = smoothing_factors(maxima[name].to(layer.weight.device), layer.weight, alpha)
-        with torch.no_grad():
-            layer.weight.mul_(factors.to(layer.weight.dtype))
-        layer.register_buffer(SMOOTHING_BUFFER, (1.0 / factors).to(layer.weight.dtype))
-        if bool(layer.weight_quantizer.initialized):
-            layer.weight_quantizer.init_from_weight(layer.weight)
-        spread[name] = float(factors.max() / factors.min())
+    for names in groups:
+        layers = [student.get_submodule(name) for name in names]
+        device = layers[0].weight.device
+        factors = torch.ones(layers[0].in_features, device=device)
+        if maxima is not None and all(name in maxima for name in names):
+            activation = torch.stack([maxima[name].to(device) for name in names]).amax(dim=0)
+            weights = torch.cat([layer.weight.detach() for layer in layers])  # (sum of out, in)
+            factors = smoothing_factors(activation, weights, alpha)
+        for layer in layers:
+            with torch.no_grad():
+                layer.weight.mul_(factors.to(layer.weight.dtype))
+            if bool(layer.weight_quantizer.initialized):
+                layer.weight_quantizer.init_from_weight(layer.weight)
+        layers[0].input_quantizer.register_buffer(SMOOTHING_BUFFER, (1.0 / factors).to(layers[0].weight.dtype))
+        spread.update({name: float(factors.max() / factors.min()) for name in names})
     return spread
 
 
-def add_smoothing_buffers(student: nn.Module, state_keys: Iterable[str]) -> None:
-    """Give the layers whose ``input_smoothing`` a state dict holds a buffer of ones to load it into.
+def add_smoothing_buffers(student: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give the quantizers whose ``input_smoothing`` the state dict ``state`` holds a buffer of ones to load it into.
 
     Example:
         >>> from qdistill.quant import prepare
         >>> student = prepare(nn.Sequential(nn.Linear(4, 2)))
-        >>> add_smoothing_buffers(student, ["0.weight", "0.input_smoothing"])
-        >>> student[0].input_smoothing.tolist()
+        >>> add_smoothing_buffers(student, {"0.input_quantizer.input_smoothing": torch.full((4,), 0.5)})
+        >>> student[0].input_quantizer.input_smoothing.tolist()
         [1.0, 1.0, 1.0, 1.0]
     """
     suffix = f".{SMOOTHING_BUFFER}"
-    for key in state_keys:
+    for key, value in state.items():
         if not key.endswith(suffix):
             continue
-        name = key[: -len(suffix)]
         try:
-            layer = student.get_submodule(name)
+            quantizer = student.get_submodule(key[: -len(suffix)])
         except AttributeError:
             continue  # load_state names the unexpected key
-        if isinstance(layer, QuantLinear) and SMOOTHING_BUFFER not in layer._buffers:
-            layer.register_buffer(SMOOTHING_BUFFER, torch.ones(layer.in_features, device=layer.weight.device))
+        if isinstance(quantizer, Quantizer) and SMOOTHING_BUFFER not in quantizer._buffers:
+            quantizer.register_buffer(SMOOTHING_BUFFER, torch.ones_like(value, device=quantizer.scale.device))
