@@ -22,6 +22,7 @@ from qdistill.export.onnx import (
     check_integer_kernels,
     diagnose_layers,
     export_onnx,
+    verify_onnx,
 )
 from qdistill.export.qdq_graph import INTEGER_OPS, toposort
 from qdistill.quant import prepare
@@ -270,3 +271,50 @@ def test_float_output_layers_equal_the_student_bit_for_bit(form, tmp_path):
     runtime = session.run(None, {session.get_inputs()[0].name: batches[1].numpy()})[0]
     with torch.no_grad():
         np.testing.assert_array_equal(runtime, student(batches[1]).numpy())
+
+
+class PaddedPoolNet(nn.Module):
+    """Average pools on signed (non-zero zero point) activations: a padded 3x3 window that leaves the padding
+    out of its count, a ceil-mode window that overhangs the map and an adaptive pool to 2x2 (a 2x2 AveragePool)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, padding=1)  # no activation: its output quantizer has a zero point
+        self.pool = nn.AvgPool2d(3, 2, 1, count_include_pad=False)
+        self.mid = nn.Conv2d(8, 8, 3, padding=1)
+        self.ceil = nn.AvgPool2d(3, 2, ceil_mode=True)
+        self.adaptive = nn.AdaptiveAvgPool2d(2)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):  # (B, 1, 8, 8) -> (B, 10)
+        x = self.mid(self.pool(self.stem(x)))  # 8 -> 4
+        return self.head(torch.flatten(torch.cat([self.ceil(x), self.adaptive(x)], dim=1), 1))  # both 4 -> 2
+
+
+def test_non_global_average_pools_export_bit_for_bit(digits, tmp_path):
+    """Every non-global pool runs ONNX Runtime's QLinearAveragePool, and the student computes as it does:
+    the ONNX logits equal the student's exactly (the float mean rounds near-ties the other way)."""
+    bundle, train, val = digits
+    torch.manual_seed(0)
+    student = _student(PaddedPoolNet(), train, 8)
+    pools = [module for module in student.modules() if isinstance(module, (QuantAvgPool2d, QuantAdaptiveAvgPool2d))]
+    assert len(pools) == 3 and all(int(pool.input_quantizer.zero_point) != 0 for pool in pools)
+    info = export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1], verify_on=val)
+    assert collections.Counter(info["integer_ops_other"].values())["QLinearAveragePool"] == 3
+    assert info["max_abs_logit_diff"] == 0.0
+
+
+def test_the_diagnosis_names_a_pool_that_diverges_not_the_next_layer(digits, tmp_path):
+    """A pool whose student computes other values than the file's kernel (here: its count made to leave the
+    padding out after the export, which divides the overhanging ceil-mode windows by fewer elements) is the
+    first diverging row; before ops were diagnosed the error named the head, the next layer with weights."""
+    bundle, train, val = digits
+    torch.manual_seed(0)
+    student = _student(PaddedPoolNet(), train, 8)
+    path = export_onnx(student, tmp_path / "model.onnx", bundle.train_x[:1])["path"]
+    student.ceil.count_include_pad = False
+    with pytest.raises(ExportError, match=r"first diverging layer: 'ceil' \(output SQNR"):
+        verify_onnx(path, student, val)
+    rows = diagnose_layers(path, student, val)
+    assert [row["name"] for row in rows] == ["stem", "pool", "mid", "ceil", "adaptive", "cat", "head"]
+    assert all(row["max_abs_diff"] == 0.0 for row in rows[:3]) and rows[3]["sqnr_db"] < DIVERGENCE_SQNR_DB

@@ -92,7 +92,7 @@ def test_other_batch_sizes_and_sequence_lengths_match_the_student(trained, expor
 def test_diagnosis_compares_each_layer_by_input_name(trained, exported):
     student, val, _ = trained
     layers = diagnose_layers(exported["path"], student, val)
-    assert [layer["name"] for layer in layers] == ["embed", "proj", "head"]
+    assert [layer["name"] for layer in layers] == ["embed", "proj", "cat", "head"]  # layers and ops, in graph order
     assert all(layer["sqnr_db"] > 60 for layer in layers)
 
 

@@ -1,4 +1,4 @@
-"""``qlinear_add``, ``qlinear_mul``, ``qlinear_global_average_pool`` and ``fma32`` against independent
+"""``qlinear_add``, ``qlinear_mul``, ``qlinear_global_average_pool``, ``qlinear_average_pool`` and ``fma32`` against independent
 references: ONNX Runtime's own QLinearAdd/QLinearMul over every pair of uint8 codes, its
 QLinearGlobalAveragePool on random and tie-heavy maps, and exact rational arithmetic."""
 
@@ -13,12 +13,13 @@ import torch
 from onnx import TensorProto, helper
 
 from qdistill.quant.float_kernels import fma32
-from qdistill.quant.modules import ActivationQuantizer, QuantAdaptiveAvgPool2d, QuantAdd, QuantMul
+from qdistill.quant.modules import ActivationQuantizer, QuantAdaptiveAvgPool2d, QuantAdd, QuantAvgPool2d, QuantMul
 from qdistill.quant.runtime_kernels import (
     QLINEAR_ADD_EXACT,
     QLINEAR_GLOBAL_AVERAGE_POOL_EXACT,
     QLINEAR_MUL_EXACT,
     qlinear_add,
+    qlinear_average_pool,
     qlinear_global_average_pool,
     qlinear_mul,
 )
@@ -227,3 +228,84 @@ def test_quant_pool_evaluates_as_the_kernel_and_trains_on_the_float_mean():
     assert torch.equal(evaluated, qlinear_global_average_pool(x, *quantizers))
     trained = pool(x.requires_grad_())
     assert torch.equal(trained, x.mean(dim=(2, 3), keepdim=True)) and trained.requires_grad
+
+
+def _ort_average_pool(codes: np.ndarray, grids, pool: torch.nn.AvgPool2d) -> np.ndarray:
+    """ONNX Runtime's com.microsoft.QLinearAveragePool (NCHW) on uint8 codes with ``pool``'s attributes."""
+    kernel, stride, padding = (torch.nn.modules.utils._pair(value) for value in (pool.kernel_size, pool.stride,
+                                                                                 pool.padding))
+    initializers = []
+    for name, (scale, zero) in zip("xy", grids, strict=True):
+        initializers += [helper.make_tensor(f"{name}_scale", TensorProto.FLOAT, [], [scale]),
+                         helper.make_tensor(f"{name}_zero", TensorProto.UINT8, [], [zero])]
+    node = helper.make_node("QLinearAveragePool", ["x", "x_scale", "x_zero", "y_scale", "y_zero"], ["y"],
+                            domain="com.microsoft", kernel_shape=list(kernel), strides=list(stride),
+                            pads=[*padding, *padding], count_include_pad=int(pool.count_include_pad),
+                            ceil_mode=int(pool.ceil_mode))
+    graph = helper.make_graph([node], "pool", [helper.make_tensor_value_info("x", TensorProto.UINT8, None)],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": codes.astype(np.uint8)})[0].astype(np.int64)
+
+
+# (kernel, stride, padding, ceil_mode, count_include_pad) as torchvision, timm and hand-written nets use them
+AVERAGE_POOLS = [(2, 2, 0, False, True), (3, 2, 1, False, True), (3, 2, 1, False, False), (3, 1, 1, False, False),
+                 (2, 2, 0, True, False), (3, 2, 1, True, True), (3, 2, 1, True, False), (5, 3, 2, True, False)]
+
+
+@pytest.mark.parametrize("kernel, stride, padding, ceil_mode, count_include_pad", AVERAGE_POOLS)
+def test_qlinear_average_pool_equals_onnx_runtime(kernel, stride, padding, ceil_mode, count_include_pad):
+    """Odd maps (so ceil-mode windows overhang) on random grids with non-zero zero points."""
+    pool = torch.nn.AvgPool2d(kernel, stride, padding, ceil_mode=ceil_mode, count_include_pad=count_include_pad)
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + padding)
+    for seed in range(6):
+        (step_x, zero_x), (step_y, zero_y), _ = _random_grids(2 * seed + 1, 0.06)  # odd seeds: zero points not 0
+        codes = rng.integers(0, 256, (4, 64, 9, 9))
+        x = torch.from_numpy(codes - zero_x).float() * np.float32(step_x)
+        ours = qlinear_average_pool(x, pool, _quantizer(step_x, zero_x), _quantizer(step_y, zero_y))
+        ours_codes = torch.round(ours / np.float32(step_y)).long().numpy() + zero_y
+        theirs = _ort_average_pool(codes, [(step_x, zero_x), (step_y, zero_y)], pool)
+        assert ours_codes.shape == theirs.shape and np.array_equal(ours_codes, theirs), \
+            f"{int((ours_codes != theirs).sum())} of {theirs.size} codes differ"
+
+
+def test_the_float_formula_misses_codes_the_average_pool_kernel_rounds_the_other_way():
+    """``round(mean / s_y) + z_y`` on a float mean against the kernel's ``round(mean / s_y + z_y)``: near a
+    tie the zero point's float32 add moves the value across it."""
+    pool, grids = torch.nn.AvgPool2d(2), [(0.0173, 3), (0.0119, 131)]
+    codes = np.random.default_rng(0).integers(0, 256, (64, 64, 8, 8))
+    x = torch.from_numpy(codes - 3).float() * np.float32(0.0173)
+    theirs = _ort_average_pool(codes, grids, pool)
+    ours = qlinear_average_pool(x, pool, *(_quantizer(*grid) for grid in grids))
+    assert np.array_equal(torch.round(ours / np.float32(0.0119)).long().numpy() + 131, theirs)
+    float_codes = np.clip(torch.round(pool(x) / np.float32(0.0119)).long().numpy() + 131, 0, 255)
+    assert (float_codes != theirs).sum() > 0
+
+
+@needs_x86_pool
+def test_a_window_over_the_whole_image_runs_the_global_kernel_as_onnx_runtime_does():
+    codes = np.random.default_rng(1).integers(0, 256, (4, 64, 7, 7))
+    grids = [(0.0173, 3), (0.0173, 3)]
+    x = torch.from_numpy(codes - 3).float() * np.float32(0.0173)
+    ours = qlinear_average_pool(x, torch.nn.AvgPool2d(7), *(_quantizer(*grid) for grid in grids))
+    assert np.array_equal(torch.round(ours / np.float32(0.0173)).long().numpy() + 3,
+                          _ort_average_pool(codes, grids, torch.nn.AvgPool2d(7)))
+
+
+def test_quant_avg_pools_evaluate_as_the_kernel_and_train_on_the_float_mean():
+    quantizers = [_quantizer(0.0173, 3), _quantizer(0.0119, 131)]
+    x = (torch.randint(0, 256, (2, 8, 9, 9)).float() - 3) * quantizers[0].scale.detach()
+    window = torch.nn.AvgPool2d(3, 2, 1, count_include_pad=False)
+    pool = QuantAvgPool2d.from_float(window, quantizers[0])
+    pool.__dict__["requantizer"] = quantizers[1]
+    with torch.no_grad():
+        assert torch.equal(pool(x), qlinear_average_pool(x, window, *quantizers))
+    trained = pool(x.requires_grad_())
+    assert torch.equal(trained, window(x)) and trained.requires_grad
+    adaptive = QuantAdaptiveAvgPool2d.from_float(torch.nn.AdaptiveAvgPool2d(3), quantizers[0])  # 9x9 -> 3x3
+    adaptive.__dict__["requantizer"] = quantizers[1]
+    with torch.no_grad():
+        assert torch.equal(adaptive(x), qlinear_average_pool(x, torch.nn.AvgPool2d(3), *quantizers))
+        assert torch.equal(QuantAdaptiveAvgPool2d.from_float(torch.nn.AdaptiveAvgPool2d(2), quantizers[0])(x),
+                           torch.nn.AdaptiveAvgPool2d(2)(x))  # 9 / 2: no AveragePool to match, the float mean

@@ -789,10 +789,13 @@ def _sqnr_db(reference: np.ndarray, value: np.ndarray) -> float:
 
 def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
                     samples: int = DIAGNOSIS_SAMPLES) -> list[dict[str, Any]]:
-    """Each quantized layer's output in ONNX Runtime vs the student, in graph order.
+    """Each quantized layer's and quantized op's output in ONNX Runtime vs the student, in graph order.
 
     ``sqnr_db`` is the signal-to-noise ratio of the ONNX output against the student's (inf when
-    equal); a healthy int8 export stays far above ``DIVERGENCE_SQNR_DB``.
+    equal); a healthy int8 export stays far above ``DIVERGENCE_SQNR_DB``. The ops without weights
+    (adds, concatenations, pools, products, activation tables) are compared on the integer codes their
+    kernels write, dequantized, so a divergence that starts in one of them is named there rather than
+    at the next layer.
 
     Example:
         >>> from qdistill import models, quant
@@ -805,25 +808,80 @@ def diagnose_layers(path: str | Path, student: nn.Module, loader: Iterable[Any],
         (['net.1', 'net.4', 'net.7'], True)
     """
     model = onnx.load(str(path))
-    table = _layer_table(model)
+    targets = _diagnosis_targets(model, student)
     inputs = first_samples(loader, samples)
-    reference = _student_layer_outputs(student, inputs, [entry["name"] for entry in table])
+    reference = _student_layer_outputs(student, inputs, [name for name, *_ in targets])
     results = []
-    for entry in table:
-        requantized = getattr(student.get_submodule(entry["name"]), "requantizer", None) is not None
-        output, grid = _layer_result(model.graph, entry["output"], requantized)
+    for name, output, grid, requantize in targets:
         elem_type = onnx.TensorProto.FLOAT if grid is None else helper.np_dtype_to_tensor_dtype(grid[1].dtype)
         session = make_session(_truncated(model, output, elem_type))
         value = session.run(None, session_feed(session, inputs))[0]
         if grid is not None:
             value = ((value.astype(np.float32) - grid[1].astype(np.float32)) * grid[0]).astype(np.float32)
-        expected = reference.get(entry["name"])
+        expected = reference.get(name)
         if expected is None or expected.shape != value.shape:
-            results.append({"name": entry["name"], "sqnr_db": -math.inf, "max_abs_diff": math.inf})
+            results.append({"name": name, "sqnr_db": -math.inf, "max_abs_diff": math.inf})
             continue
-        results.append({"name": entry["name"], "sqnr_db": _sqnr_db(expected, value),
+        if requantize:
+            expected = _on_grid(expected, grid)
+        results.append({"name": name, "sqnr_db": _sqnr_db(expected, value),
                         "max_abs_diff": float(np.abs(expected - value).max())})
     return results
+
+
+def _diagnosis_targets(model: onnx.ModelProto, student: nn.Module) -> list[tuple[str, str, Any, bool]]:
+    """``(module name, ONNX tensor, grid or None, requantize)`` for every quantized layer and op, in graph
+    order: the tensor holding its result, how to dequantize it, and whether the student's result must be
+    put on that grid first (an op's result, which the runtime's kernel writes on its reader's grid)."""
+    graph = model.graph
+    positions = {output: index for index, node in enumerate(graph.node) for output in node.output}
+    keyed = []  # (position of the node that computes the result, target); diagnosis nodes go at the end
+    for entry in _layer_table(model):
+        requantized = getattr(student.get_submodule(entry["name"]), "requantizer", None) is not None
+        keyed.append((positions.get(entry["output"], -1),
+                      (entry["name"], *_layer_result(graph, entry["output"], requantized), False)))
+    modules = dict(student.named_modules())
+    for op in (OpInfo(**entry) for entry in _metadata(model, OPS_KEY) or []):
+        if op.name not in modules:
+            continue
+        if not op.quantized_output:  # a float result (attention scores before a softmax, an exact float table)
+            keyed.append((positions.get(op.output, -1), (op.name, op.output, None, False)))
+        elif (codes := _op_codes(graph, op.quantized_output)) is not None:
+            keyed.append((positions.get(op.quantized_output, -1), (op.name, *codes, True)))
+    return [target for _, target in sorted(keyed, key=lambda pair: pair[0])]
+
+
+# readers of integer codes that name their grid: {op type: {input position: (scale input, zero point input)}}
+_GRID_INPUTS = {"DequantizeLinear": {0: (1, 2)}, "MatMulIntegerToFloat": {0: (2, 4), 1: (3, 5)}}
+
+
+def _op_codes(graph: onnx.GraphProto, codes: str) -> tuple[str, tuple[np.ndarray, ...]] | None:
+    """The integer tensor an op's kernel writes (after the narrow-grid Clip that follows it) and its grid:
+    ``(tensor, (scale, zero point, lowest code, highest code))``; None when no quantize/dequantize names it."""
+    nodes = list(graph.node)
+    producer = next((node for node in nodes if codes in node.output), None)
+    clip = _only_user(graph, codes)
+    clipped = clip is not None and clip.op_type == "Clip" and len(clip.input) == 3
+    tensor = clip.output[0] if clipped else codes
+    if producer is not None and producer.op_type == "QuantizeLinear":
+        scale, zero = _array(graph, producer.input[1]), _array(graph, producer.input[2])
+    else:  # written by a table lookup (Gather): the grid its readers dequantize it with
+        grids = [(_array(graph, node.input[scale]), _array(graph, node.input[zero])) for node in nodes
+                 for position, (scale, zero) in _GRID_INPUTS.get(node.op_type, {}).items()
+                 if len(node.input) > max(scale, zero) and node.input[position] == tensor]
+        if not grids:
+            return None
+        scale, zero = grids[0]
+    limits = np.iinfo(zero.dtype)
+    low, high = (_array(graph, clip.input[1]), _array(graph, clip.input[2])) if clipped else (limits.min, limits.max)
+    return tensor, (scale, zero, np.float32(low), np.float32(high))
+
+
+def _on_grid(values: np.ndarray, grid: tuple[np.ndarray, ...]) -> np.ndarray:
+    """``values`` quantized to ``grid`` (scale, zero point, lowest and highest code) and dequantized."""
+    scale, zero, low, high = (np.float32(part) for part in grid)
+    codes = np.clip(np.round(values / scale) + zero, low, high)
+    return ((codes - zero) * scale).astype(np.float32)
 
 
 def export_onnx(student: nn.Module, path: str | Path, example_input: Any, verify_on: Iterable[Any] | None = None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.utils import _pair
 
 from qdistill.errors import ModelError
 from qdistill.quant.fake_quant import MIN_SCALE
@@ -20,7 +21,7 @@ from qdistill.quant.runtime_kernels import (
     QLINEAR_GLOBAL_AVERAGE_POOL_EXACT,
     QLINEAR_MUL_EXACT,
     qlinear_add,
-    qlinear_global_average_pool,
+    qlinear_average_pool,
     qlinear_mul,
 )
 
@@ -337,21 +338,29 @@ def quantize_output(op: nn.Module, result: torch.Tensor) -> torch.Tensor:
 class QuantAvgPool2d(InputQuantizedMixin, nn.AvgPool2d):
     """``nn.AvgPool2d`` on a fake-quantized input (ONNX Runtime: ``QLinearAveragePool``).
 
+    An evaluation forward whose result ends in one quantizer computes as ONNX Runtime's kernel does
+    (``qlinear_average_pool``); training keeps the float mean and its gradient.
+
     Example:
         >>> QuantAvgPool2d.from_float(nn.AvgPool2d(2), ActivationQuantizer(8))(torch.rand(1, 3, 4, 4)).shape
         torch.Size([1, 3, 2, 2])
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
-        return quantize_output(self, super().forward(self.input_quantizer(x)))
+        x = self.input_quantizer(x)
+        requantizer = None if self.divisor_override else evaluation_requantizer(self, [self.input_quantizer])
+        if requantizer is not None and max(self.act_bits, requantizer.bits) <= 8 and _kernel_matches(x, self):
+            return qlinear_average_pool(x, self, self.input_quantizer, requantizer)
+        return quantize_output(self, super().forward(x))
 
 
 class QuantAdaptiveAvgPool2d(InputQuantizedMixin, nn.AdaptiveAvgPool2d):
-    """``nn.AdaptiveAvgPool2d`` on a fake-quantized input (``QLinearGlobalAveragePool`` at size 1).
+    """``nn.AdaptiveAvgPool2d`` on a fake-quantized input (``QLinearGlobalAveragePool`` at size 1,
+    ``QLinearAveragePool`` at output sizes that divide the input).
 
-    At size 1, an evaluation forward whose result ends in one quantizer (``output_quantizer``, or the
-    one ``link_requantizers`` found) computes as ONNX Runtime's kernel does
-    (``qlinear_global_average_pool``); training keeps the float mean and its gradient.
+    An evaluation forward whose result ends in one quantizer (``output_quantizer``, or the one
+    ``link_requantizers`` found) computes as ONNX Runtime's kernel does (``qlinear_average_pool``, which
+    runs ``qlinear_global_average_pool`` at size 1); training keeps the float mean and its gradient.
 
     Example:
         >>> QuantAdaptiveAvgPool2d.from_float(nn.AdaptiveAvgPool2d(1), ActivationQuantizer(4)).act_bits
@@ -360,15 +369,28 @@ class QuantAdaptiveAvgPool2d(InputQuantizedMixin, nn.AdaptiveAvgPool2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W)
         x = self.input_quantizer(x)
-        exact = QLINEAR_GLOBAL_AVERAGE_POOL_EXACT and _is_global(self.output_size)
-        requantizer = evaluation_requantizer(self, [self.input_quantizer]) if exact else None
-        if requantizer is not None and max(self.act_bits, requantizer.bits) <= 8:  # the runtime's kernel, code for code
-            return qlinear_global_average_pool(x, self.input_quantizer, requantizer)
+        requantizer = evaluation_requantizer(self, [self.input_quantizer])
+        window = None if requantizer is None else _adaptive_window(x, self.output_size)
+        if window is not None and max(self.act_bits, requantizer.bits) <= 8 and _kernel_matches(x, window):
+            return qlinear_average_pool(x, window, self.input_quantizer, requantizer)  # the runtime's kernel
         return quantize_output(self, super().forward(x))
 
 
-def _is_global(output_size) -> bool:
-    return output_size in (1, (1, 1), [1, 1])  # exported as GlobalAveragePool (QLinearGlobalAveragePool)
+def _adaptive_window(x: torch.Tensor, output_size) -> nn.AvgPool2d | None:
+    """The ``AveragePool`` the exporter writes for an adaptive pool to ``output_size`` on ``x``: a kernel
+    and stride of input / output size where that divides (the whole image at size 1); else None."""
+    wanted = [size if size is not None else x.shape[-2 + axis] for axis, size in enumerate(_pair(output_size))]
+    if any(x.shape[-2 + axis] % size for axis, size in enumerate(wanted)):
+        return None
+    kernel = tuple(x.shape[-2 + axis] // size for axis, size in enumerate(wanted))
+    return nn.AvgPool2d(kernel, stride=kernel)
+
+
+def _kernel_matches(x: torch.Tensor, pool: nn.AvgPool2d) -> bool:
+    """Whether this CPU runs the integer kernel the student reproduces: the plain C++ ``QLinearAveragePool``
+    everywhere, MLAS's global kernel (a window over the whole unpadded image) on x86 only."""
+    whole_image = tuple(x.shape[-2:]) == _pair(pool.kernel_size) and _pair(pool.padding) == (0, 0)
+    return QLINEAR_GLOBAL_AVERAGE_POOL_EXACT or not whole_image
 
 
 class QuantLayerNorm(InputQuantizedMixin, nn.LayerNorm):

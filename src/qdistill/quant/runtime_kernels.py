@@ -31,6 +31,14 @@ order of the float mean (which changes with the thread count) decides which side
 EfficientNet-B0 at one thread: every squeeze-excite ``fc1`` after the first block diverged
 (61 dB, falling to 21 dB at the logits). ``QLINEAR_GLOBAL_AVERAGE_POOL_EXACT`` says whether this CPU
 runs that kernel (the NEON kernel uses a fixed-point multiplier).
+
+``qlinear_average_pool`` follows ONNX Runtime's ``QLinearAveragePool`` for windows smaller than the
+image (``onnxruntime/contrib_ops/cpu/quantization/qlinear_pool.cc``, plain C++ on every CPU): each code
+dequantized as ``s_x * (x - z_x)`` (float32), the window summed in float32 row by row, divided by the
+element count (the whole kernel with ``count_include_pad``, else the elements inside the image), then
+``round_half_even(y / s_y + z_y)``: the zero point is added before the rounding, so a value near a tie
+can round the other way than ``round(y / s_y) + z_y``. A window that covers the whole unpadded image
+runs the global kernel above, as ONNX Runtime falls back to it.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from __future__ import annotations
 import platform
 
 import torch
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from qdistill.quant.fake_quant import MIN_SCALE
 from qdistill.quant.float_kernels import fma32
@@ -137,3 +147,55 @@ def qlinear_global_average_pool(x: torch.Tensor, input_quantizer: Quantizer, out
     qrange = output_quantizer.qrange
     codes = (torch.round(total * ratio) + zero_y).clamp_(qrange.qmin, qrange.qmax)  # cvtps (half to even), + z_y, pack
     return ((codes - zero_y) * scale_y).to(x.dtype)
+
+
+def qlinear_average_pool(x: torch.Tensor, pool: torch.nn.AvgPool2d, input_quantizer: Quantizer,
+                         output_quantizer: Quantizer) -> torch.Tensor:
+    """``pool`` (its kernel, stride, padding, ``ceil_mode`` and ``count_include_pad``) applied to ``x``
+    (B, C, H, W) and quantized by ``output_quantizer`` as ONNX Runtime's ``QLinearAveragePool`` computes
+    it, dequantized. ``x`` is on ``input_quantizer``'s grid; the result is on the output grid.
+
+    Example:
+        >>> from qdistill.quant.modules import ActivationQuantizer
+        >>> qx, qy = ActivationQuantizer(8), ActivationQuantizer(8)
+        >>> for quantizer, (step, zero) in ((qx, (1.0, 0)), (qy, (1.0, 3))):
+        ...     _ = quantizer.scale.data.fill_(step); _ = quantizer.zero_point.data.fill_(zero)
+        ...     _ = quantizer.initialized.fill_(True)
+        >>> x = torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0, 4.0, 5.0, 5.0, 0.0]).reshape(1, 1, 3, 3)
+        >>> qlinear_average_pool(x, torch.nn.AvgPool2d(2, stride=1), qx, qy).flatten()  # 1.75, 2.75, 3.5 -> 4.5 + 3: even
+        tensor([2., 3., 4., 3.])
+    """
+    kernel, stride, padding = _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding)
+    if tuple(x.shape[-2:]) == kernel and padding == (0, 0):
+        return qlinear_global_average_pool(x, input_quantizer, output_quantizer)
+    (scale_x, scale_y), (_, zero_y) = _grids(input_quantizer, output_quantizer)
+    values = torch.round(x.double() / scale_x.double()).float() * scale_x  # the kernel's s_x * (x - z_x), float32
+    sizes = [_pooled_size(x.shape[-2 + axis], kernel[axis], stride[axis], padding[axis], pool.ceil_mode)
+             for axis in (0, 1)]
+    borders = [padding[1], _tail(x.shape[-1], sizes[1], kernel[1], stride[1], padding[1]),
+               padding[0], _tail(x.shape[-2], sizes[0], kernel[0], stride[0], padding[0])]
+    windows = F.unfold(F.pad(values, borders), kernel, stride=stride).unflatten(1, (x.shape[1], -1))
+    total = windows[:, :, 0]
+    for position in range(1, windows.shape[2]):  # one float32 add at a time, in the kernel's row-major order
+        total = total + windows[:, :, position]  # a padded position adds 0.0: exact
+    if pool.count_include_pad:
+        count = torch.tensor(float(kernel[0] * kernel[1]))
+    else:  # the elements inside the image: small integers, exact
+        count = F.unfold(F.pad(torch.ones_like(x[:1, :1]), borders), kernel, stride=stride).sum(dim=1)
+    mean = total / count  # float32 division by the float32 count
+    qrange = output_quantizer.qrange
+    codes = torch.round(mean / scale_y + zero_y).clamp_(qrange.qmin, qrange.qmax)  # nearbyintf(y / s_y + z_y)
+    return ((codes - zero_y) * scale_y).reshape(*x.shape[:2], *sizes).to(x.dtype)
+
+
+def _pooled_size(size: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """PyTorch's pooled length (the one the exported graph records): a ceil-mode window must start inside
+    the image or its leading padding."""
+    span = size + 2 * padding - kernel
+    pooled = (-(-span // stride) if ceil_mode else span // stride) + 1
+    return pooled - 1 if ceil_mode and (pooled - 1) * stride >= size + padding else pooled
+
+
+def _tail(size: int, pooled: int, kernel: int, stride: int, padding: int) -> int:
+    """Zeros to append so that every window lies inside the padded tensor (ceil mode overhangs the end)."""
+    return max(padding, (pooled - 1) * stride + kernel - size - padding)

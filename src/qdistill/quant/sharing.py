@@ -29,6 +29,7 @@ from qdistill.quant.modules import (
     QUANTIZED_OPS,
     QuantAdaptiveAvgPool2d,
     QuantAdd,
+    QuantAvgPool2d,
     QuantLayerMixin,
     QuantMatMul,
     QuantMul,
@@ -258,9 +259,9 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
 
     A residual add whose sum feeds one quantizer, directly or through a ReLU, becomes QLinearAdd
     in the export; its link lets ``QuantAdd`` compute as that kernel does (``qlinear_add``). A
-    product (a squeeze-excite gate) likewise becomes QLinearMul (``QuantMul``, ``qlinear_mul``), and a
-    global average pool QLinearGlobalAveragePool (``QuantAdaptiveAvgPool2d``, ``qlinear_global_average_pool``),
-    linked as a conv is.
+    product (a squeeze-excite gate) likewise becomes QLinearMul (``QuantMul``, ``qlinear_mul``), and an
+    average pool QLinearAveragePool or QLinearGlobalAveragePool (``QuantAvgPool2d``,
+    ``QuantAdaptiveAvgPool2d``, ``qlinear_average_pool``), linked as a conv is.
 
     Example:
         >>> from qdistill import models
@@ -280,7 +281,8 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
         if isinstance(module, (QuantAdd, QuantMul)):
             linked += _link_add(node, module, namespace)
             continue
-        if not isinstance(module, (QuantLayerMixin, QuantAdaptiveAvgPool2d)) or module.input_quantizer is None:
+        pools = (QuantAvgPool2d, QuantAdaptiveAvgPool2d)
+        if not isinstance(module, (QuantLayerMixin, *pools)) or module.input_quantizer is None:
             continue
         quantizers = {id(getattr(owner, attribute)): getattr(owner, attribute) for owner, attribute in _uses(node, namespace)}
         if len(quantizers) == 1 and _reaches_only_quantizers(node, namespace):
