@@ -14,7 +14,9 @@ The "augmented" scenarios train a strong teacher (data.augment=standard, 30 epoc
 and both twins on the same augmentation, KD with the teacher live on each augmented batch.
 Run with OMP_NUM_THREADS=1 (about 13 minutes per from-scratch MNIST scenario on a busy 2-core machine); arguments
 pick scenarios by name, e.g. `python bench/kd_gain_bench.py scratch`; `--seeds 0` runs one seed (a probe, or one
-process per seed) and `--cache DIR` keeps trained teachers there, so those processes train each teacher once.
+process per seed), `--cache DIR` keeps trained teachers there, so those processes train each teacher once, and
+`--set KEY=VALUE` (repeatable) overrides the students' recipe of both twins, e.g. `--set distill.temperature=1`,
+and `--kd-alpha A` the KD twin's distill.alpha (default 0.9; 1 is pure distillation).
 """
 
 from __future__ import annotations
@@ -102,23 +104,28 @@ def spread(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):6.2f} +- {deviation}"
 
 
-def main(only: list[str], seeds: tuple[int, ...] = SEEDS, cache: Path | None = None) -> None:
-    """Every scenario, or those whose name contains one of ``only``; ``seeds`` and a teacher ``cache`` folder."""
+def main(only: list[str], seeds: tuple[int, ...] = SEEDS, cache: Path | None = None,
+         settings: tuple[str, ...] = (), kd_alpha: float = 0.9) -> None:
+    """Every scenario, or those whose name contains one of ``only``; ``seeds``, a teacher ``cache`` folder and
+    student recipe ``settings`` (``KEY=VALUE`` overrides applied to both twins, never to the teacher) and the KD
+    twin's ``kd_alpha``."""
     teachers: dict[str, tuple[torch.nn.Module, float]] = {}
+    if settings or kd_alpha != 0.9:
+        print("students (both twins) with", " ".join(settings) or "the defaults", f"; KD twin alpha {kd_alpha}")
     print(f"{'scenario':<38}{'KD (seeds)':>22}{'QAT (seeds)':>22}{'KD mean':>16}{'QAT mean':>16}{'KD-QAT pp':>16}"
           f"{'teacher':>9}  verdict")
     for name, base, overrides, checked in SCENARIOS:
         if only and not any(part in name for part in only):
             continue
         started = time.perf_counter()
-        recipe = base.with_overrides(overrides)
+        recipe = base.with_overrides([*overrides, *settings])
         if yaml_of(base) not in teachers:
             teachers[yaml_of(base)] = train_teacher(base, prepare_data(base), cache)
         teacher, teacher_accuracy = teachers[yaml_of(base)]
         data = prepare_data(recipe)
         kd, qat = [], []
         for seed in seeds:
-            kd.append(student_accuracy(recipe.with_overrides([f"train.seed={seed}", "distill.alpha=0.9"]), data, teacher))
+            kd.append(student_accuracy(recipe.with_overrides([f"train.seed={seed}", f"distill.alpha={kd_alpha}"]), data, teacher))
             qat.append(student_accuracy(recipe.with_overrides([f"train.seed={seed}", "distill.alpha=0.0"]), data, teacher))
         gains = [a - b for a, b in zip(kd, qat, strict=True)]
         verdict = "-"
@@ -133,18 +140,22 @@ def main(only: list[str], seeds: tuple[int, ...] = SEEDS, cache: Path | None = N
               f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
 
-def parse(args: list[str]) -> tuple[list[str], tuple[int, ...], Path | None]:
-    """``[--seeds 0,1,2] [--cache DIR] [scenario name parts...]``."""
-    only, seeds, cache = [], SEEDS, None
+def parse(args: list[str]) -> tuple[list[str], tuple[int, ...], Path | None, tuple[str, ...], float]:
+    """``[--seeds 0,1,2] [--cache DIR] [--set KEY=VALUE ...] [--kd-alpha A] [scenario name parts...]``."""
+    only, seeds, cache, settings, kd_alpha = [], SEEDS, None, (), 0.9
     while args:
         arg, *args = args
         if arg == "--seeds":
             seeds, args = tuple(int(seed) for seed in args[0].split(",")), args[1:]
         elif arg == "--cache":
             cache, args = Path(args[0]), args[1:]
+        elif arg == "--set":
+            settings, args = (*settings, args[0]), args[1:]
+        elif arg == "--kd-alpha":
+            kd_alpha, args = float(args[0]), args[1:]
         else:
             only.append(arg)
-    return only, seeds, cache
+    return only, seeds, cache, settings, kd_alpha
 
 
 if __name__ == "__main__":
