@@ -38,6 +38,8 @@ from qdistill.quant.modules import (
 from qdistill.quant.quantizer import Quantizer
 
 Slot = tuple[nn.Module, str]  # (module holding the quantizer, attribute name)
+# modules whose result link_requantizers ties to the one quantizer it feeds (adds and products: _link_add)
+REQUANTIZED = (QuantLayerMixin, QuantAvgPool2d, QuantAdaptiveAvgPool2d)
 ATTENTION_INPUTS = {"query": "q_proj", "key": "k_proj", "value": "v_proj"}
 TRANSPARENT_LEADERS = (nn.Dropout, nn.Identity)  # a Sequential starting with these passes its input on
 PASS_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool1d, nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -281,8 +283,7 @@ def link_requantizers(graph: fx.Graph, namespace: nn.Module) -> int:
         if isinstance(module, (QuantAdd, QuantMul)):
             linked += _link_add(node, module, namespace)
             continue
-        pools = (QuantAvgPool2d, QuantAdaptiveAvgPool2d)
-        if not isinstance(module, (QuantLayerMixin, *pools)) or module.input_quantizer is None:
+        if not isinstance(module, REQUANTIZED) or module.input_quantizer is None:
             continue
         quantizers = {id(getattr(owner, attribute)): getattr(owner, attribute) for owner, attribute in _uses(node, namespace)}
         if len(quantizers) == 1 and _reaches_only_quantizers(node, namespace):
