@@ -135,7 +135,7 @@ def test_threads_come_from_the_cpu_affinity_and_the_method_is_recorded(recorded)
     assert result["method"] == {
         "rounds": ROUNDS, "statistic": latency.STATISTIC, "order": latency.ORDER, "threads": {"1": 1, "all": 3},
         "batch_sizes": list(BATCHES), "samples": "distinct", "warmup_runs": WARMUP_RUNS, "budget_s_per_number": 0.01,
-        "settle_s": latency.SETTLE_SECONDS,
+        "settle_s": latency.SETTLE_SECONDS, "exact_int8_option": latency.u8s8_sums_saturate(),
     }
     for label in ("1", "all"):
         assert set(result[label]) == {"int8", "fp32", "torch_fp32"}
@@ -153,3 +153,42 @@ def test_bad_latency_settings_are_one_line_errors(recorded):
         measure_latency({"int8": "int8"}, None, _samples(2), rounds=0)
     with pytest.raises(ExportError, match=r"latency: no samples or no batch sizes to time"):
         measure_latency({"int8": "int8"}, None, _samples(0))
+
+
+# ---- session.x64quantprecision only where the CPU's u8s8 kernels saturate ----------------------------------------
+
+def _cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), the independent reference for the probe."""
+    try:
+        text = open("/proc/cpuinfo", encoding="ascii", errors="replace").read()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return None
+
+
+def test_the_saturation_probe_agrees_with_the_cpu_flags():
+    """x86 without VNNI (vpmaddubsw sums pairs in 16 bits) saturates; with AVX512-VNNI or AVX-VNNI it does not."""
+    flags = _cpu_flags()
+    if flags is None or "avx2" not in flags:
+        pytest.skip("needs an x86 CPU with AVX2 and /proc/cpuinfo")
+    has_vnni = bool(flags & {"avx512_vnni", "avx_vnni"})
+    assert latency.u8s8_sums_saturate() is (not has_vnni)
+
+
+@pytest.mark.parametrize("saturates", [True, False])
+def test_make_session_sets_the_exact_option_only_where_the_kernels_saturate(monkeypatch, tmp_path, saturates):
+    monkeypatch.setattr(latency, "u8s8_sums_saturate", lambda: saturates)
+    path = tmp_path / "fp32.onnx"
+    torch.onnx.export(nn.Linear(4, 2), (torch.rand(1, 4),), str(path), dynamo=False)
+
+    def option(session) -> str:  # ONNX Runtime raises RuntimeError for a key that was never set
+        try:
+            return session.get_session_options().get_session_config_entry(latency.EXACT_INT8_OPTION)
+        except RuntimeError:
+            return ""
+
+    assert option(latency.make_session(path)) == ("1" if saturates else "")
+    assert option(latency.make_session(path, exact_int8=False)) == ""

@@ -32,6 +32,7 @@ Example (PyTorch only, a short budget; ``files`` adds ONNX models, e.g. ``{"int8
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -39,8 +40,10 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from qdistill.batch import call_model, concat_inputs, cpu_inputs, input_rows, input_tensors, split_batch, take_rows
@@ -77,7 +80,44 @@ def all_threads() -> int:
         return os.cpu_count() or 1
 
 
-EXACT_INT8_OPTION = "session.x64quantprecision"  # ONNX Runtime's u8s8 -> u8u8 conversion on x86 without VNNI
+EXACT_INT8_OPTION = "session.x64quantprecision"  # ONNX Runtime's u8s8 -> u8u8 weight conversion (x86)
+_PROBE_DEPTH = 64  # products per sum in the probe: 32 saturating pairs where the kernels saturate
+
+
+@functools.cache
+def u8s8_sums_saturate() -> bool:
+    """Whether this CPU's fast ONNX Runtime u8s8 kernels (uint8 activations x int8 weights) saturate their sums.
+
+    On x86 CPUs without VNNI (AVX2; AVX-512 without VNNI) MLAS adds each pair of uint8 x int8 products
+    in a saturating 16-bit step (``vpmaddubsw``): 255 x 127 x 2 = 64770 comes out as 32767. VNNI
+    (``vpdpbusd``) and ARM's dot-product kernels sum in 32 bits. Measured, not read off CPU flags: one
+    MatMulInteger with a constant int8 weight (prepacked, as QLinearConv's and QGemm's are), codes
+    255 x 127, one row and eight rows, run without ``session.x64quantprecision`` and compared
+    with numpy's exact int32 product. Cached per process (a few ms once).
+
+    Example:
+        >>> u8s8_sums_saturate() in (True, False)
+        True
+    """
+    weight = np.full((_PROBE_DEPTH, 16), 127, np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["codes", "weight"], ["sums"])], "u8s8_probe",
+        [helper.make_tensor_value_info("codes", TensorProto.UINT8, [None, _PROBE_DEPTH])],
+        [helper.make_tensor_value_info("sums", TensorProto.INT32, [None, 16])],
+        initializer=[numpy_helper.from_array(weight, "weight")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8  # any ONNX Runtime of the supported range reads it
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - an ONNX Runtime that cannot run the probe gets the safe answer: exact kernels
+        return True
+    for rows in (1, 8):  # one row and several: a single row may take another kernel path
+        codes = np.full((rows, _PROBE_DEPTH), 255, np.uint8)
+        if not np.array_equal(session.run(None, {"codes": codes})[0], codes.astype(np.int32) @ weight.astype(np.int32)):
+            return True
+    return False
 
 
 def make_session(model: str | Path | bytes, threads: int | None = None, level: str = "all",
@@ -91,13 +131,16 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
       (what the kernel check reads); ``"basic"`` fuses nothing int8.
     - ``threads``: intra-op threads (None: ONNX Runtime's default, one per physical core); the
       inter-op pool is then 1 (the graphs are sequential).
-    - ``exact_int8``: ``session.x64quantprecision`` (on unless asked otherwise): on x86 CPUs without VNNI (AVX2, AVX-512 without
-      VNNI) ONNX Runtime's fast u8s8 kernels add two products in a saturating 16-bit step
+    - ``exact_int8`` (on unless asked otherwise): exact int8 sums. On x86 CPUs without VNNI (AVX2, AVX-512
+      without VNNI) ONNX Runtime's fast u8s8 kernels add two products in a saturating 16-bit step
       (``vpmaddubsw``), so an 8-bit weight beyond [-64, 63] times a large activation code comes out
-      wrong (a single Linear 4->8 W8A8: 23 dB against the student). With the option it runs those
-      weights through its exact u8u8 kernels; CPUs with VNNI are unaffected (docs/deploy.md). Off
-      only to read which kernels a graph gets (``integer_kernels``): the conversion retypes the
-      weights of the same kernels on some CPUs.
+      wrong (a single Linear 4->8 W8A8: 23 dB against the student). There (``u8s8_sums_saturate()``)
+      the session sets ``session.x64quantprecision``, which runs those weights through ONNX Runtime's
+      exact u8u8 kernels. Elsewhere it is left off: ONNX Runtime applies the conversion on every x86
+      CPU, VNNI included, where it changes no output and halves the speed of 8-bit layers
+      (ResNet-18 W8A8 at batch 32, one thread, AVX512-VNNI: 1054 against 477 µs/sample;
+      docs/deploy.md). ``False`` (never set) only to read which kernels a graph gets
+      (``integer_kernels``): the conversion retypes the weights of the same kernels.
     - ``spinning``: ``session.intra_op.allow_spinning`` (None: ONNX Runtime's default, on). Worker
       threads that spin between ops answer sooner; on a machine shared with other busy processes
       ``False`` keeps them from taking CPU time the others need.
@@ -114,8 +157,8 @@ def make_session(model: str | Path | bytes, threads: int | None = None, level: s
     options = ort.SessionOptions()
     options.graph_optimization_level = _LEVELS[level]
     options.log_severity_level = 3  # ORT's notes about unused initializers are not the user's concern
-    if exact_int8:
-        options.add_session_config_entry(EXACT_INT8_OPTION, "1")  # no saturating u8s8 sums without VNNI (see above)
+    if exact_int8 and u8s8_sums_saturate():  # only where it is needed: elsewhere it costs speed (see above)
+        options.add_session_config_entry(EXACT_INT8_OPTION, "1")
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -261,6 +304,6 @@ def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None,
     results["method"] = {
         "rounds": rounds, "statistic": STATISTIC, "order": ORDER, "threads": {"1": 1, "all": threads_all},
         "batch_sizes": list(batches), "samples": _samples_note(samples, batches), "warmup_runs": WARMUP_RUNS,
-        "budget_s_per_number": budget_s, "settle_s": SETTLE_SECONDS,
+        "budget_s_per_number": budget_s, "settle_s": SETTLE_SECONDS, "exact_int8_option": u8s8_sums_saturate(),
     }
     return results
