@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import helper, numpy_helper
 
 from qdistill import quant, runtime
 from qdistill.data import make_loader
@@ -94,6 +95,33 @@ def test_diagnosis_compares_each_layer_by_input_name(trained, exported):
     layers = diagnose_layers(exported["path"], student, val)
     assert [layer["name"] for layer in layers] == ["embed", "proj", "cat", "head"]  # layers and ops, in graph order
     assert all(layer["sqnr_db"] > 60 for layer in layers)
+
+
+def test_embedding_rows_are_gathered_as_int8_then_dequantized_bit_for_bit(trained, exported):
+    """The lookup reads the int8 table, not a table dequantized on every run; its rows equal ONNX Runtime's
+    DequantizeLinear of the whole table (the reference: the form before the rewrite) and the student's own rows."""
+    student, _, _ = trained
+    model = onnx.load(exported["path"])
+    tables = {tensor.name: numpy_helper.to_array(tensor) for tensor in model.graph.initializer}
+    lookup = next(node for node in model.graph.node if node.name == "embed")
+    assert lookup.op_type == "Gather" and tables[lookup.input[0]].dtype == np.int8
+    assert not any(node.op_type == "DequantizeLinear" and node.input[0] == lookup.input[0] for node in model.graph.node)
+    table, scale = tables[lookup.input[0]], tables["embed.weight_scale_rows"].reshape(-1)  # per row
+    dequantize = helper.make_model(helper.make_graph(
+        [helper.make_node("DequantizeLinear", ["table", "scale"], ["rows"], axis=0)], "reference", [],
+        [helper.make_tensor_value_info("rows", onnx.TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(table, "table"), numpy_helper.from_array(scale, "scale")]),
+        opset_imports=[helper.make_opsetid("", 13)])
+    dequantize.ir_version = 8
+    reference = make_session(dequantize.SerializeToString()).run(None, {})[0]
+    rows = next(node for node in model.graph.node if node.name == "embed.rows_dequantize").output[0]
+    model.graph.output.append(helper.make_tensor_value_info(rows, onnx.TensorProto.FLOAT, None))
+    ids = torch.randint(0, len(table), (4, 9), generator=torch.Generator().manual_seed(3))
+    got = make_session(model.SerializeToString()).run([rows], {"features": np.zeros((4, 6), np.float32),
+                                                               "input_ids": ids.numpy()})[0]
+    np.testing.assert_array_equal(got, reference[ids.numpy()])
+    with torch.no_grad():
+        np.testing.assert_array_equal(got, student.embed(ids).numpy())
 
 
 def test_tuple_inputs_export_as_input_0_and_input_1(trained, tmp_path):
