@@ -98,8 +98,9 @@ def test_export_matches_the_student_and_the_packed_file_restores_it(tmp_path):
     assert info["max_abs_logit_diff"] == 0.0 and info["flips"] == 0
     graph = onnx.load(tmp_path / "s.onnx").graph
     producers = {output: node for node in graph.node for output in node.output}
-    smoothed_reads = [node for node in graph.node if node.op_type == "QuantizeLinear"
-                      and node.input[0] in producers and producers[node.input[0]].op_type == "Mul"]
+    smoothed_reads = [node for node in graph.node if node.op_type == "QuantizeLinear"  # a Mul by 1/s feeds them
+                      and node.input[0] in producers and producers[node.input[0]].op_type == "Mul"
+                      and any(name.endswith(".input_smoothing") for name in producers[node.input[0]].input)]
     smoothed_inputs = {id(student.get_submodule(name).input_quantizer) for name in student.qdistill_smoothed}
     assert len(smoothed_reads) == len(smoothed_inputs) == 6  # one float 1/s product per smoothed tensor (Q, K, V: one)
     path = save_packed(student, tmp_path / "s.qpack.safetensors")["path"]
