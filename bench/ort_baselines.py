@@ -1,7 +1,12 @@
 """ONNX Runtime's own quantization of an fp32 ONNX file: the baseline qdistill's int8 files are timed against.
 
 ``quantize_static`` as its documentation shows for CNNs: QDQ format, per-channel int8 weights, uint8
-activations, MinMax calibration on real images. Shared by the benchmarks (speed_bench, vision_bench).
+activations, MinMax calibration on real images. Shared by the benchmarks (speed_bench, vision_bench;
+transformer_bench times ``quantize_dynamic`` the same way).
+
+A file compared with one of these baselines is judged by ``qdistill.export.latency.compare_speed`` on
+``COMPARISON_ROUNDS`` paired rounds, beside the baseline's file timed a second time in its own session
+(``again``): the A/A control, which shows how far apart two identical files time in the same run.
 """
 
 from __future__ import annotations
@@ -11,6 +16,18 @@ from pathlib import Path
 import onnx
 import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+COMPARISON_ROUNDS = 9  # paired rounds per latency number: compare_speed's t-test then has 8 degrees of freedom
+
+
+def again(label: str) -> str:
+    """The label of ``label``'s file timed again in a second session (the A/A control).
+
+    Example:
+        >>> again("quantize_static")
+        'quantize_static_again'
+    """
+    return f"{label}_again"
 
 
 class ImageBatches(CalibrationDataReader):

@@ -43,10 +43,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
 import qdistill as qd
-from ort_baselines import static_quantized
+from ort_baselines import COMPARISON_ROUNDS, again, static_quantized
 from qdistill.data import load_data
 from qdistill.export import export_float_onnx
-from qdistill.export.latency import measure_latency
+from qdistill.export.latency import SIGNIFICANCE, compare_speed, describe_speed, measure_latency
 from qdistill.export.onnx import export_onnx
 from qdistill.models.build import build_model
 from qdistill.recipe import DataSpec, Recipe
@@ -63,6 +63,7 @@ FOLDER_SCHEDULES = {("mobilenet_v3_small", 4): (6, 5e-4)}
 # (docs/deploy.md); it is timed against quantize_static's own 7-bit form (reduce_range)
 FOLDER_BITS = {"resnet18": (8, 7, 4)}
 DEFAULT_BITS = (8, 4)
+AGAIN = again("quantize_static")  # quantize_static's file in a second session: the A/A control
 IMAGE_SIZE = 64
 MIN_TEACHER_ACCURACY = 0.9
 
@@ -226,8 +227,9 @@ def _latency_row(name: str, run_dir: Path, out: Path, reduce_range: bool) -> dic
     teacher = build_model(spec, bundle.model_kwargs()).eval()
     fp32 = export_float_onnx(teacher, out / f"{name}_fp32.onnx", images[:1])["path"]
     static = static_quantized(fp32, out / f"{run_dir.name}_static.onnx", images[:320], reduce_range)
-    table = measure_latency({"int8": run_dir / "model.onnx", "fp32": fp32, "quantize_static": static}, None,
-                            images[320:], batches=(1, 32))
+    # quantize_static's file twice (two sessions): the A/A control of compare_speed, timed in the same rounds
+    files = {"int8": run_dir / "model.onnx", "fp32": fp32, "quantize_static": static, AGAIN: static}
+    table = measure_latency(files, None, images[320:], batches=(1, 32), rounds=COMPARISON_ROUNDS, keep_rounds=True)
     for threads in ("1", "all"):
         cells = table[threads]
         for batch in ("batch1", "batch32"):
@@ -241,17 +243,28 @@ def _latency_row(name: str, run_dir: Path, out: Path, reduce_range: bool) -> dic
 
 def latency_verdicts(rows: dict[str, dict]) -> list[str]:
     """ResNet-18 int8 >= 2x fp32 at batch 32 on one thread (each ResNet-18 file); every file not slower than
-    ``quantize_static`` in any cell."""
+    ``quantize_static`` in any cell: no cell significantly slower by ``compare_speed`` on the paired rounds
+    (Bonferroni over all the cells, family-wise p < 0.05), beside quantize_static's file against itself (A/A)."""
     lines = []
     for label, table in rows.items():
         if label.startswith("resnet18"):
             ratio = table["1"]["fp32"]["batch32"] / table["1"]["int8"]["batch32"]
             lines.append(f"{'PASS' if ratio >= 2.0 else 'FAIL'} {label}: int8 {ratio:.2f}x fp32 at batch 32, "
                          "one thread (target >= 2x)")
-        worst = min(table[threads]["quantize_static"][batch] / table[threads]["int8"][batch]
-                    for threads in ("1", "all") for batch in ("batch1", "batch32"))
-        lines.append(f"{'PASS' if worst >= 1.0 else 'FAIL'} {label}: int8 at least {worst:.2f}x quantize_static's "
-                     "speed in every cell (target >= 1x)")
+    cells = [(label, threads, batch) for label in rows for threads in ("1", "all") for batch in ("batch1", "batch32")]
+    for label, table in rows.items():
+        slower = []
+        for threads in ("1", "all"):
+            for batch in ("batch1", "batch32"):
+                rounds = table["rounds_us"][threads]
+                versus = compare_speed(rounds["int8"][batch], rounds["quantize_static"][batch], comparisons=len(cells))
+                control = compare_speed(rounds[AGAIN][batch], rounds["quantize_static"][batch], comparisons=len(cells))
+                slower += [f"{threads} {batch}"] if versus["verdict"] == "slower" else []
+                lines.append(f"     {label} threads {threads} {batch}: int8 vs quantize_static {describe_speed(versus)} | "
+                             f"A/A, quantize_static vs itself {describe_speed(control)}")
+        lines.append(f"{'FAIL' if slower else 'PASS'} {label}: int8 not slower than quantize_static in any cell"
+                     f"{' (slower: ' + ', '.join(slower) + ')' if slower else ''} (family-wise p < {SIGNIFICANCE} "
+                     f"over {len(cells)} cells)")
     return lines
 
 

@@ -192,3 +192,66 @@ def test_make_session_sets_the_exact_option_only_where_the_kernels_saturate(monk
 
     assert option(latency.make_session(path)) == ("1" if saturates else "")
     assert option(latency.make_session(path, exact_int8=False)) == ""
+
+
+def test_kept_rounds_are_the_numbers_whose_best_is_reported(recorded):
+    result = measure_latency({"int8": "int8", "fp32": "fp32"}, None, _samples(16), batches=BATCHES, budget_s=0.01,
+                             rounds=ROUNDS, clock=recorded.clock, keep_rounds=True)
+    for label in ("1", "all"):
+        for name in ("int8", "fp32"):
+            for batch in BATCHES:
+                rounds = result["rounds_us"][label][name][f"batch{batch}"]
+                assert len(rounds) == ROUNDS
+                assert result[label][name][f"batch{batch}"] == min(rounds)
+    assert "rounds_us" not in _measure(recorded, _samples(16))  # only when asked: report.json stays as it was
+
+
+def _paired_t_reference(candidate, baseline):
+    """scipy's own paired t-test on the log times, one-sided both ways: the independent reference."""
+    from scipy import stats
+
+    logs_candidate, logs_baseline = np.log(candidate), np.log(baseline)
+    slower = stats.ttest_rel(logs_baseline, logs_candidate, alternative="less").pvalue
+    faster = stats.ttest_rel(logs_baseline, logs_candidate, alternative="greater").pvalue
+    return slower, faster
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_compare_speed_matches_scipys_paired_t_test(seed):
+    generator = np.random.default_rng(seed)
+    baseline = 100.0 * np.exp(generator.normal(0.0, 0.03, 7))
+    candidate = baseline * np.exp(generator.normal(0.02 * (seed - 3), 0.02, 7))  # from 6% faster to 4% slower
+    result = latency.compare_speed(candidate.tolist(), baseline.tolist())
+    slower, faster = _paired_t_reference(candidate, baseline)
+    assert result["p_slower"] == pytest.approx(slower, rel=1e-9)
+    assert result["p_faster"] == pytest.approx(faster, rel=1e-9)
+    assert result["ratio"] == pytest.approx(float(np.exp(np.mean(np.log(baseline / candidate)))), rel=1e-12)
+    expected = "slower" if slower < 0.05 else "faster" if faster < 0.05 else "no significant difference"
+    assert result["verdict"] == expected
+
+
+def test_compare_speed_calls_a_steady_slowdown_slower_and_round_noise_no_difference():
+    baseline = [100.0, 103.0, 98.0, 101.0, 99.0, 102.0]
+    assert latency.compare_speed([value * 1.04 for value in baseline], baseline)["verdict"] == "slower"
+    assert latency.compare_speed([value / 1.04 for value in baseline], baseline)["verdict"] == "faster"
+    # the same file timed twice: a few percent either way from round to round, no consistent sign
+    again = [v * f for v, f in zip(baseline, (1.03, 0.97, 1.02, 0.98, 1.01, 0.99), strict=True)]
+    assert latency.compare_speed(again, baseline)["verdict"] == "no significant difference"
+    assert latency.compare_speed([101.0] * 3, [100.0] * 3)["verdict"] == "slower"  # no spread: the sign decides
+
+
+@pytest.mark.parametrize("candidate, baseline", [([1.0, 2.0], [1.0, 2.0]), ([1.0, 2.0, 3.0], [1.0, 2.0])])
+def test_compare_speed_refuses_too_few_or_unpaired_rounds(candidate, baseline):
+    with pytest.raises(ExportError, match="at least 3"):
+        latency.compare_speed(candidate, baseline)
+
+
+def test_compare_speed_divides_alpha_over_the_comparisons_of_one_claim():
+    baseline = [100.0, 103.0, 98.0, 101.0, 99.0, 102.0, 100.0]
+    candidate = [v * f for v, f in zip(baseline, (1.04, 1.0, 1.03, 1.05, 0.99, 1.04, 1.02), strict=True)]
+    alone = latency.compare_speed(candidate, baseline)
+    assert 0.05 / 16 < alone["p_slower"] < 0.05 and alone["verdict"] == "slower"
+    family = latency.compare_speed(candidate, baseline, comparisons=16)
+    assert family["verdict"] == "no significant difference" and family["alpha"] == pytest.approx(0.05 / 16)
+    with pytest.raises(ExportError, match="comparisons"):
+        latency.compare_speed(candidate, baseline, comparisons=0)

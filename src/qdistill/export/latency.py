@@ -16,6 +16,11 @@ How the numbers are taken, so that they can be compared (report.json ``latency_m
   ``MIN_REPEATS`` runs, after ``WARMUP_RUNS`` untimed runs before the first round) and keeps the
   median run; the number reported is the best (smallest) of those medians, divided by the batch
   size.
+- **Comparisons.** "Not slower than file B" is not "a smaller best time": two identical files time a
+  few percent apart either way, and on a shared VM a run can sit in a state 1.5x slower for a second
+  or two. ``compare_speed`` judges the paired rounds of ``interleaved_rounds`` instead (one ratio per
+  round, the two timed back to back) with a one-sided paired t-test, Bonferroni-corrected over the
+  cells of one claim; the benchmarks show the baseline's own file timed twice beside it (A/A).
 - **Real batches.** A batch holds distinct samples: the first ``batch`` inputs given (validation
   data), cycled only when fewer were given; never one sample repeated.
 - **Threads.** Once with one thread and once with every CPU this process may run on
@@ -44,6 +49,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from scipy import stats as scipy_stats
 from torch import nn
 
 from qdistill.batch import call_model, concat_inputs, cpu_inputs, input_rows, input_tensors, split_batch, take_rows
@@ -58,6 +64,7 @@ MAX_REPEATS = 200
 BUDGET_SECONDS = 0.4  # per number (model, thread count, batch size), split over the rounds
 SETTLE_SECONDS = 0.02  # pause before each model's turn, so the previous model's workers stop spinning
 STATISTIC = "best of the rounds' median run time"
+SIGNIFICANCE = 0.05  # compare_speed: one-sided p below this calls a difference real
 ORDER = "interleaved: every model once per round, order reversed every other round"
 
 _LEVELS = {
@@ -215,15 +222,18 @@ def _settle() -> None:
     time.sleep(SETTLE_SECONDS)
 
 
-def interleaved_us_per_sample(runs: dict[str, Callable[[], object]], batch: int, rounds: int = ROUNDS,
-                              budget_s: float = BUDGET_SECONDS,
-                              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
-    """``{name: µs per sample}`` of each ``run()`` (one batch of ``batch`` samples), timed in interleaved rounds.
+def interleaved_rounds(runs: dict[str, Callable[[], object]], batch: int, rounds: int = ROUNDS,
+                       budget_s: float = BUDGET_SECONDS,
+                       clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """``{name: [µs per sample in round 1, round 2, ...]}``: each ``run()`` (one batch of ``batch`` samples)
+    timed in ``rounds`` interleaved rounds, the median run of each round (module docstring).
+
+    The rounds of two models are paired: the same round saw the same machine (``compare_speed``).
 
     Example (a fake clock that reads one second later at each call: every run takes 1 s per 64 samples):
         >>> import itertools
-        >>> interleaved_us_per_sample({"a": lambda: None, "b": lambda: None}, 64, clock=itertools.count().__next__)
-        {'a': 15625.0, 'b': 15625.0}
+        >>> interleaved_rounds({"a": lambda: None, "b": lambda: None}, 64, rounds=2, clock=itertools.count().__next__)
+        {'a': [15625.0, 15625.0], 'b': [15625.0, 15625.0]}
     """
     for run in runs.values():
         for _ in range(WARMUP_RUNS):
@@ -234,8 +244,70 @@ def interleaved_us_per_sample(runs: dict[str, Callable[[], object]], batch: int,
         for name in names if index % 2 == 0 else names[::-1]:
             _settle()
             runs[name]()  # untimed: wakes this model's workers and reloads its weights into the caches
-            medians[name].append(_median_seconds(runs[name], budget_s / rounds, clock))
-    return {name: min(values) / batch * 1e6 for name, values in medians.items()}
+            medians[name].append(_median_seconds(runs[name], budget_s / rounds, clock) / batch * 1e6)
+    return medians
+
+
+def interleaved_us_per_sample(runs: dict[str, Callable[[], object]], batch: int, rounds: int = ROUNDS,
+                              budget_s: float = BUDGET_SECONDS,
+                              clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """``{name: µs per sample}`` of each ``run()``: the best of its ``interleaved_rounds``.
+
+    Example (a fake clock that reads one second later at each call: every run takes 1 s per 64 samples):
+        >>> import itertools
+        >>> interleaved_us_per_sample({"a": lambda: None, "b": lambda: None}, 64, clock=itertools.count().__next__)
+        {'a': 15625.0, 'b': 15625.0}
+    """
+    return {name: min(values) for name, values in interleaved_rounds(runs, batch, rounds, budget_s, clock).items()}
+
+
+def compare_speed(candidate_us: list[float], baseline_us: list[float], alpha: float = SIGNIFICANCE,
+                  comparisons: int = 1) -> dict[str, Any]:
+    """Whether ``candidate`` is faster or slower than ``baseline``, from their paired ``interleaved_rounds``.
+
+    Two files with the same kernels time a few percent apart in either direction from one round to the
+    next on a shared machine, so "not slower" cannot mean "a smaller best time in this run": the same file
+    loaded twice would fail that about half the time. Each round gives one paired ratio (the two were timed
+    back to back); ``ratio`` is their geometric mean (baseline time / candidate time: > 1 when the
+    candidate is faster), and a one-sided paired t-test on the log ratios gives ``p_slower`` (the chance
+    of ratios this low if the candidate were not slower) and ``p_faster``. ``verdict`` is ``"slower"`` or
+    ``"faster"`` when that p is below ``alpha / comparisons``, else ``"no significant difference"``
+    (pyperf's ``compare_to`` draws the same line). ``comparisons``: how many such tests one claim rests on
+    ("never slower" over 16 cells is 16): Bonferroni's correction keeps the chance that identical files
+    fail any of them below ``alpha``.
+
+    Example (a candidate 5% slower in every round, give or take 1%):
+        >>> result = compare_speed([105.0, 106.0, 104.0, 105.0, 105.5], [100.0, 100.5, 99.5, 100.0, 100.0])
+        >>> result["verdict"], round(result["ratio"], 3)
+        ('slower', 0.951)
+    """
+    if not isinstance(comparisons, int) or comparisons < 1:
+        raise ExportError(f"compare_speed: comparisons={comparisons!r} is not allowed; allowed: an integer >= 1")
+    if len(candidate_us) != len(baseline_us) or len(candidate_us) < 3:
+        raise ExportError(f"compare_speed: {len(candidate_us)} and {len(baseline_us)} rounds are not allowed; "
+                          "allowed: the same number of paired rounds, at least 3")
+    logs = np.log(np.asarray(baseline_us, dtype=np.float64) / np.asarray(candidate_us, dtype=np.float64))
+    mean, spread = float(logs.mean()), float(logs.std(ddof=1))
+    if spread == 0.0:  # every round gave the same ratio: its sign is the answer
+        p_slower, p_faster = (0.0, 1.0) if mean < 0 else (1.0, 0.0) if mean > 0 else (1.0, 1.0)
+    else:
+        t = mean / (spread / np.sqrt(len(logs)))
+        p_slower, p_faster = float(scipy_stats.t.cdf(t, len(logs) - 1)), float(scipy_stats.t.sf(t, len(logs) - 1))
+    threshold = alpha / comparisons
+    verdict = "slower" if p_slower < threshold else "faster" if p_faster < threshold else "no significant difference"
+    return {"ratio": float(np.exp(mean)), "p_slower": p_slower, "p_faster": p_faster, "verdict": verdict,
+            "rounds": len(logs), "alpha": threshold}
+
+
+def describe_speed(comparison: dict[str, Any]) -> str:
+    """``compare_speed``'s answer in a few words.
+
+    Example:
+        >>> describe_speed({"ratio": 1.031, "verdict": "no significant difference", "p_slower": 0.79, "rounds": 7})
+        '1.03x, no significant difference (p slower 0.79, 7 rounds)'
+    """
+    return (f"{comparison['ratio']:.2f}x, {comparison['verdict']} "
+            f"(p slower {comparison['p_slower']:.2f}, {comparison['rounds']} rounds)")
 
 
 def _samples_note(samples: Any, batches: tuple[int, ...]) -> str:
@@ -262,7 +334,7 @@ def _torch_run(model: nn.Module, inputs: Any) -> Callable[[], object]:
 
 def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None, samples: Any,
                     batches: tuple[int, ...] = BATCHES, budget_s: float = BUDGET_SECONDS, rounds: int = ROUNDS,
-                    clock: Callable[[], float] = time.perf_counter) -> dict:
+                    clock: Callable[[], float] = time.perf_counter, keep_rounds: bool = False) -> dict:
     """``{"1": {name: {batch1, batch64}}, "all": {...}, "all_threads": N, "method": {...}}``.
 
     ``files`` maps a label (e.g. ``"int8"``, ``"fp32"``) to an ONNX file; ``torch_model`` is
@@ -270,6 +342,8 @@ def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None,
     ``batch_of`` says (any input form of ``qdistill.batch``; ONNX files are fed by input name).
     ``budget_s`` is the timing budget of one number, split over the rounds.
     ``method`` records how the numbers were taken (module docstring). Values are rounded to 0.01 µs.
+    ``keep_rounds`` adds ``"rounds_us"``: every round's number (``{"1": {name: {batch1: [...]}}, "all": ...}``),
+    the paired samples ``compare_speed`` needs.
 
     Example (a fake clock, one second per reading, so the numbers are known; 8 samples fill batch 64 by cycling):
         >>> import itertools
@@ -284,6 +358,7 @@ def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None,
                           "and at least one batch size")
     threads_all = all_threads()
     results: dict = {"all_threads": threads_all}
+    per_round: dict = {}
     model = torch_model.cpu().eval() if torch_model is not None else None
     previous = torch.get_num_threads()
     try:
@@ -291,13 +366,15 @@ def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None,
             torch.set_num_threads(threads)
             sessions = {name: make_session(path, threads=threads) for name, path in files.items()}
             table: dict[str, dict[str, float]] = {name: {} for name in [*sessions, *(["torch_fp32"] if model else [])]}
+            per_round[label] = {name: {} for name in table}
             for batch in batches:
                 inputs = batch_of(samples, batch)
                 runs = {name: _session_run(session, inputs) for name, session in sessions.items()}
                 if model is not None:
                     runs["torch_fp32"] = _torch_run(model, inputs)
-                for name, value in interleaved_us_per_sample(runs, batch, rounds, budget_s, clock).items():
-                    table[name][f"batch{batch}"] = round(value, 2)
+                for name, values in interleaved_rounds(runs, batch, rounds, budget_s, clock).items():
+                    table[name][f"batch{batch}"] = round(min(values), 2)
+                    per_round[label][name][f"batch{batch}"] = [round(value, 2) for value in values]
             results[label] = table
     finally:
         torch.set_num_threads(previous)
@@ -306,4 +383,6 @@ def measure_latency(files: dict[str, str | Path], torch_model: nn.Module | None,
         "batch_sizes": list(batches), "samples": _samples_note(samples, batches), "warmup_runs": WARMUP_RUNS,
         "budget_s_per_number": budget_s, "settle_s": SETTLE_SECONDS, "exact_int8_option": u8s8_sums_saturate(),
     }
+    if keep_rounds:
+        results["rounds_us"] = per_round
     return results
