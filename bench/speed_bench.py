@@ -19,7 +19,8 @@ since on a shared machine wall times are only comparable within one section):
    weights beyond [-64, 63] run on ONNX Runtime's slower exact kernels and 7-bit ones do not (the
    CPU's capability is printed). Then PASS/FAIL against the targets: demo CNN int8 >= 1.5x fp32 at
    batch 64 (1 and 2 threads), ResNet-18 >= 2x at batch 32 on one thread (W8A8 and W7A8 each), and
-   every cell int8 at least as fast as ``quantize_static``.
+   no cell of int8 significantly slower than ``quantize_static`` (``compare_speed`` on 9 paired rounds,
+   Bonferroni over the cells; ``quantize_static``'s file is timed twice as the A/A control).
 3. **Packed runtime** (``packed_runtime``): ``qdistill.runtime.load`` of the packed W4A4 file, load
    time (first and best of 5), latency next to model.onnx's, outputs bit-equal or not.
 4. **torchrun** (``torchrun_scaling``): ``qdistill run`` of a W4A4 mnist5k recipe in 1 process at batch 64

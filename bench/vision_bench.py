@@ -18,7 +18,9 @@ Printed in one run (every number measured here; the load average is printed besi
    Targets: ResNet-18 int8 >= 2x fp32 at batch 32 on one thread and not slower than
    ``quantize_static``; MobileNetV3 not slower than ``quantize_static``. ResNet-18 also as W7A8 (7-bit
    weights keep ONNX Runtime's fast kernels on x86 CPUs without VNNI; against ``quantize_static``'s
-   ``reduce_range``, its 7-bit form), with the CPU's capability printed.
+   ``reduce_range``, its 7-bit form), with the CPU's capability printed. "Not slower" is judged on 9
+   paired rounds per cell (``compare_speed``, Bonferroni over the cells), beside ``quantize_static``'s
+   file timed twice (the A/A control).
 
 Needs the vision extra (``make .venv-vision/.installed``). Usage:
 ``.venv-vision/bin/python bench/vision_bench.py [--skip zoo,folder,latency] [--out out/vision_bench]``
