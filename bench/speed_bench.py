@@ -229,8 +229,9 @@ def latency_verdicts(rows: dict[str, dict]) -> list[str]:
         versus = compare_speed(rounds["int8"][batch], rounds["quantize_static"][batch], comparisons=len(cells))
         control = compare_speed(rounds[AGAIN][batch], rounds["quantize_static"][batch], comparisons=len(cells))
         lines.append(f"{'FAIL' if versus['verdict'] == 'slower' else 'PASS'} {model} {batch}, "
-                     f"{table['method']['threads'][threads]} thread(s): int8 vs quantize_static {describe_speed(versus)} "
-                     f"(target: not slower) | A/A, quantize_static vs itself {describe_speed(control)}")
+                     f"{table['method']['threads'][threads]} thread(s): int8 vs quantize_static "
+                     f"{describe_speed(versus)} (target: not slower) | A/A, quantize_static vs itself "
+                     f"{describe_speed(control)}")
     if cells:
         lines.append(f"   (not slower: no cell significantly slower at a family-wise p < {SIGNIFICANCE}, i.e. p < "
                      f"{SIGNIFICANCE / len(cells):.4f} in each of the {len(cells)} cells)")

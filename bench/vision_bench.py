@@ -262,8 +262,8 @@ def latency_verdicts(rows: dict[str, dict]) -> list[str]:
                 versus = compare_speed(rounds["int8"][batch], rounds["quantize_static"][batch], comparisons=len(cells))
                 control = compare_speed(rounds[AGAIN][batch], rounds["quantize_static"][batch], comparisons=len(cells))
                 slower += [f"{threads} {batch}"] if versus["verdict"] == "slower" else []
-                lines.append(f"     {label} threads {threads} {batch}: int8 vs quantize_static {describe_speed(versus)} | "
-                             f"A/A, quantize_static vs itself {describe_speed(control)}")
+                lines.append(f"     {label} threads {threads} {batch}: int8 vs quantize_static "
+                             f"{describe_speed(versus)} | A/A, quantize_static vs itself {describe_speed(control)}")
         lines.append(f"{'FAIL' if slower else 'PASS'} {label}: int8 not slower than quantize_static in any cell"
                      f"{' (slower: ' + ', '.join(slower) + ')' if slower else ''} (family-wise p < {SIGNIFICANCE} "
                      f"over {len(cells)} cells)")
